@@ -1,0 +1,336 @@
+"""txt2img jobs (A1111 names): StableDiffusionProcessingTxt2Img, process_images, Processed."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from datetime import datetime
+from typing import Any
+
+import torch
+
+from modules import devices, extra_networks, infotext_utils, samplers, shared
+from modules.extra_networks import re_extra_net
+
+opt_C = 4
+opt_f = 8
+VERSION = "lora-webui 0.1"
+
+
+class StableDiffusionProcessing:
+    def __init__(self, sd_model=None, outpath_samples: str | None = None, outpath_grids: str | None = None,
+                 prompt: str | list = "", styles: list | None = None, seed: int = -1, subseed: int = -1,
+                 subseed_strength: float = 0, seed_resize_from_h: int = -1, seed_resize_from_w: int = -1,
+                 seed_enable_extras: bool = True, sampler_name: str | None = None, scheduler: str | None = None,
+                 batch_size: int = 1, n_iter: int = 1, steps: int = 20, cfg_scale: float = 7.0, width: int = 512,
+                 height: int = 512, restore_faces: bool | None = None, tiling: bool | None = None,
+                 do_not_save_samples: bool = False, do_not_save_grid: bool = False,
+                 extra_generation_params: dict | None = None, overlay_images: Any = None,
+                 negative_prompt: str | list = "", eta: float | None = None, do_not_reload_embeddings: bool = False,
+                 denoising_strength: float | None = None, ddim_discretize: str | None = None,
+                 s_min_uncond: float | None = None, s_churn: float | None = None, s_tmax: float | None = None,
+                 s_tmin: float | None = None, s_noise: float | None = None, override_settings: dict | None = None,
+                 override_settings_restore_afterwards: bool = True, sampler_index: int | None = None,
+                 refiner_checkpoint: str | None = None, refiner_switch_at: float | None = None,
+                 disable_extra_networks: bool = False, comments: dict | None = None, **kwargs):
+        self.sd_model = sd_model
+        self.outpath_samples = outpath_samples
+        self.outpath_grids = outpath_grids
+        self.prompt = prompt
+        self.negative_prompt = negative_prompt
+        self.styles = styles or []
+        self.seed = seed
+        self.subseed = subseed
+        self.sampler_name = sampler_name or samplers.default_sampler_name
+        self.scheduler = scheduler
+        self.batch_size = int(batch_size)
+        self.n_iter = int(n_iter)
+        self.steps = int(steps)
+        self.cfg_scale = float(cfg_scale)
+        self.width = int(width)
+        self.height = int(height)
+        self.do_not_save_samples = do_not_save_samples
+        self.do_not_save_grid = do_not_save_grid
+        self.extra_generation_params = dict(extra_generation_params or {})
+        self.override_settings = {k: v for k, v in (override_settings or {}).items()}
+        self.override_settings_restore_afterwards = override_settings_restore_afterwards
+        self.disable_extra_networks = disable_extra_networks
+        self.denoising_strength = denoising_strength
+        self.comments: dict[str, int] = dict(comments or {})
+        self.is_hr_pass = False
+        self.enable_hr = False
+        self.iteration = 0
+        self.all_prompts: list[str] = []
+        self.all_negative_prompts: list[str] = []
+        self.all_seeds: list[int] = []
+        self.all_subseeds: list[int] = []
+        self.prompts: list[str] = []
+        self.negative_prompts: list[str] = []
+        self.seeds: list[int] = []
+        self.extra_network_data: dict = {}
+        self.scripts = None
+        self.script_args: list = []
+        self.job_timestamp = datetime.now().strftime("%Y%m%d%H%M%S")
+        self.cached_c = [None, None]
+        self.cached_uc = [None, None]
+
+    def comment(self, text: str) -> None:
+        """Adds a line to the job's comments (shown under the image and as a UI warning); repeats are kept once."""
+        self.comments[text] = 1
+
+    @property
+    def sd_model_name(self) -> str | None:
+        info = getattr(self.sd_model, "sd_checkpoint_info", None)
+        return getattr(info, "name_for_extra", None) or getattr(info, "model_name", None)
+
+    @property
+    def sd_model_hash(self) -> str | None:
+        return getattr(self.sd_model, "sd_model_hash", None)
+
+
+class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
+    def __init__(self, enable_hr: bool = False, denoising_strength: float = 0.75, firstphase_width: int = 0,
+                 firstphase_height: int = 0, hr_scale: float = 2.0, hr_upscaler: str | None = None,
+                 hr_second_pass_steps: int = 0, hr_resize_x: int = 0, hr_resize_y: int = 0,
+                 hr_checkpoint_name: str | None = None, hr_sampler_name: str | None = None,
+                 hr_scheduler: str | None = None, hr_prompt: str = "", hr_negative_prompt: str = "",
+                 force_task_id: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.enable_hr = False  # hires fix is not part of this host yet; the flag is accepted and ignored
+        self.hr_prompt = hr_prompt
+        self.hr_negative_prompt = hr_negative_prompt
+
+
+class Processed:
+    def __init__(self, p: StableDiffusionProcessing, images_list: list, seed: int = -1, info: str = "",
+                 subseed: int | None = None, all_prompts: list | None = None, all_negative_prompts: list | None = None,
+                 all_seeds: list | None = None, all_subseeds: list | None = None, index_of_first_image: int = 0,
+                 infotexts: list | None = None, comments: str = ""):
+        self.images = images_list
+        self.prompt = p.prompt
+        self.negative_prompt = p.negative_prompt
+        self.seed = seed
+        self.subseed = subseed
+        self.info = info
+        self.comments = comments
+        self.width = p.width
+        self.height = p.height
+        self.sampler_name = p.sampler_name
+        self.cfg_scale = p.cfg_scale
+        self.steps = p.steps
+        self.batch_size = p.batch_size
+        self.sd_model_name = p.sd_model_name
+        self.sd_model_hash = p.sd_model_hash
+        self.extra_generation_params = p.extra_generation_params
+        self.index_of_first_image = index_of_first_image
+        self.styles = p.styles
+        self.job_timestamp = p.job_timestamp
+        self.all_prompts = all_prompts or p.all_prompts
+        self.all_negative_prompts = all_negative_prompts or p.all_negative_prompts
+        self.all_seeds = all_seeds or p.all_seeds
+        self.all_subseeds = all_subseeds or p.all_subseeds
+        self.infotexts = infotexts or [info]
+        self.version = VERSION
+
+    def js(self) -> str:
+        obj = {
+            "prompt": self.all_prompts[0] if self.all_prompts else self.prompt,
+            "all_prompts": self.all_prompts,
+            "negative_prompt": self.all_negative_prompts[0] if self.all_negative_prompts else self.negative_prompt,
+            "all_negative_prompts": self.all_negative_prompts,
+            "seed": self.seed,
+            "all_seeds": self.all_seeds,
+            "subseed": self.subseed,
+            "all_subseeds": self.all_subseeds,
+            "width": self.width,
+            "height": self.height,
+            "sampler_name": self.sampler_name,
+            "cfg_scale": self.cfg_scale,
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "sd_model_name": self.sd_model_name,
+            "sd_model_hash": self.sd_model_hash,
+            "extra_generation_params": self.extra_generation_params,
+            "index_of_first_image": self.index_of_first_image,
+            "infotexts": self.infotexts,
+            "styles": self.styles,
+            "job_timestamp": self.job_timestamp,
+            "comments": self.comments,
+            "version": self.version,
+        }
+        return json.dumps(obj, default=str)
+
+
+def create_infotext(p: StableDiffusionProcessing, all_prompts: list, all_seeds: list, all_subseeds: list,
+                    comments: Any = None, iteration: int = 0, position_in_batch: int = 0,
+                    use_main_prompt: bool = False, index: int | None = None,
+                    all_negative_prompts: list | None = None) -> str:
+    if index is None:
+        index = position_in_batch + iteration * p.batch_size
+    if all_negative_prompts is None:
+        all_negative_prompts = p.all_negative_prompts
+    generation_params = {
+        "Steps": p.steps,
+        "Sampler": p.sampler_name,
+        "CFG scale": p.cfg_scale,
+        "Seed": all_seeds[index],
+        "Size": f"{p.width}x{p.height}",
+        "Model hash": p.sd_model_hash if shared.opts.add_model_hash_to_info else None,
+        "Model": p.sd_model_name if shared.opts.add_model_name_to_info else None,
+        "Batch size": p.batch_size if p.batch_size > 1 else None,
+        "Batch pos": position_in_batch if p.batch_size > 1 else None,
+    }
+    generation_params.update(p.extra_generation_params)
+    generation_params["Version"] = VERSION if shared.opts.add_version_to_infotext else None
+    prompt_text = p.prompt if use_main_prompt else all_prompts[index]
+    negative_prompt = all_negative_prompts[index] if all_negative_prompts else ""
+    return infotext_utils.build_infotext(prompt_text, negative_prompt, generation_params)
+
+
+def _as_list(value, count: int) -> list:
+    return list(value) if isinstance(value, list) else [value] * count
+
+
+def _setup_prompts_and_seeds(p: StableDiffusionProcessing) -> None:
+    count = p.batch_size * p.n_iter
+    p.all_prompts = _as_list(p.prompt, count)
+    p.all_negative_prompts = _as_list(p.negative_prompt, count)
+    seed = int(p.seed) if p.seed is not None else -1
+    if seed == -1:
+        seed = int(random.randrange(4294967294))
+    p.seed = seed
+    p.all_seeds = [seed + i for i in range(count)]
+    p.all_subseeds = [int(p.subseed) if p.subseed not in (None, -1) else 0] * count
+
+
+def _negative_prompt_tags(negative_prompts: list[str]) -> list[str]:
+    found = []
+    for text in negative_prompts:
+        for m in re_extra_net.finditer(text or ""):
+            if m.group(0) not in found:
+                found.append(m.group(0))
+    return found
+
+
+def process_images(p: StableDiffusionProcessing) -> Processed:
+    """Runs a job with override_settings applied for its duration."""
+    stored_opts = {k: shared.opts.data.get(k) for k in p.override_settings}
+    try:
+        for k, v in p.override_settings.items():
+            shared.opts.set(k, v)
+            if k == "sd_model_checkpoint":
+                from modules import sd_models
+                sd_models.reload_model_weights()
+        return process_images_inner(p)
+    finally:
+        if p.override_settings_restore_afterwards:
+            for k, v in stored_opts.items():
+                if k != "sd_model_checkpoint":
+                    shared.opts.set(k, v)
+
+
+def process_images_inner(p: StableDiffusionProcessing) -> Processed:
+    if p.sd_model is None:
+        p.sd_model = shared.sd_model
+    sd_model = p.sd_model
+    _setup_prompts_and_seeds(p)
+
+    ignored_tags = _negative_prompt_tags(p.all_negative_prompts)
+    if ignored_tags:
+        p.comment("Extra networks in the negative prompt are ignored: " + ", ".join(ignored_tags))
+
+    shared.state.begin(job="txt2img")
+    shared.state.job_count = p.n_iter
+    output_images: list = []
+    infotexts: list[str] = []
+    try:
+        for n in range(p.n_iter):
+            if shared.state.interrupted:
+                break
+            p.iteration = n
+            shared.state.job_no = n
+            sl = slice(n * p.batch_size, (n + 1) * p.batch_size)
+            p.prompts, p.extra_network_data = extra_networks.parse_prompts(p.all_prompts[sl])
+            p.negative_prompts, _ = extra_networks.parse_prompts(p.all_negative_prompts[sl])
+            p.seeds = p.all_seeds[sl]
+            if not p.disable_extra_networks:
+                extra_networks.activate(p, p.extra_network_data)
+
+            images = _sample(p, sd_model)
+            for i, image in enumerate(images):
+                index = n * p.batch_size + i
+                text = create_infotext(p, p.all_prompts, p.all_seeds, p.all_subseeds, iteration=n,
+                                       position_in_batch=i)
+                infotexts.append(text)
+                image.info["parameters"] = text
+                output_images.append(image)
+                if shared.opts.samples_save and not p.do_not_save_samples:
+                    save_image(image, p, p.all_seeds[index], text)
+        if not p.disable_extra_networks and p.extra_network_data is not None:
+            extra_networks.deactivate(p, p.extra_network_data)
+    finally:
+        shared.state.end()
+        devices.torch_gc()
+
+    comments = "\n".join(p.comments)
+    info = infotexts[0] if infotexts else ""
+    return Processed(p, output_images, seed=p.all_seeds[0], info=info, subseed=p.all_subseeds[0],
+                     infotexts=infotexts, comments=comments)
+
+
+def _sample(p: StableDiffusionProcessing, sd_model) -> list:
+    """Runs the diffusers pipeline for one batch with per-image seeds; reports progress and honours interrupt."""
+    pipe = sd_model.pipe
+    pipe.scheduler = samplers.scheduler_for(p.sampler_name, sd_model)
+    generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in p.seeds]
+    shared.state.sampling_steps = p.steps
+    shared.state.sampling_step = 0
+
+    def on_step_end(pipeline, step, timestep, callback_kwargs):
+        shared.state.sampling_step = step + 1
+        if shared.state.interrupted:
+            pipeline._interrupt = True
+        return callback_kwargs
+
+    with torch.inference_mode():
+        result = pipe(
+            prompt=p.prompts,
+            negative_prompt=p.negative_prompts,
+            num_inference_steps=p.steps,
+            guidance_scale=p.cfg_scale,
+            width=p.width,
+            height=p.height,
+            generator=generators,
+            num_images_per_prompt=1,
+            callback_on_step_end=on_step_end,
+        )
+    return list(result.images)
+
+
+def save_image(image, p: StableDiffusionProcessing, seed: int, infotext: str) -> str:
+    """Saves into outputs/txt2img-images/<date>/NNNNN-<seed>.<format> with the infotext embedded."""
+    import io
+
+    from PIL import PngImagePlugin
+
+    from modules.atomic import write_bytes_atomic
+
+    base = p.outpath_samples or shared.opts.outdir_txt2img_samples or os.path.join(
+        shared.data_path, "outputs", "txt2img-images")
+    folder = os.path.join(base, time.strftime("%Y-%m-%d"))
+    os.makedirs(folder, exist_ok=True)
+    existing = [f for f in os.listdir(folder) if f[:5].isdigit()]
+    number = max([int(f[:5]) for f in existing], default=-1) + 1
+    ext = shared.opts.samples_format or "png"
+    path = os.path.join(folder, f"{number:05}-{seed}.{ext}")
+    buf = io.BytesIO()
+    if ext == "png":
+        pnginfo = PngImagePlugin.PngInfo()
+        if shared.opts.enable_pnginfo:
+            pnginfo.add_text("parameters", infotext)
+        image.save(buf, format="PNG", pnginfo=pnginfo)
+    else:
+        image.convert("RGB").save(buf, format=ext.upper().replace("JPG", "JPEG"))
+    write_bytes_atomic(path, buf.getvalue())
+    return path

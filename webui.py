@@ -1,0 +1,83 @@
+"""Starts the host: extensions, model, HTTP API and the gradio UI on one FastAPI app (127.0.0.1:7860)."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+startup_started = time.time()
+
+
+def initialize() -> None:
+    """Loads extension scripts and lists checkpoints; the model itself loads in the background."""
+    from modules import extra_networks, scripts, sd_models, shared
+
+    sd_models.list_models()
+    extra_networks.initialize()
+    extra_networks.register_default_extra_networks()
+    scripts.load_scripts()
+    shared.opts.onchange("sd_model_checkpoint", _on_checkpoint_option_change, call=False)
+
+
+def _on_checkpoint_option_change() -> None:
+    from modules import call_queue, sd_models
+    with call_queue.queue_lock:
+        sd_models.reload_model_weights()
+
+
+def load_model_in_background() -> threading.Thread:
+    from modules import shared
+
+    def load():
+        try:
+            shared.sd_model  # noqa: B018  (reading the property loads the model)
+        except Exception as e:
+            from modules import errors
+            errors.display(e, "loading the Stable Diffusion model")
+
+    thread = threading.Thread(target=load, name="model-loader", daemon=True)
+    thread.start()
+    return thread
+
+
+def create_app():
+    """Builds the FastAPI app with the API routes, the gradio UI mounted at / and extension routes."""
+    import gradio as gr
+    from fastapi import FastAPI
+
+    from modules import call_queue, script_callbacks, shared
+    from modules.api.api import Api
+
+    app = FastAPI(title="Lora web UI")
+    Api(app, call_queue.queue_lock)
+    demo = None
+    if not shared.cmd_opts.nowebui:
+        from modules import ui
+        demo = ui.create_ui()
+        shared.demo = demo
+        app = gr.mount_gradio_app(app, demo, path="/", head=ui.head_html(), css=ui.css(),
+                                  allowed_paths=ui.allowed_paths(), footer_links=[])
+    script_callbacks.app_started_callback(demo, app)
+    return app
+
+
+def webui() -> None:
+    import uvicorn
+
+    from modules import shared
+
+    initialize()
+    load_model_in_background()
+    app = create_app()
+    host = shared.cmd_opts.server_name or ("0.0.0.0" if shared.cmd_opts.listen else "127.0.0.1")
+    print(f"Running on http://{host}:{shared.cmd_opts.port} (started in {time.time() - startup_started:.1f}s)")
+    uvicorn.run(app, host=host, port=shared.cmd_opts.port, log_level="warning", timeout_graceful_shutdown=1)
+
+
+if __name__ == "__main__":
+    webui()
