@@ -40,7 +40,7 @@ options_templates.update(options_section(("extra_networks", "Extra Networks"), {
     "extra_networks_tree_view_style": OptionInfo("Dirs", "Extra Networks directory view style",
                                                  component_args={"choices": ["Tree", "Dirs"]}),
     "extra_networks_tree_view_default_enabled": OptionInfo(True, "Show the Extra Networks directory view by default"),
-    "extra_networks_tree_view_default_width": OptionInfo(180, "Default width for the Extra Networks directory tree view"),
+    "extra_networks_tree_view_default_width": OptionInfo(180, "Default width for the directory tree view"),
     "extra_networks_add_text_separator": OptionInfo(" ", "Extra networks separator"),
     "ui_extra_networks_tab_reorder": OptionInfo("", "Extra networks tab order"),
     "textual_inversion_add_hashes_to_infotext": OptionInfo(True, "Add Textual Inversion hashes to infotext"),
