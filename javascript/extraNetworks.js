@@ -1,0 +1,705 @@
+// Extra-network card panes (Lora, ...): card data comes as JSON from /sd_extra_networks/cards and only the
+// cards in view are in the DOM (a windowed grid), so search and scroll stay fast with thousands of cards.
+// All strings go through textContent / attributes; event handlers are delegated and installed once.
+(function() {
+    "use strict";
+
+    const panes = new Map(); // pane element id -> ExtraNetworksPane
+    const OVERSCAN_ROWS = 2;
+    const CARD_CACHE_LIMIT = 600;
+    const TREE_FILES_LIMIT = 300;
+    const sortKeyForOption = {"Path": "default", "Name": "name", "Date Created": "date_created",
+        "Date Modified": "date_modified"};
+
+    function rem() {
+        return parseFloat(getComputedStyle(document.documentElement).fontSize) || 16;
+    }
+
+    function compareValues(a, b) {
+        const na = typeof a === "number" ? a : (a !== "" && a !== null && a !== undefined && !isNaN(a) ? Number(a) : NaN);
+        const nb = typeof b === "number" ? b : (b !== "" && b !== null && b !== undefined && !isNaN(b) ? Number(b) : NaN);
+        if (!isNaN(na) && !isNaN(nb)) return na - nb;
+        return String(a === undefined || a === null ? "" : a).localeCompare(String(b === undefined || b === null ? "" : b),
+            undefined, {numeric: true, sensitivity: "base"});
+    }
+
+    // Small stroke icons (emoji are missing from many system fonts).
+    const iconPaths = {
+        copy: ["M8 8h11v12H8z", "M5 16V4h11"],
+        info: ["M12 3a9 9 0 1 0 0 18a9 9 0 1 0 0-18z", "M12 11v6", "M12 7.5v.5"],
+        edit: ["M4 20l4-1 11-11-3-3L5 16z", "M14 6l3 3"],
+    };
+
+    function icon(name) {
+        const ns = "http://www.w3.org/2000/svg";
+        const svg = document.createElementNS(ns, "svg");
+        svg.setAttribute("viewBox", "0 0 24 24");
+        svg.setAttribute("aria-hidden", "true");
+        svg.classList.add("card-icon");
+        iconPaths[name].forEach(d => {
+            const path = document.createElementNS(ns, "path");
+            path.setAttribute("d", d);
+            svg.appendChild(path);
+        });
+        return svg;
+    }
+
+    function iconButton(className, name, title) {
+        const button = el("button", `${className} card-button`);
+        button.type = "button";
+        button.title = title;
+        button.setAttribute("aria-label", title);
+        button.appendChild(icon(name));
+        return button;
+    }
+
+    function el(tag, className, text) {
+        const node = document.createElement(tag);
+        if (className) node.className = className;
+        if (text !== undefined && text !== null) node.textContent = text;
+        return node;
+    }
+
+    class ExtraNetworksPane {
+        constructor(root) {
+            this.root = root;
+            this.tabname = root.dataset.tabname;
+            this.page = root.dataset.page;
+            this.search = root.querySelector(".extra-network-search");
+            this.scroller = root.querySelector(".extra-network-cards-scroll");
+            this.sizer = root.querySelector(".extra-network-cards-sizer");
+            this.win = root.querySelector(".extra-network-cards-window");
+            this.message = root.querySelector(".extra-network-message");
+            this.count = root.querySelector(".extra-network-count");
+            this.dirs = root.querySelector(".extra-network-dirs");
+            this.items = [];
+            this.sorted = [];
+            this.view = [];
+            this.opts = {};
+            this.roots = [];
+            this.sortKey = null;
+            this.sortDir = null;
+            this.cardCache = new Map();
+            this.lastRenderKey = "";
+            this.viewVersion = 0;
+            this.loading = null;
+            this.treeState = {expanded: new Set(), selected: null};
+            this.dirsInitialised = false;
+            this.resizeObserver = new ResizeObserver(() => this.render(false));
+            this.resizeObserver.observe(this.scroller);
+        }
+
+        url(path) {
+            return `./sd_extra_networks/${path}?page=${encodeURIComponent(this.page)}` +
+                `&tabname=${encodeURIComponent(this.tabname)}`;
+        }
+
+        // Fetches the card data (refresh: rescan the folders first). Concurrent calls share one request.
+        load(refresh) {
+            if (this.loading && !refresh) return this.loading;
+            const request = refresh ?
+                fetch(this.url("refresh"), {method: "POST"}) :
+                fetch(this.url("cards"), {cache: "no-store"});
+            this.loading = request
+                .then(response => {
+                    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+                    return response.json();
+                })
+                .then(data => this.setData(data))
+                .catch(error => {
+                    console.error("loading cards failed", error);
+                    this.showMessage(`Could not load the cards: ${error.message}`);
+                })
+                .finally(() => {
+                    this.loading = null;
+                });
+            return this.loading;
+        }
+
+        setData(data) {
+            this.opts = data.opts || {};
+            this.roots = data.roots || [];
+            this.items = data.items || [];
+            const isHtml = !!this.opts.extra_networks_card_description_is_html;
+            this.items.forEach((item, index) => {
+                item.index = index;
+                const description = isHtml ? el("div", null, null) : null;
+                if (description) description.innerHTML = item.description || "";
+                item.searchText = [item.name, item.alias, item.title, ...(item.search_terms || []),
+                    description ? description.textContent : item.description, item.activation_text]
+                    .filter(Boolean).join("\n").toLowerCase();
+            });
+            if (this.sortKey === null) {
+                this.sortKey = sortKeyForOption[this.opts.extra_networks_card_order_field] || "default";
+                this.sortDir = this.opts.extra_networks_card_order === "Descending" ? "Descending" : "Ascending";
+            }
+            if (!this.dirsInitialised) {
+                this.dirsInitialised = true;
+                const showDirs = this.opts.extra_networks_tree_view_default_enabled !== false;
+                this.root.classList.toggle("extra-network-dirs-hidden", !showDirs);
+                const width = Number(this.opts.extra_networks_tree_view_default_width) || 180;
+                this.root.style.setProperty("--tree-width", `${width}px`);
+            }
+            this.applyCardStyle();
+            this.cardCache.clear();
+            this.updateSortButtons();
+            this.sortItems();
+            this.buildDirs();
+            this.applyFilter();
+        }
+
+        applyCardStyle() {
+            const width = Number(this.opts.extra_networks_card_width) || 0;
+            const height = Number(this.opts.extra_networks_card_height) || 0;
+            const scale = Number(this.opts.extra_networks_card_text_scale) || 1;
+            this.root.style.setProperty("--card-width", width > 0 ? `${width}px` : "11rem");
+            this.root.style.setProperty("--card-height", height > 0 ? `${height}px` : "15rem");
+            this.root.style.setProperty("--card-font-scale", String(scale));
+            this.cardWidth = width > 0 ? width : 11 * rem();
+            this.cardHeight = height > 0 ? height : 15 * rem();
+            this.gap = 0.5 * rem();
+        }
+
+        // --- filter and sort ---------------------------------------------------------------------------------------
+        sortItems() {
+            const key = this.sortKey;
+            const dir = this.sortDir === "Descending" ? -1 : 1;
+            const indices = this.items.map(item => item.index);
+            indices.sort((a, b) => {
+                const ia = this.items[a];
+                const ib = this.items[b];
+                const result = compareValues(ia.sort ? ia.sort[key] : undefined, ib.sort ? ib.sort[key] : undefined);
+                return result !== 0 ? dir * result : ia.index - ib.index;
+            });
+            this.sorted = indices;
+        }
+
+        applyFilter() {
+            const query = (this.search.value || "").toLowerCase().trim();
+            const longEnough = query.length >= 4;
+            this.view = this.sorted.filter(index => {
+                const item = this.items[index];
+                if (item.search_only && !longEnough) return false;
+                return query === "" || item.searchText.includes(query);
+            });
+            this.viewVersion++;
+            this.count.textContent = this.items.length ?
+                (query ? `${this.view.length} of ${this.items.length}` : `${this.items.length}`) : "";
+            if (this.items.length === 0) {
+                this.showEmpty();
+            } else if (this.view.length === 0) {
+                this.showMessage(`Nothing matches "${this.search.value}".`);
+            } else {
+                this.showMessage(null);
+            }
+            this.scroller.scrollTop = 0;
+            this.render(true);
+            this.updateTreeSelection();
+        }
+
+        showEmpty() {
+            this.message.replaceChildren();
+            this.message.hidden = false;
+            this.message.appendChild(el("div", null, "Nothing here. Add some content to the following directories:"));
+            const list = el("ul", "extra-network-empty-dirs");
+            this.roots.forEach(r => list.appendChild(el("li", null, r.path)));
+            this.message.appendChild(list);
+        }
+
+        showMessage(text) {
+            this.message.hidden = !text;
+            this.message.textContent = text || "";
+        }
+
+        setSort(key) {
+            this.sortKey = key;
+            this.updateSortButtons();
+            this.sortItems();
+            this.applyFilter();
+        }
+
+        toggleSortDir() {
+            this.sortDir = this.sortDir === "Descending" ? "Ascending" : "Descending";
+            this.updateSortButtons();
+            this.sortItems();
+            this.applyFilter();
+        }
+
+        updateSortButtons() {
+            this.root.querySelectorAll(".extra-network-control--sort").forEach(button => {
+                const active = button.dataset.sortKey === this.sortKey;
+                button.classList.toggle("extra-network-control--enabled", active);
+                button.setAttribute("aria-pressed", active ? "true" : "false");
+            });
+            const dirButton = this.root.querySelector(".extra-network-control--sort-dir");
+            if (dirButton) {
+                const descending = this.sortDir === "Descending";
+                dirButton.dataset.sortdir = this.sortDir || "Ascending";
+                dirButton.textContent = descending ? "\u2193" : "\u2191";
+                dirButton.title = descending ? "Sort descending" : "Sort ascending";
+            }
+        }
+
+        setSearch(text) {
+            this.search.value = text;
+            this.applyFilter();
+        }
+
+        // --- windowed grid -----------------------------------------------------------------------------------------
+        render(force) {
+            const width = this.scroller.clientWidth;
+            if (!width || !this.cardWidth) return; // hidden tab: the ResizeObserver calls again when shown
+            const gap = this.gap;
+            const columns = Math.max(1, Math.floor((width - gap + gap) / (this.cardWidth + gap)));
+            const rowHeight = this.cardHeight + gap;
+            const rows = Math.ceil(this.view.length / columns);
+            const top = this.scroller.scrollTop;
+            const first = Math.max(0, Math.floor(top / rowHeight) - OVERSCAN_ROWS);
+            const last = Math.min(rows - 1, Math.ceil((top + this.scroller.clientHeight) / rowHeight) + OVERSCAN_ROWS);
+            const key = `${columns}:${first}:${last}:${this.viewVersion}`;
+            if (!force && key === this.lastRenderKey) return;
+            this.lastRenderKey = key;
+            this.sizer.style.height = `${rows * rowHeight}px`;
+            this.win.style.transform = `translateY(${first * rowHeight}px)`;
+            this.win.style.gridTemplateColumns = `repeat(${columns}, ${this.cardWidth}px)`;
+            this.win.style.gap = `${gap}px`;
+            const fragment = document.createDocumentFragment();
+            const end = Math.min(this.view.length, (last + 1) * columns);
+            for (let i = first * columns; i < end; i++) fragment.appendChild(this.cardElement(this.view[i]));
+            this.win.replaceChildren(fragment);
+            this.markActiveCards();
+        }
+
+        cardElement(index) {
+            let card = this.cardCache.get(index);
+            if (card) return card;
+            if (this.cardCache.size > CARD_CACHE_LIMIT) this.cardCache.clear();
+            card = this.buildCard(this.items[index]);
+            this.cardCache.set(index, card);
+            return card;
+        }
+
+        buildCard(item) {
+            const card = el("div", "card");
+            card.tabIndex = 0;
+            card.setAttribute("role", "button");
+            card.dataset.index = String(item.index);
+            card.dataset.name = item.name;
+            card.title = item.error ? `${item.title}\n${item.error}` : item.title;
+            if (item.preview) {
+                const img = el("img", "preview");
+                img.loading = "lazy";
+                img.decoding = "async";
+                img.alt = "";
+                img.src = item.preview;
+                img.addEventListener("error", () => img.remove(), {once: true});
+                card.appendChild(img);
+            } else {
+                card.classList.add("no-preview");
+            }
+            const buttons = el("div", "button-row");
+            buttons.appendChild(iconButton("copy-path-button", "copy", "Copy path to clipboard"));
+            if (item.has_metadata) buttons.appendChild(iconButton("metadata-button", "info", "Show internal metadata"));
+            if (window.extraNetworksEditor && item.filename) {
+                buttons.appendChild(iconButton("edit-button", "edit", "Edit metadata"));
+            }
+            card.appendChild(buttons);
+            if (item.sd_version && item.sd_version !== "Unknown") {
+                card.appendChild(el("span", "card-badge", item.sd_version));
+            }
+            const actions = el("div", "actions");
+            actions.appendChild(el("div", "name", item.title));
+            if (item.error) actions.appendChild(el("div", "card-error", item.error));
+            if (item.description && this.opts.extra_networks_card_show_desc !== false) {
+                const description = el("div", "description");
+                if (this.opts.extra_networks_card_description_is_html) description.innerHTML = item.description;
+                else description.textContent = item.description;
+                actions.appendChild(description);
+            }
+            card.appendChild(actions);
+            return card;
+        }
+
+        // --- prompt insertion ----------------------------------------------------------------------------------------
+        promptAreas() {
+            const app = window.gradioApp();
+            return {
+                prompt: app.querySelector(`#${this.tabname}_prompt textarea`),
+                negative: app.querySelector(`#${this.tabname}_neg_prompt textarea`),
+            };
+        }
+
+        cardClicked(item) {
+            const tools = window.extraNetworksPrompt;
+            const text = tools.textFromParts(item.prompt, this.opts);
+            const negative = tools.textFromParts(item.negative, this.opts);
+            if (!text && !negative) return;
+            const separator = this.opts.extra_networks_add_text_separator === undefined ?
+                " " : String(this.opts.extra_networks_add_text_separator);
+            const areas = this.promptAreas();
+            if (text && areas.prompt) {
+                areas.prompt.value = tools.togglePrompt(areas.prompt.value, text, separator);
+                window.updateInput(areas.prompt);
+            }
+            if (negative && areas.negative) {
+                areas.negative.value = tools.togglePrompt(areas.negative.value, negative, separator);
+                window.updateInput(areas.negative);
+            }
+            this.markActiveCards();
+        }
+
+        // Outlines the cards whose text is in the prompt now.
+        markActiveCards() {
+            const area = this.promptAreas().prompt;
+            const prompt = area ? area.value : "";
+            const tools = window.extraNetworksPrompt;
+            this.win.querySelectorAll(".card").forEach(card => {
+                const item = this.items[Number(card.dataset.index)];
+                const active = !!item && prompt !== "" && tools.isInPrompt(prompt, tools.textFromParts(item.prompt, this.opts));
+                card.classList.toggle("card-active", active);
+            });
+        }
+
+        // --- folder buttons and tree ---------------------------------------------------------------------------------
+        folderList() {
+            const folders = new Map(); // "Lora/chars" -> {path, root, depth}
+            const showHidden = this.opts.extra_networks_show_hidden_directories !== false;
+            this.items.forEach(item => {
+                const parts = (item.rel || "").split("/");
+                parts.pop();
+                for (let depth = 1; depth < parts.length; depth++) {
+                    const sub = parts.slice(1, depth + 1);
+                    if (!showHidden && sub.some(p => p.startsWith("."))) break;
+                    const path = parts.slice(0, depth + 1).join("/");
+                    if (!folders.has(path)) folders.set(path, {path: path, label: sub.join("/")});
+                }
+            });
+            return Array.from(folders.values()).sort((a, b) => compareValues(a.label, b.label));
+        }
+
+        buildDirs() {
+            this.dirs.replaceChildren();
+            if (this.opts.extra_networks_tree_view_style === "Tree") {
+                this.root.classList.add("extra-network-tree-style");
+                this.buildTree();
+                return;
+            }
+            this.root.classList.remove("extra-network-tree-style");
+            const leading = this.opts.extra_networks_dir_button_function ? "/" : "";
+            const all = el("button", "extra-network-dir-button", "all");
+            all.type = "button";
+            all.dataset.search = "";
+            this.dirs.appendChild(all);
+            this.folderList().forEach(folder => {
+                const button = el("button", "extra-network-dir-button", `${leading}${folder.label}/`);
+                button.type = "button";
+                button.dataset.search = `${leading}${folder.label}/`;
+                this.dirs.appendChild(button);
+            });
+        }
+
+        // A tree of folders (first) and files; folder children are built only when a folder is expanded.
+        treeModel() {
+            const rootNode = {name: "", path: "", dirs: new Map(), files: []};
+            this.items.forEach(item => {
+                const parts = (item.rel || item.name).split("/");
+                const file = parts.pop();
+                let node = rootNode;
+                parts.forEach((part, i) => {
+                    if (!node.dirs.has(part)) {
+                        node.dirs.set(part, {name: part, path: parts.slice(0, i + 1).join("/"), dirs: new Map(),
+                            files: []});
+                    }
+                    node = node.dirs.get(part);
+                });
+                node.files.push({name: file, index: item.index});
+            });
+            return rootNode;
+        }
+
+        buildTree() {
+            this.tree = this.treeModel();
+            const list = el("ul", "tree-list tree-list--tree");
+            this.tree.dirs.forEach(node => {
+                this.treeState.expanded.add(node.path);
+                list.appendChild(this.treeNodeElement(node));
+            });
+            this.dirs.appendChild(list);
+        }
+
+        treeNodeElement(node) {
+            const li = el("li", "tree-list-item tree-list-item--dir");
+            li.dataset.treePath = node.path;
+            const row = el("span", "tree-list-content tree-list-content-dir");
+            row.dataset.treePath = node.path;
+            const chevron = el("span", "tree-list-item-action--chevron", "\u25B8");
+            row.appendChild(chevron);
+            row.appendChild(el("span", "tree-list-item-label", node.name));
+            li.appendChild(row);
+            if (this.treeState.expanded.has(node.path)) {
+                li.classList.add("expanded");
+                li.appendChild(this.treeChildren(node));
+            }
+            if (this.treeState.selected === node.path) row.classList.add("selected");
+            return li;
+        }
+
+        treeChildren(node) {
+            const ul = el("ul", "tree-list tree-list--subgroup");
+            const dirs = Array.from(node.dirs.values()).sort((a, b) => compareValues(a.name, b.name));
+            dirs.forEach(child => ul.appendChild(this.treeNodeElement(child)));
+            const files = node.files.slice().sort((a, b) => compareValues(a.name, b.name));
+            files.slice(0, TREE_FILES_LIMIT).forEach(file => {
+                const li = el("li", "tree-list-item tree-list-item--file");
+                const row = el("span", "tree-list-content tree-list-content-file", file.name);
+                row.dataset.index = String(file.index);
+                li.appendChild(row);
+                ul.appendChild(li);
+            });
+            if (files.length > TREE_FILES_LIMIT) {
+                ul.appendChild(el("li", "tree-list-item tree-list-more",
+                    `\u2026 ${files.length - TREE_FILES_LIMIT} more (use search)`));
+            }
+            return ul;
+        }
+
+        findTreeNode(path) {
+            let node = this.tree;
+            for (const part of path.split("/")) {
+                node = node && node.dirs.get(part);
+            }
+            return node;
+        }
+
+        // A1111's tree state machine: closed → select + expand; selected and open → collapse, deselect and
+        // clear the search; open but not selected → select. The chevron only expands or collapses.
+        treeDirClicked(row, chevronOnly) {
+            const path = row.dataset.treePath;
+            const li = row.parentElement;
+            const expanded = this.treeState.expanded.has(path);
+            const selected = this.treeState.selected === path;
+            if (chevronOnly) {
+                this.setTreeExpanded(li, path, !expanded);
+                return;
+            }
+            if (!expanded) {
+                this.setTreeExpanded(li, path, true);
+                this.selectTreeDir(path);
+            } else if (selected) {
+                this.setTreeExpanded(li, path, false);
+                this.selectTreeDir(null);
+            } else {
+                this.selectTreeDir(path);
+            }
+        }
+
+        setTreeExpanded(li, path, expand) {
+            const existing = li.querySelector(":scope > ul");
+            if (expand) {
+                this.treeState.expanded.add(path);
+                li.classList.add("expanded");
+                if (!existing) li.appendChild(this.treeChildren(this.findTreeNode(path)));
+            } else {
+                this.treeState.expanded.delete(path);
+                li.classList.remove("expanded");
+                if (existing) existing.remove();
+            }
+        }
+
+        selectTreeDir(path) {
+            this.treeState.selected = path;
+            this.setSearch(path ? `${path}/` : "");
+        }
+
+        updateTreeSelection() {
+            if (!this.dirs) return;
+            this.dirs.querySelectorAll(".tree-list-content-dir").forEach(row => {
+                row.classList.toggle("selected", row.dataset.treePath === this.treeState.selected);
+            });
+        }
+
+        // --- buttons on a card ------------------------------------------------------------------------------------------
+        copyPath(item) {
+            const text = item.filename || "";
+            if (navigator.clipboard && window.isSecureContext) {
+                navigator.clipboard.writeText(text).catch(() => fallbackCopy(text));
+            } else {
+                fallbackCopy(text);
+            }
+        }
+
+        showMetadata(item) {
+            fetch(`./sd_extra_networks/metadata?page=${encodeURIComponent(this.page)}&item=${encodeURIComponent(item.name)}`)
+                .then(response => response.json())
+                .then(data => {
+                    if (!data || !data.metadata) {
+                        window.extraNetworksPopup.show(el("div", null, "This file has no metadata."), item.title);
+                        return;
+                    }
+                    const parsed = JSON.parse(data.metadata);
+                    window.extraNetworksPopup.show(window.extraNetworksPopup.metadataTable(parsed), item.title);
+                })
+                .catch(error => console.error("reading metadata failed", error));
+        }
+
+        // Re-reads one card (after its user metadata was edited) without rescanning the folders.
+        refreshSingleCard(name) {
+            const url = `./sd_extra_networks/get-single-card?page=${encodeURIComponent(this.page)}` +
+                `&tabname=${encodeURIComponent(this.tabname)}&name=${encodeURIComponent(name)}`;
+            return fetch(url).then(r => r.json()).then(data => {
+                const old = this.items.findIndex(item => item.name === name);
+                if (old < 0 || !data.item) return;
+                const item = data.item;
+                item.index = old;
+                item.sort = Object.assign({}, item.sort, {default: this.items[old].sort.default});
+                item.searchText = [item.name, item.alias, item.title, ...(item.search_terms || []), item.description,
+                    item.activation_text].filter(Boolean).join("\n").toLowerCase();
+                this.items[old] = item;
+                this.cardCache.delete(old);
+                this.render(true);
+            });
+        }
+    }
+
+    function fallbackCopy(text) {
+        const area = document.createElement("textarea");
+        area.value = text;
+        area.style.position = "fixed";
+        area.style.opacity = "0";
+        document.body.appendChild(area);
+        area.select();
+        try {
+            document.execCommand("copy");
+        } finally {
+            area.remove();
+        }
+    }
+
+    // --- pane discovery ----------------------------------------------------------------------------------------------
+    function paneFor(node) {
+        const root = node && node.closest ? node.closest(".extra-network-pane") : null;
+        if (!root) return null;
+        let pane = panes.get(root.id);
+        if (!pane || pane.root !== root) { // gradio re-rendered the HTML: start over with the new element
+            pane = new ExtraNetworksPane(root);
+            panes.set(root.id, pane);
+        }
+        return pane;
+    }
+
+    function discoverPanes() {
+        window.gradioApp().querySelectorAll(".extra-network-pane").forEach(root => {
+            const pane = paneFor(root);
+            if (pane && pane.items.length === 0 && !pane.loading) pane.load(false);
+        });
+    }
+
+    // --- delegated handlers, installed once ------------------------------------------------------------------------
+    function onClick(event) {
+        const target = event.target;
+        const pane = paneFor(target);
+        if (!pane) return;
+        const button = target.closest("button");
+        if (button && pane.root.contains(button)) {
+            if (button.classList.contains("extra-network-control--sort")) return pane.setSort(button.dataset.sortKey);
+            if (button.classList.contains("extra-network-control--sort-dir")) return pane.toggleSortDir();
+            if (button.classList.contains("extra-network-control--tree")) {
+                pane.root.classList.toggle("extra-network-dirs-hidden");
+                return pane.render(true);
+            }
+            if (button.classList.contains("extra-network-control--refresh")) return refreshPane(pane);
+            if (button.classList.contains("extra-network-dir-button")) return pane.setSearch(button.dataset.search);
+        }
+        const treeRow = target.closest(".tree-list-content");
+        if (treeRow) {
+            if (treeRow.classList.contains("tree-list-content-dir")) {
+                return pane.treeDirClicked(treeRow, !!target.closest(".tree-list-item-action--chevron"));
+            }
+            const item = pane.items[Number(treeRow.dataset.index)];
+            if (item) pane.cardClicked(item);
+            return;
+        }
+        const card = target.closest(".card");
+        if (!card) return;
+        const item = pane.items[Number(card.dataset.index)];
+        if (!item) return;
+        event.preventDefault();
+        event.stopPropagation();
+        if (button && button.classList.contains("copy-path-button")) return pane.copyPath(item);
+        if (button && button.classList.contains("metadata-button")) return pane.showMetadata(item);
+        if (button && button.classList.contains("edit-button")) {
+            return window.extraNetworksEditor.open(pane, item);
+        }
+        pane.cardClicked(item);
+    }
+
+    function refreshPane(pane) {
+        // The server rescans every page; reload the others so they show the same listing.
+        pane.load(true).then(() => panes.forEach(other => {
+            if (other !== pane) other.load(false);
+        }));
+    }
+
+    function onInput(event) {
+        const target = event.target;
+        if (target.classList && target.classList.contains("extra-network-search")) {
+            const pane = paneFor(target);
+            if (pane) {
+                pane.treeState.selected = null;
+                pane.applyFilter();
+            }
+            return;
+        }
+        if (target.tagName === "TEXTAREA" && target.closest("[id$='_prompt']")) {
+            panes.forEach(pane => pane.markActiveCards());
+        }
+    }
+
+    function onKeyDown(event) {
+        if (event.key !== "Enter" && event.key !== " ") return;
+        const card = event.target.classList && event.target.classList.contains("card") ? event.target : null;
+        if (!card) return;
+        event.preventDefault();
+        card.click();
+    }
+
+    const scheduled = new Set();
+    function onScroll(event) {
+        const target = event.target;
+        if (!target.classList || !target.classList.contains("extra-network-cards-scroll")) return;
+        const pane = paneFor(target);
+        if (!pane || scheduled.has(pane)) return;
+        scheduled.add(pane);
+        requestAnimationFrame(() => {
+            scheduled.delete(pane);
+            pane.render(false);
+        });
+    }
+
+    document.addEventListener("click", onClick);
+    document.addEventListener("input", onInput);
+    document.addEventListener("keydown", onKeyDown);
+    document.addEventListener("scroll", onScroll, true);
+
+    // Called after settings are applied or the checkpoint changes: options, filters and sizes may differ.
+    window.extraNetworksReloadAll = function() {
+        discoverPanes();
+        panes.forEach(pane => pane.load(false));
+    };
+    window.extraNetworksRefreshSingleCard = function(page, tabname, name) {
+        panes.forEach(pane => {
+            if (pane.page === page && pane.tabname === tabname) pane.refreshSingleCard(name);
+        });
+    };
+    window.extraNetworksPanes = panes;
+
+    (window.webuiUiLoadedCallbacks = window.webuiUiLoadedCallbacks || []).push(function() {
+        discoverPanes();
+        // Panes that gradio renders later (other tabs) are picked up as they appear.
+        const observer = new MutationObserver(() => {
+            const roots = window.gradioApp().querySelectorAll(".extra-network-pane");
+            if (Array.from(roots).some(root => !panes.has(root.id) || panes.get(root.id).root !== root)) discoverPanes();
+        });
+        observer.observe(window.gradioApp(), {childList: true, subtree: true});
+    });
+})();

@@ -1,0 +1,1 @@
+"""The HTTP API under A1111's paths (/sdapi/v1/*)."""

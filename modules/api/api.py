@@ -1,0 +1,178 @@
+"""The HTTP API (A1111 paths and shapes). With --api-auth every route added through Api needs HTTP basic auth."""
+from __future__ import annotations
+
+import base64
+import inspect
+import io
+import secrets
+import threading
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+from modules import errors, processing, progress, samplers, script_callbacks, shared, txt2img
+from modules.api import models
+
+
+def encode_pil_to_base64(image) -> str:
+    """PNG bytes in base64, with the infotext in the `parameters` chunk as A1111 writes it."""
+    from PIL import PngImagePlugin
+
+    buf = io.BytesIO()
+    pnginfo = PngImagePlugin.PngInfo()
+    parameters = image.info.get("parameters")
+    if parameters and shared.opts.enable_pnginfo:
+        pnginfo.add_text("parameters", parameters)
+    image.save(buf, format="PNG", pnginfo=pnginfo)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def parse_credentials(value: str | None) -> dict[str, str]:
+    """`user:pass,user2:pass2` → {user: pass}; a password may itself contain ':'."""
+    result = {}
+    for pair in (value or "").split(","):
+        pair = pair.strip()
+        if ":" in pair:
+            user, password = pair.split(":", 1)
+            result[user] = password
+    return result
+
+
+def _processing_parameters() -> set[str]:
+    names = set()
+    for cls in (processing.StableDiffusionProcessingTxt2Img, processing.StableDiffusionProcessing):
+        names.update(p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs"))
+    return names
+
+
+def _checkpoint_exists(title: str) -> bool:
+    from modules import sd_models
+    match = getattr(sd_models, "get_closet_checkpoint_match", None)
+    if match is not None:
+        return match(title) is not None
+    return any(title in (info.title, getattr(info, "name", None), getattr(info, "model_name", None))
+               for info in sd_models.checkpoints_list.values())
+
+
+class Api:
+    def __init__(self, app: FastAPI, queue_lock: threading.Lock):
+        self.app = app
+        self.queue_lock = queue_lock
+        self.credentials = parse_credentials(shared.cmd_opts.api_auth)
+        if shared.cmd_opts.nowebui:
+            script_callbacks.ui_settings_callback()  # with the UI, create_ui() does this
+
+        self.add_api_route("/sdapi/v1/txt2img", self.text2imgapi, methods=["POST"],
+                           response_model=models.TextToImageResponse)
+        self.add_api_route("/sdapi/v1/progress", self.progressapi, methods=["GET"],
+                           response_model=models.ProgressResponse)
+        self.add_api_route("/sdapi/v1/interrupt", self.interruptapi, methods=["POST"])
+        self.add_api_route("/sdapi/v1/skip", self.skip, methods=["POST"])
+        self.add_api_route("/sdapi/v1/options", self.get_config, methods=["GET"])
+        self.add_api_route("/sdapi/v1/options", self.set_config, methods=["POST"])
+        self.add_api_route("/sdapi/v1/cmd-flags", self.get_cmd_flags, methods=["GET"])
+        self.add_api_route("/sdapi/v1/samplers", self.get_samplers, methods=["GET"],
+                           response_model=list[models.SamplerItem])
+        self.add_api_route("/sdapi/v1/sd-models", self.get_sd_models, methods=["GET"],
+                           response_model=list[models.SDModelItem])
+        self.add_api_route("/sdapi/v1/refresh-checkpoints", self.refresh_checkpoints, methods=["POST"])
+
+    def auth(self, credentials: HTTPBasicCredentials = Depends(HTTPBasic())) -> bool:
+        password = self.credentials.get(credentials.username)
+        if password is not None and secrets.compare_digest(credentials.password.encode(), password.encode()):
+            return True
+        raise HTTPException(status_code=401, detail="Incorrect username or password",
+                            headers={"WWW-Authenticate": "Basic"})
+
+    def add_api_route(self, path: str, endpoint, **kwargs) -> None:
+        """A1111 API for extensions too: adds the auth dependency when --api-auth is set."""
+        if self.credentials:
+            kwargs["dependencies"] = [*kwargs.get("dependencies", []), Depends(self.auth)]
+        self.app.add_api_route(path, endpoint, **kwargs)
+
+    # --- generation ----------------------------------------------------------------------------------------------
+    def text2imgapi(self, txt2imgreq: models.StableDiffusionTxt2ImgProcessingAPI):
+        sampler = txt2imgreq.sampler_name or txt2imgreq.sampler_index or samplers.default_sampler_name
+        if sampler not in samplers.all_samplers:
+            raise HTTPException(status_code=404, detail=f"Sampler not found: {sampler}")
+        override = dict(txt2imgreq.override_settings or {})
+        checkpoint = override.get("sd_model_checkpoint")
+        if checkpoint is not None and not _checkpoint_exists(checkpoint):
+            raise HTTPException(status_code=404, detail=f"model {checkpoint!r} not found")
+
+        request = txt2imgreq.model_dump()
+        allowed = _processing_parameters()
+        args = {k: v for k, v in request.items() if k in allowed and k not in ("sampler_index", "override_settings")}
+        args["sampler_name"] = sampler
+        args["override_settings"] = override
+        args["do_not_save_samples"] = not txt2imgreq.save_images or txt2imgreq.do_not_save_samples
+        args["do_not_save_grid"] = True
+        p = processing.StableDiffusionProcessingTxt2Img(**args)
+        try:
+            processed = txt2img.run(p)
+        except Exception as e:
+            errors.display(e, "API txt2img")
+            return JSONResponse(status_code=500, content={"error": type(e).__name__, "detail": str(e)})
+        images = [encode_pil_to_base64(image) for image in processed.images] if txt2imgreq.send_images else []
+        return models.TextToImageResponse(images=images, parameters=request, info=processed.js())
+
+    def progressapi(self, skip_current_image: bool = False):
+        return models.ProgressResponse(**progress.progress_snapshot())
+
+    def interruptapi(self):
+        shared.state.interrupt()
+        return {}
+
+    def skip(self):
+        shared.state.skip()
+        return {}
+
+    # --- settings and models -------------------------------------------------------------------------------------
+    def get_config(self) -> dict[str, Any]:
+        return {key: shared.opts.data.get(key, info.default)
+                for key, info in shared.opts.data_labels.items() if not info.do_not_save}
+
+    def set_config(self, req: dict[str, Any]):
+        checkpoint = req.get("sd_model_checkpoint")
+        if checkpoint is not None and not _checkpoint_exists(checkpoint):
+            raise HTTPException(status_code=404, detail=f"model {checkpoint!r} not found")
+        for key, value in req.items():
+            info = shared.opts.data_labels.get(key)
+            if info is None:
+                print(f"API: ignoring unknown option {key!r}")
+                continue
+            if not shared.opts.same_type(value, info.default):
+                raise HTTPException(status_code=422, detail=f"{key}: expected {type(info.default).__name__}, "
+                                                            f"got {type(value).__name__}")
+        for key, value in req.items():
+            if key in shared.opts.data_labels:
+                # sd_model_checkpoint's onchange (set by webui.initialize) reloads under the queue lock.
+                shared.opts.set(key, value, is_api=True)
+        shared.opts.save(shared.config_filename)
+        return None
+
+    def get_cmd_flags(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(shared.cmd_opts).items() if k != "api_auth"}
+
+    def get_samplers(self):
+        return [models.SamplerItem(name=name, aliases=[], options={}) for name in samplers.all_samplers]
+
+    def get_sd_models(self):
+        from modules import sd_models
+        result = []
+        for info in sd_models.checkpoints_list.values():
+            result.append(models.SDModelItem(
+                title=info.title,
+                model_name=getattr(info, "model_name", None) or getattr(info, "name", ""),
+                hash=getattr(info, "shorthash", None) or getattr(info, "hash", None),
+                sha256=getattr(info, "sha256", None),
+                filename=info.filename,
+                config=getattr(info, "config", None)))
+        return result
+
+    def refresh_checkpoints(self):
+        with self.queue_lock:
+            shared.refresh_checkpoints()
+        return None

@@ -1,0 +1,273 @@
+"""The gradio page (A1111 names): create_ui(), head_html(), css(), allowed_paths(), and the page's own routes."""
+from __future__ import annotations
+
+import os
+import urllib.parse
+
+import gradio as gr
+
+from modules import (
+    call_queue,
+    errors,
+    extensions_preload,
+    paths_internal,
+    progress,
+    samplers,
+    script_callbacks,
+    shared,
+    txt2img,
+    ui_common,
+    ui_extra_networks,
+    ui_settings,
+)
+
+ASSETS_ROUTE = "/webui-assets"
+
+
+# --- static assets: page scripts and styles -----------------------------------------------------------------------
+def _script_dirs() -> list[tuple[str, str]]:
+    """(url prefix, folder) for the host's javascript/ and every extension's javascript/, host first."""
+    found = [("javascript", os.path.join(paths_internal.script_path, "javascript"))]
+    for ext_dir in extensions_preload.extension_dirs():
+        folder = os.path.join(ext_dir, "javascript")
+        if os.path.isdir(folder):
+            found.append((f"extensions/{os.path.basename(ext_dir)}/javascript", folder))
+    return found
+
+
+def list_scripts() -> list[tuple[str, str]]:
+    """(url path, file path) of every page script, sorted by name within each folder."""
+    result = []
+    for prefix, folder in _script_dirs():
+        if not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".js"):
+                result.append((f"{prefix}/{name}", os.path.join(folder, name)))
+    return result
+
+
+def head_html() -> str:
+    """One <script> per page script, served by /webui-assets with the file's mtime to bust caches.
+
+    `defer` keeps the files in order however gradio inserts them; they only define functions and register
+    start-up hooks, so they may run before or after the app mounts.
+    """
+    tags = []
+    for url_path, path in list_scripts():
+        url = f"{ASSETS_ROUTE}/{urllib.parse.quote(url_path)}?v={int(os.path.getmtime(path))}"
+        tags.append(f'<script type="text/javascript" src="{url}" defer></script>')
+    return "\n".join(tags)
+
+
+def css() -> str:
+    """The host's style.css followed by each extension's style.css."""
+    files = [os.path.join(paths_internal.script_path, "style.css")]
+    files += [os.path.join(d, "style.css") for d in extensions_preload.extension_dirs()]
+    parts = []
+    for path in files:
+        if os.path.isfile(path):
+            with open(path, "r", encoding="utf8") as f:
+                parts.append(f"/* {os.path.relpath(path, paths_internal.script_path)} */\n{f.read()}")
+    return "\n".join(parts)
+
+
+def allowed_paths() -> list[str]:
+    """Folders gradio may serve files from: none; images reach the gallery through gradio's own cache."""
+    return []
+
+
+def _resolve_asset(asset_path: str) -> str | None:
+    for prefix, folder in _script_dirs():
+        if asset_path.startswith(prefix + "/"):
+            name = asset_path[len(prefix) + 1:]
+            if "/" in name or "\\" in name or not name.endswith(".js"):
+                return None
+            path = os.path.join(folder, name)
+            return path if os.path.isfile(path) else None
+    return None
+
+
+def setup_ui_api(demo, app) -> None:
+    """Routes the page itself needs (no API auth): scripts, the card pane, progress."""
+    from fastapi import HTTPException
+    from fastapi.responses import FileResponse
+
+    def asset(asset_path: str):
+        path = _resolve_asset(asset_path)
+        if path is None:
+            raise HTTPException(status_code=404, detail="not found")
+        return FileResponse(path, media_type="text/javascript", headers={"Cache-Control": "max-age=31536000"})
+
+    app.add_api_route(ASSETS_ROUTE + "/{asset_path:path}", asset, methods=["GET"])
+    ui_extra_networks.add_pages_to_demo(app)
+    progress.setup_progress_api(app)
+    keep_gradio_mount_last(app)
+
+
+def keep_gradio_mount_last(app) -> None:
+    """gradio is mounted at "/", which matches every path: routes added after it (by app_started callbacks,
+    like the Lora extension's /sdapi/v1/loras) are unreachable unless the mount is moved to the end."""
+    mounts = [r for r in app.router.routes if type(r).__name__ == "Mount" and getattr(r, "path", None) == ""]
+    for route in mounts:
+        app.router.routes.remove(route)
+        app.router.routes.append(route)
+
+
+def _on_app_started(demo, app) -> None:
+    setup_ui_api(demo, app)
+
+
+# --- checkpoint selector ------------------------------------------------------------------------------------------
+def _checkpoint_choices() -> list[str]:
+    try:
+        return list(shared.list_checkpoint_tiles())
+    except Exception as e:
+        errors.display(e, "listing checkpoints")
+        return []
+
+
+def _current_checkpoint() -> str | None:
+    value = shared.opts.sd_model_checkpoint
+    if value:
+        return value
+    try:
+        from modules import sd_models
+        model = getattr(sd_models.model_data, "sd_model", None)
+        info = getattr(model, "sd_checkpoint_info", None) or sd_models.select_checkpoint()
+        return getattr(info, "title", None)
+    except Exception:
+        return None
+
+
+def _checkpoint_update() -> dict:
+    choices = _checkpoint_choices()
+    value = _current_checkpoint()
+    if value is not None and value not in choices:
+        choices = [value] + choices
+    return gr.update(choices=choices, value=value)
+
+
+def change_checkpoint(title: str):
+    """Switches the model (under the queue lock, so never in the middle of a job) and saves the choice."""
+    if not title or title == shared.opts.sd_model_checkpoint:
+        return gr.update()
+    previous = shared.opts.sd_model_checkpoint
+    try:
+        from modules import sd_models
+        with call_queue.queue_lock:
+            shared.opts.set("sd_model_checkpoint", title, run_callbacks=False)
+            sd_models.reload_model_weights()
+        shared.opts.save(shared.config_filename)
+    except Exception as e:
+        errors.display(e, f"loading checkpoint {title}")
+        shared.opts.set("sd_model_checkpoint", previous, run_callbacks=False)
+        gr.Warning(f"Could not load {title}: {type(e).__name__}: {e}")
+        return gr.update(value=previous)
+    return gr.update()
+
+
+def refresh_checkpoints():
+    with call_queue.queue_lock:
+        shared.refresh_checkpoints()
+    return _checkpoint_update()
+
+
+# --- txt2img tab --------------------------------------------------------------------------------------------------
+def _create_txt2img_tab() -> None:
+    tabname = "txt2img"
+    size = txt2img.default_size()
+    with gr.Row(elem_id=f"{tabname}_toprow", equal_height=False):
+        with gr.Column(scale=6, elem_id=f"{tabname}_prompt_container"):
+            prompt = gr.Textbox(label="Prompt", show_label=False, lines=3, max_lines=12, elem_id=f"{tabname}_prompt",
+                                placeholder="Prompt (click a Lora card to add it)")
+            negative_prompt = gr.Textbox(label="Negative prompt", show_label=False, lines=2, max_lines=8,
+                                         elem_id=f"{tabname}_neg_prompt", placeholder="Negative prompt")
+        with gr.Column(scale=1, min_width=180, elem_id=f"{tabname}_actions_column"):
+            generate = gr.Button("Generate", variant="primary", elem_id=f"{tabname}_generate")
+            interrupt = gr.Button("Interrupt", variant="stop", elem_id=f"{tabname}_interrupt")
+
+    with gr.Row(elem_id=f"{tabname}_main_row", equal_height=False):
+        with gr.Column(scale=3, min_width=360, elem_id=f"{tabname}_left"):
+            with gr.Tabs(elem_id=f"{tabname}_extra_tabs") as extra_tabs:
+                with gr.Tab("Generation", id=f"{tabname}_generation", elem_id=f"{tabname}_generation_tab"):
+                    with gr.Row():
+                        sampler_name = gr.Dropdown(samplers.all_samplers, value=samplers.default_sampler_name,
+                                                   label="Sampling method", elem_id=f"{tabname}_sampling")
+                        steps = gr.Slider(1, 150, value=20, step=1, label="Sampling steps",
+                                          elem_id=f"{tabname}_steps")
+                    with gr.Row():
+                        width = gr.Slider(64, 2048, value=size, step=8, label="Width", elem_id=f"{tabname}_width")
+                        height = gr.Slider(64, 2048, value=size, step=8, label="Height",
+                                           elem_id=f"{tabname}_height")
+                    with gr.Row():
+                        batch_count = gr.Slider(1, 100, value=1, step=1, label="Batch count",
+                                                elem_id=f"{tabname}_batch_count")
+                        batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size",
+                                               elem_id=f"{tabname}_batch_size")
+                    cfg_scale = gr.Slider(1.0, 30.0, value=7.0, step=0.5, label="CFG Scale",
+                                          elem_id=f"{tabname}_cfg_scale")
+                    with gr.Row(equal_height=True):
+                        seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id=f"{tabname}_seed")
+                        random_seed = gr.Button("\u21ba", elem_id=f"{tabname}_random_seed", scale=0,
+                                                min_width=48, elem_classes=["tool-button"])
+                ui_extra_networks.create_ui(tabname)
+        with gr.Column(scale=2, min_width=320, elem_id=f"{tabname}_right"):
+            gallery, html_info, generation_info = ui_common.create_output_panel(tabname)
+
+    del extra_tabs  # kept named for readers: the Lora pane lives inside it
+
+    def generate_fn(prompt_text, negative_text, steps_value, sampler, w, h, seed_value, size_value, count_value,
+                    cfg_value, progress_bar=gr.Progress()):
+        return txt2img.txt2img_ui(prompt_text, negative_text, steps_value, sampler, w, h, seed_value, size_value,
+                                  count_value, cfg_value, progress_bar=progress_bar)
+
+    inputs = [prompt, negative_prompt, steps, sampler_name, width, height, seed, batch_size, batch_count, cfg_scale]
+    generate.click(fn=generate_fn, inputs=inputs, outputs=[gallery, html_info, generation_info],
+                   show_progress="full", show_progress_on=[gallery], concurrency_id="txt2img", api_name="txt2img")
+    prompt.submit(fn=generate_fn, inputs=inputs, outputs=[gallery, html_info, generation_info],
+                  show_progress="full", show_progress_on=[gallery], concurrency_id="txt2img",
+                  api_visibility="private")
+    interrupt.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[], queue=False,
+                    api_name="interrupt")
+    random_seed.click(fn=lambda: -1, inputs=[], outputs=[seed], show_progress="hidden", queue=False)
+
+
+# --- the page -----------------------------------------------------------------------------------------------------
+def create_ui() -> gr.Blocks:
+    """Builds the page: checkpoint selector, the txt2img tab with its Lora pane, Settings, extension tabs."""
+    ui_extra_networks.initialize()
+    ui_extra_networks.register_default_pages()
+    script_callbacks.before_ui_callback()  # the Lora extension registers its card page here
+    script_callbacks.ui_settings_callback()  # extensions add their options here
+
+    settings = ui_settings.SettingsUi()
+    with gr.Blocks(title="Stable Diffusion", analytics_enabled=False, fill_width=True) as demo:
+        with gr.Row(elem_id="quicksettings", equal_height=True):
+            checkpoint = gr.Dropdown(choices=_checkpoint_choices(), value=_current_checkpoint(),
+                                     label="Stable Diffusion checkpoint", elem_id="setting_sd_model_checkpoint",
+                                     allow_custom_value=True, scale=0, min_width=360)
+            refresh_button = gr.Button(ui_common.refresh_symbol, elem_id="refresh_sd_model_checkpoint", scale=0,
+                                       min_width=48, elem_classes=["tool-button"])
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("txt2img", id="txt2img", elem_id="tab_txt2img"):
+                _create_txt2img_tab()
+            for interface, label, ifid in script_callbacks.ui_tabs_callback():
+                with gr.Tab(label, id=ifid, elem_id=f"tab_{ifid}"):
+                    interface.render()
+            with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
+                settings.create()
+
+        reload_cards_js = "() => { if (window.extraNetworksReloadAll) window.extraNetworksReloadAll(); }"
+        checkpoint.input(fn=change_checkpoint, inputs=[checkpoint], outputs=[checkpoint],
+                          show_progress="full", concurrency_id="checkpoint", api_visibility="private").then(
+            fn=None, js=reload_cards_js)
+        refresh_button.click(fn=refresh_checkpoints, inputs=[], outputs=[checkpoint], api_visibility="private")
+        settings.apply_button.click(fn=settings.apply, inputs=settings.components, outputs=[settings.result],
+                                    api_visibility="private").then(fn=None, js=reload_cards_js)
+        demo.load(fn=lambda: [_checkpoint_update(), *settings.current_values()], inputs=[],
+                  outputs=[checkpoint, *settings.components], show_progress="hidden", api_visibility="private")
+
+    script_callbacks.remove_callbacks_for_function(_on_app_started)
+    script_callbacks.on_app_started(_on_app_started)
+    return demo

@@ -1,0 +1,637 @@
+"""Extra-network card pages (A1111 names): the page base class, the page registry and the routes the card pane uses.
+
+Unlike A1111, the server never builds card HTML. `GET /sd_extra_networks/cards` returns card *data* as JSON and
+`javascript/extraNetworks.js` renders only the cards in view, so ten thousand LoRAs cost one JSON download, not
+ten thousand DOM nodes. Every string reaches the page through textContent or attribute setters, never as markup
+(the one exception is a description when the user turned on `extra_networks_card_description_is_html`).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import html
+import json
+import os
+import re
+import threading
+import urllib.parse
+from typing import Any, Iterable
+
+from modules import errors, extra_networks, shared
+
+extra_pages: list["ExtraNetworksPage"] = []
+allowed_dirs: set[str] = set()
+default_allowed_preview_extensions = ["png", "jpg", "jpeg", "webp", "gif"]
+_cards_lock = threading.Lock()
+
+
+def allowed_preview_extensions_with_extra(extra_extensions: Iterable[str] = ()) -> list[str]:
+    """A list, not a set, so the preview lookup order is the same on every run (fixes A1111 13B-15)."""
+    result = list(default_allowed_preview_extensions)
+    for ext in extra_extensions:
+        ext = (ext or "").lower().lstrip(".")
+        if ext and ext not in result:
+            result.append(ext)
+    return result
+
+
+def allowed_preview_extensions() -> list[str]:
+    return allowed_preview_extensions_with_extra((shared.opts.samples_format,))
+
+
+def quote_js(s: Any) -> str:
+    """A JS string literal for `s` (JSON rules, so newlines and quotes are safe; A1111 dev behaviour)."""
+    return json.dumps(str(s), ensure_ascii=False)
+
+
+# --- prompt expressions -------------------------------------------------------------------------------------------
+# A1111 pages describe what a card click inserts as a JS expression such as `"<lora:x:" + opts.a + ">"`. The page
+# never evals it: it is parsed here into parts ({"text"} or {"opt"}) that the browser joins at click time.
+_expr_token = re.compile(r'\s*(?:(?P<str>"(?:[^"\\]|\\.)*")|(?P<num>-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)'
+                         r'|(?P<opt>opts\.[A-Za-z_]\w*)|(?P<plus>\+))\s*')
+
+
+def prompt_parts_from_js(expression: str | None) -> list[dict] | None:
+    """Parses `"a" + opts.b + 0.5` into [{"text": "a"}, {"opt": "b"}, {"text": "0.5"}]; None if it is anything else."""
+    if expression is None:
+        return []
+    parts: list[dict] = []
+    pos, expect_operand = 0, True
+    text = expression.strip()
+    if not text:
+        return []
+    while pos < len(text):
+        m = _expr_token.match(text, pos)
+        if m is None or m.end() == pos:
+            return None
+        pos = m.end()
+        if m.group("plus"):
+            if expect_operand:
+                return None
+            expect_operand = True
+            continue
+        if not expect_operand:
+            return None
+        expect_operand = False
+        if m.group("str") is not None:
+            try:
+                parts.append({"text": json.loads(m.group("str"))})
+            except ValueError:
+                return None
+        elif m.group("num") is not None:
+            parts.append({"text": m.group("num")})
+        else:
+            parts.append({"opt": m.group("opt")[len("opts."):]})
+    return None if expect_operand else parts
+
+
+# --- directory listings -------------------------------------------------------------------------------------------
+class DirectoryLister:
+    """One os.scandir per folder per refresh: preview, description and sidecar look-ups become set look-ups."""
+
+    def __init__(self):
+        self._dirs: dict[str, dict[str, tuple[float, float]]] = {}
+        self._lock = threading.Lock()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._dirs = {}
+
+    def _listing(self, dirname: str) -> dict[str, tuple[float, float]]:
+        listing = self._dirs.get(dirname)
+        if listing is not None:
+            return listing
+        listing = {}
+        try:
+            with os.scandir(dirname) as it:
+                for entry in it:
+                    try:
+                        st = entry.stat()
+                    except OSError:
+                        continue
+                    created = getattr(st, "st_birthtime", None) or min(st.st_ctime, st.st_mtime)
+                    listing[entry.name] = (st.st_mtime, created)
+        except OSError:
+            pass
+        with self._lock:
+            self._dirs[dirname] = listing
+        return listing
+
+    def exists(self, path: str) -> bool:
+        dirname, name = os.path.split(os.path.abspath(path))
+        return name in self._listing(dirname)
+
+    def mctime(self, path: str) -> tuple[float, float]:
+        """(mtime, creation time) of a file, (0, 0) when it is missing."""
+        dirname, name = os.path.split(os.path.abspath(path))
+        return self._listing(dirname).get(name, (0.0, 0.0))
+
+
+# --- pages --------------------------------------------------------------------------------------------------------
+class ExtraNetworksPage:
+    """One tab of cards. Subclasses implement list_items(), create_item() and allowed_directories_for_previews()."""
+
+    def __init__(self, title: str):
+        self.title = title
+        self.name = title.lower()
+        self.extra_networks_tabname = self.name.replace(" ", "_")
+        self.id_page = self.extra_networks_tabname
+        self.allow_prompt = True
+        self.allow_negative_prompt = False
+        self.metadata: dict[str, Any] = {}
+        self.items: dict[str, dict] = {}
+        self.lister = DirectoryLister()
+        self.generation = 0  # bumped by refresh; part of the cards cache key
+        self._cards_cache: dict[tuple, bytes] = {}
+
+    # A1111 API -----------------------------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        pass
+
+    def list_items(self) -> Iterable[dict]:
+        raise NotImplementedError()
+
+    def create_item(self, name: str, index: int | None = None, enable_filter: bool = True) -> dict | None:
+        raise NotImplementedError()
+
+    def allowed_directories_for_previews(self) -> list[str]:
+        return []
+
+    def create_user_metadata_editor(self, ui, tabname: str):
+        from modules.ui_extra_networks_user_metadata import UserMetadataEditor
+        return UserMetadataEditor(ui, tabname, self)
+
+    def read_user_metadata(self, item: dict, use_cache: bool = True) -> None:
+        filename = item.get("filename", None)
+        metadata = extra_networks.get_user_metadata(filename, lister=self.lister if use_cache else None)
+        desc = metadata.get("description", None)
+        if desc is not None:
+            item["description"] = desc
+        item["user_metadata"] = metadata
+
+    def link_preview(self, filename: str) -> str:
+        quoted = urllib.parse.quote(filename.replace("\\", "/"))
+        mtime, _ = self.lister.mctime(filename)
+        return f"./sd_extra_networks/thumb?filename={quoted}&mtime={mtime}"
+
+    def search_terms_from_path(self, filename: str, possible_directories: list[str] | None = None) -> str:
+        """The path relative to the parent of its root folder, e.g. `Lora/chars/x.safetensors`."""
+        abspath = os.path.abspath(filename)
+        for parentdir in (possible_directories if possible_directories is not None
+                          else self.allowed_directories_for_previews()):
+            parentdir = os.path.dirname(os.path.abspath(parentdir))
+            if abspath.startswith(parentdir + os.sep):
+                return os.path.relpath(abspath, parentdir).replace("\\", "/")
+        return ""
+
+    def get_sort_keys(self, path: str) -> dict:
+        """date_created is the creation time and date_modified the mtime (A1111 swaps them: 13B-14)."""
+        mtime, created = self.lister.mctime(path)
+        return {
+            "date_created": int(created),
+            "date_modified": int(mtime),
+            "name": os.path.basename(path).lower(),
+            "path": path.replace("\\", "/").lower(),
+        }
+
+    def find_preview(self, path: str) -> str | None:
+        """`<path>.<ext>` then `<path>.preview.<ext>` for each allowed extension, in a fixed order."""
+        for ext in allowed_preview_extensions():
+            for candidate in (f"{path}.{ext}", f"{path}.preview.{ext}"):
+                if self.lister.exists(candidate):
+                    return self.link_preview(candidate)
+        return None
+
+    def find_embedded_preview(self, path: str, name: str, metadata: dict | None) -> str | None:
+        if cover_images_from_metadata(metadata):
+            quoted = urllib.parse.quote(name)
+            return f"./sd_extra_networks/cover-images?page={self.extra_networks_tabname}&item={quoted}&index=0"
+        return None
+
+    def find_description(self, path: str) -> str | None:
+        for candidate in (f"{path}.txt", f"{path}.description.txt"):
+            if not self.lister.exists(candidate):
+                continue
+            try:
+                with open(candidate, "r", encoding="utf-8", errors="replace") as f:
+                    return f.read()
+            except OSError:
+                pass
+        return None
+
+    def items_version(self) -> Any:
+        """A cheap fingerprint of the listed items; None disables the cards cache. Pages override it."""
+        return None
+
+    # cards ---------------------------------------------------------------------------------------------------------
+    def do_refresh(self) -> None:
+        """Rescans (page.refresh) and drops every cache derived from the old listing."""
+        self.refresh()
+        self.lister.reset()
+        self.generation += 1
+        self._cards_cache.clear()
+
+    def cards_json(self, tabname: str) -> bytes:
+        """The card pane's data for one tab, cached until the listing, the options or the model family change."""
+        version = self.items_version()
+        key = (tabname, self.generation, version, card_options_key(), loaded_model_family())
+        if version is not None:
+            cached = self._cards_cache.get(key)
+            if cached is not None:
+                return cached
+        with _cards_lock:
+            data = build_cards_payload(self, tabname)
+        body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf8")
+        if version is not None:
+            self._cards_cache.clear()
+            self._cards_cache[key] = body
+        return body
+
+
+def cover_images_from_metadata(metadata: dict | None) -> list[str]:
+    """The non-empty base64 images in `ssmd_cover_images` (a JSON list, possibly still a string)."""
+    value = (metadata or {}).get("ssmd_cover_images")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return []
+    if not isinstance(value, list):
+        return []
+    return [x for x in value if isinstance(x, str) and x]
+
+
+def loaded_model_family() -> str:
+    """The loaded model's family, without waiting for a model that is still loading."""
+    try:
+        from modules import sd_models
+        model = getattr(sd_models.model_data, "sd_model", None)
+    except Exception:
+        model = None
+    if model is None:
+        return ""
+    for attr, family in (("is_sdxl", "SDXL"), ("is_sd2", "SD2"), ("is_sd1", "SD1")):
+        if getattr(model, attr, False):
+            return family
+    return "Unknown"
+
+
+_card_option_keys = (
+    "extra_networks_card_width", "extra_networks_card_height", "extra_networks_card_text_scale",
+    "extra_networks_card_show_desc", "extra_networks_card_description_is_html", "extra_networks_card_order_field",
+    "extra_networks_card_order", "extra_networks_tree_view_style", "extra_networks_tree_view_default_enabled",
+    "extra_networks_tree_view_default_width", "extra_networks_show_hidden_directories",
+    "extra_networks_hidden_models", "extra_networks_dir_button_function", "extra_networks_default_multiplier",
+    "extra_networks_add_text_separator", "samples_format", "lora_show_all", "lora_hide_unknown_for_versions",
+    "lora_preferred_name",
+)
+
+
+def card_options() -> dict:
+    """The options the card pane needs in the browser (click weight, separator, card size, initial sort, ...)."""
+    result = {}
+    for key in _card_option_keys:
+        try:
+            result[key] = getattr(shared.opts, key)
+        except AttributeError:
+            continue
+    return result
+
+
+def card_options_key() -> str:
+    return json.dumps(card_options(), sort_keys=True, default=str)
+
+
+def _local_path(page: ExtraNetworksPage, filename: str) -> str:
+    local_path = ""
+    for reldir in page.allowed_directories_for_previews():
+        absdir = os.path.abspath(reldir)
+        if filename.startswith(absdir):
+            local_path = filename[len(absdir):]
+    return local_path
+
+
+def card_from_item(page: ExtraNetworksPage, item: dict, index: int) -> dict | None:
+    """Card data for the browser; None when the item must not be shown at all (hidden models: Never)."""
+    filename = item.get("filename") or ""
+    hidden_mode = shared.opts.extra_networks_hidden_models
+    local_path = _local_path(page, filename)
+    search_only = hidden_mode != "Always" and ("/." in local_path or "\\." in local_path)
+    if search_only and hidden_mode == "Never":
+        return None
+
+    prompt = item.get("prompt")
+    prompt_parts = item.get("prompt_parts")
+    error = item.get("error")
+    if prompt_parts is None:
+        prompt_parts = prompt_parts_from_js(prompt)
+        if prompt_parts is None:
+            prompt_parts, error = [], error or "this card's prompt expression could not be read"
+    negative_parts = prompt_parts_from_js(item.get("negative_prompt")) or []
+
+    description = item.get("description") or ""
+    sort_keys = dict(item.get("sort_keys") or {})
+    if sort_keys.get("default") is None:
+        sort_keys["default"] = index
+    search_terms = [str(x) for x in item.get("search_terms") or [] if x]
+    rel = search_terms[0] if search_terms else os.path.basename(filename)
+    user_metadata = item.get("user_metadata") or {}
+    return {
+        "name": str(item.get("name", "")),
+        "title": str(item.get("title") or item.get("name", "")),
+        "alias": str(item.get("alias") or ""),
+        "filename": filename,
+        "rel": rel.replace("\\", "/"),
+        "preview": item.get("preview"),
+        "description": str(description),
+        "search_terms": search_terms,
+        "activation_text": str(user_metadata.get("activation text") or ""),
+        "search_only": search_only,
+        "sort": {k: v for k, v in sort_keys.items() if isinstance(v, (int, float, str))},
+        "prompt": prompt_parts,
+        "negative": negative_parts,
+        "has_metadata": bool(item.get("metadata")),
+        "sd_version": str(item.get("sd_version") or ""),
+        "shorthash": str(item.get("shorthash") or ""),
+        "error": str(error) if error else None,
+    }
+
+
+def _error_card(page: ExtraNetworksPage, name: str, index: int, error: Exception) -> dict:
+    return {"name": name, "title": name, "alias": "", "filename": "", "rel": name, "preview": None,
+            "description": "", "search_terms": [name], "activation_text": "", "search_only": False,
+            "sort": {"default": index, "name": name.lower()}, "prompt": [], "negative": [], "has_metadata": False,
+            "sd_version": "", "shorthash": "", "error": f"{type(error).__name__}: {error}"}
+
+
+def _iterate_items(page: ExtraNetworksPage) -> Iterable[tuple[int, dict]]:
+    """list_items(), except that one broken item becomes an error card instead of breaking the page."""
+    iterator = iter(page.list_items())
+    index = 0
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except Exception as e:
+            errors.display(e, f"listing {page.title} cards")
+            yield index, {"__error__": e, "name": f"(item {index})"}
+            return
+        yield index, item
+        index += 1
+
+
+def build_cards_payload(page: ExtraNetworksPage, tabname: str) -> dict:
+    cards = []
+    page.items = {}
+    page.metadata = {}
+    for index, item in _iterate_items(page):
+        if "__error__" in item:
+            cards.append(_error_card(page, item["name"], index, item["__error__"]))
+            continue
+        name = str(item.get("name", ""))
+        page.items[name] = item
+        if item.get("metadata"):
+            page.metadata[name] = item["metadata"]
+        try:
+            card = card_from_item(page, item, index)
+        except Exception as e:
+            errors.display(e, f"building the {page.title} card for {name}")
+            card = _error_card(page, name, index, e)
+        if card is not None:
+            cards.append(card)
+    roots = []
+    for d in page.allowed_directories_for_previews():
+        if d and os.path.isdir(d):
+            roots.append({"name": os.path.basename(os.path.abspath(d)), "path": os.path.abspath(d)})
+    return {
+        "page": page.extra_networks_tabname,
+        "title": page.title,
+        "tabname": tabname,
+        "id": f"{tabname}_{page.extra_networks_tabname}",
+        "generation": page.generation,
+        "roots": roots,
+        "opts": card_options(),
+        "model_family": loaded_model_family(),
+        "items": cards,
+    }
+
+
+# --- registry -----------------------------------------------------------------------------------------------------
+def initialize() -> None:
+    extra_pages.clear()
+    allowed_dirs.clear()
+
+
+def register_page(page: ExtraNetworksPage) -> None:
+    """Registers a page; its preview folders become servable by /sd_extra_networks/thumb."""
+    extra_pages.append(page)
+    allowed_dirs.update(os.path.abspath(x) for x in page.allowed_directories_for_previews() if x)
+
+
+def register_default_pages() -> None:
+    """A1111 registers Textual Inversion, Hypernetworks and Checkpoints here; this host has no such pages yet."""
+
+
+def pages_in_preferred_order(pages: list[ExtraNetworksPage]) -> list[ExtraNetworksPage]:
+    tab_order = [x.lower().strip() for x in shared.opts.ui_extra_networks_tab_reorder.split(",")]
+
+    def tab_name_score(name: str) -> int:
+        name = name.lower()
+        for i, possible_match in enumerate(tab_order):
+            if possible_match and possible_match in name:
+                return i
+        return len(pages)
+
+    tab_scores = {page.name: (tab_name_score(page.name), original_index) for original_index, page in enumerate(pages)}
+    return sorted(pages, key=lambda x: tab_scores[x.name])
+
+
+def get_page(page_name: str) -> ExtraNetworksPage | None:
+    for page in extra_pages:
+        if page.extra_networks_tabname == page_name or page.name == page_name:
+            return page
+    return None
+
+
+def pane_html(page: ExtraNetworksPage, tabname: str) -> str:
+    """The static frame of a card pane; the browser fills it from /sd_extra_networks/cards."""
+    pid = html.escape(f"{tabname}_{page.extra_networks_tabname}")
+    data = f'data-tabname="{html.escape(tabname)}" data-page="{html.escape(page.extra_networks_tabname)}"'
+    sort_buttons = "".join(
+        f'<button type="button" class="extra-network-control--sort" data-sort-key="{key}" '
+        f'title="Sort by {label.lower()}">{label}</button>'
+        for key, label in (("default", "Path"), ("name", "Name"), ("date_created", "Date created"),
+                           ("date_modified", "Date modified")))
+    return f"""
+<div class="extra-network-pane" id="{pid}_pane" {data}>
+  <div class="extra-network-controls">
+    <input type="search" id="{pid}_extra_search" class="extra-network-search" placeholder="Search"
+           autocomplete="off" spellcheck="false" aria-label="Search {html.escape(page.title)}">
+    <div class="extra-network-sort-buttons" role="group" aria-label="Sort">{sort_buttons}</div>
+    <button type="button" class="extra-network-control--sort-dir" data-sortdir="Ascending"
+            title="Sort ascending">&#8593;</button>
+    <button type="button" class="extra-network-control--tree" title="Show or hide the folders"
+            aria-label="Show or hide the folders"><svg viewBox="0 0 24 24" class="control-icon" aria-hidden="true">
+            <path d="M3 6h6l2 2h10v11H3z"/></svg></button>
+    <button type="button" class="extra-network-control--refresh" id="{pid}_extra_refresh"
+            title="Rescan the folders">&#10227; Refresh</button>
+    <span class="extra-network-count" aria-live="polite"></span>
+  </div>
+  <div class="extra-network-body">
+    <div class="extra-network-dirs" id="{pid}_dirs"></div>
+    <div class="extra-network-cards-scroll" id="{pid}_cards" tabindex="-1">
+      <div class="extra-network-cards-sizer"><div class="extra-network-cards-window"></div></div>
+      <div class="extra-network-message">Loading...</div>
+    </div>
+  </div>
+</div>"""
+
+
+def create_ui(tabname: str) -> list[tuple[ExtraNetworksPage, Any]]:
+    """Adds one gr.Tab per registered page to the current Tabs; returns [(page, tab)]."""
+    import gradio as gr
+
+    result = []
+    for page in pages_in_preferred_order(extra_pages):
+        tab_id = f"{tabname}_{page.extra_networks_tabname}"
+        with gr.Tab(page.title, id=tab_id, elem_id=tab_id, elem_classes=["extra-page"],
+                    render_children=True) as tab:
+            gr.HTML(pane_html(page, tabname), elem_id=f"{tab_id}_pane_html", js_on_load=None,
+                    apply_default_css=False, padding=False)
+        result.append((page, tab))
+    return result
+
+
+# --- routes -------------------------------------------------------------------------------------------------------
+def _all_preview_dirs() -> list[str]:
+    dirs = set(allowed_dirs)
+    for page in extra_pages:
+        dirs.update(os.path.abspath(x) for x in page.allowed_directories_for_previews() if x)
+    return sorted(dirs)
+
+
+def is_servable_preview(filename: str) -> bool:
+    """True when filename lies inside a page's preview folder and has an allowed image extension."""
+    if not filename:
+        return False
+    path = os.path.abspath(filename)
+    ext = os.path.splitext(path)[1].lower()[1:]
+    if ext not in allowed_preview_extensions():
+        return False
+    for d in _all_preview_dirs():
+        try:
+            if os.path.commonpath([d, path]) == d and path != d:
+                return True
+        except ValueError:  # different drives on Windows
+            continue
+    return False
+
+
+def _image_media_type(data: bytes) -> str:
+    if data.startswith(b"\x89PNG"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data[:3] == b"GIF":
+        return "image/gif"
+    return "application/octet-stream"
+
+
+def _item_for(page: ExtraNetworksPage, name: str) -> dict | None:
+    item = page.items.get(name)
+    if item is None:
+        try:
+            item = page.create_item(name, enable_filter=False)
+        except Exception as e:
+            errors.display(e, f"reading {page.title} item {name}")
+            item = None
+    return item
+
+
+def add_pages_to_demo(app) -> None:
+    """Adds the /sd_extra_networks/* routes (no API auth, as in A1111: the page itself needs them)."""
+    from fastapi import HTTPException, Response
+    from fastapi.responses import FileResponse, JSONResponse
+
+    def page_or_404(page_name: str) -> ExtraNetworksPage:
+        page = get_page(page_name)
+        if page is None:
+            raise HTTPException(status_code=404, detail="page not found")
+        return page
+
+    def fetch_file(filename: str = "", mtime: str = ""):
+        if not is_servable_preview(filename):
+            raise HTTPException(status_code=403, detail="not an allowed preview file")
+        if not os.path.isfile(filename):
+            raise HTTPException(status_code=404, detail="file not found")
+        return FileResponse(filename, headers={"Accept-Ranges": "bytes", "Cache-Control": "max-age=604800"})
+
+    def fetch_cover_images(page: str = "", item: str = "", index: int = 0):
+        found = page_or_404(page)
+        entry = _item_for(found, item)
+        images = cover_images_from_metadata((entry or {}).get("metadata"))
+        if index < 0 or index >= len(images):
+            raise HTTPException(status_code=404, detail="cover image not found")
+        encoded = images[index]
+        if encoded.startswith("data:") and "," in encoded:
+            encoded = encoded.split(",", 1)[1]
+        try:
+            data = base64.b64decode(encoded, validate=False)
+        except (binascii.Error, ValueError) as e:
+            raise HTTPException(status_code=404, detail="cover image is not valid base64") from e
+        media_type = _image_media_type(data)
+        if media_type == "application/octet-stream":
+            raise HTTPException(status_code=404, detail="cover image is not an image")
+        return Response(content=data, media_type=media_type, headers={"Cache-Control": "max-age=3600"})
+
+    def get_metadata(page: str = "", item: str = ""):
+        found = page_or_404(page)
+        metadata = found.metadata.get(item)
+        if metadata is None:
+            metadata = (_item_for(found, item) or {}).get("metadata")
+        if not metadata:
+            return JSONResponse({})
+        shown = {k: v for k, v in metadata.items() if k != "ssmd_cover_images"}
+        return JSONResponse({"metadata": json.dumps(shown, indent=4, ensure_ascii=False, default=str)})
+
+    def get_single_card(page: str = "", tabname: str = "", name: str = ""):
+        found = page_or_404(page)
+        found.lister.reset()
+        try:
+            item = found.create_item(name, enable_filter=False)
+        except Exception as e:
+            errors.display(e, f"building the {found.title} card for {name}")
+            return JSONResponse({"item": _error_card(found, name, 0, e)})
+        if item is None:
+            raise HTTPException(status_code=404, detail="item not found")
+        found.read_user_metadata(item, use_cache=False)
+        found.items[name] = item
+        found._cards_cache.clear()
+        index = (item.get("sort_keys") or {}).get("default", 0)
+        return JSONResponse({"item": card_from_item(found, item, index if isinstance(index, int) else 0)})
+
+    def get_cards(page: str = "", tabname: str = "txt2img"):
+        found = page_or_404(page)
+        return Response(content=found.cards_json(tabname), media_type="application/json",
+                        headers={"Cache-Control": "no-store"})
+
+    def refresh_cards(page: str = "", tabname: str = "txt2img"):
+        """Rescans every page (A1111's refresh does too) and returns the requested page's cards."""
+        found = page_or_404(page)
+        for p in extra_pages:
+            try:
+                p.do_refresh()
+            except Exception as e:
+                errors.display(e, f"refreshing {p.title}")
+        return Response(content=found.cards_json(tabname), media_type="application/json",
+                        headers={"Cache-Control": "no-store"})
+
+    app.add_api_route("/sd_extra_networks/thumb", fetch_file, methods=["GET", "HEAD"])
+    app.add_api_route("/sd_extra_networks/cover-images", fetch_cover_images, methods=["GET"])
+    app.add_api_route("/sd_extra_networks/metadata", get_metadata, methods=["GET"])
+    app.add_api_route("/sd_extra_networks/get-single-card", get_single_card, methods=["GET"])
+    app.add_api_route("/sd_extra_networks/cards", get_cards, methods=["GET"])
+    app.add_api_route("/sd_extra_networks/refresh", refresh_cards, methods=["POST"])
