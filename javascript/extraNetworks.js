@@ -286,6 +286,7 @@
             card.dataset.index = String(item.index);
             card.dataset.name = item.name;
             card.title = item.error ? `${item.title}\n${item.error}` : item.title;
+            if (item.error) card.classList.add("card-has-error");
             if (item.preview) {
                 const img = el("img", "preview");
                 img.loading = "lazy";

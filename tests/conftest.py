@@ -23,3 +23,130 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 ARTIFACTS_DIR = os.path.join(ROOT, "test-artifacts")
+
+
+# --- server fixtures ---
+# One real server per test session (`python webui.py` in a subprocess) with its own data folder holding the
+# tiny default models and the demo LoRAs. Set WEBUI_TEST_URL (and WEBUI_TEST_SERVER_DATA_DIR) to test a
+# server you started yourself instead.
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+import pytest  # noqa: E402
+
+SERVER_AUTH = ("tester", "s3cret:pw")  # a ':' in the password checks that only the first ':' splits
+
+
+class WebuiServer:
+    def __init__(self, url: str, data_dir: str, process=None, log_path: str | None = None):
+        self.url = url.rstrip("/")
+        self.data_dir = data_dir
+        self.lora_dir = os.path.join(data_dir, "models", "Lora")
+        self.process = process
+        self.log_path = log_path
+        self.auth = SERVER_AUTH
+
+    def log_tail(self, chars: int = 4000) -> str:
+        if not self.log_path or not os.path.exists(self.log_path):
+            return ""
+        with open(self.log_path, "r", encoding="utf8", errors="replace") as f:
+            return f.read()[-chars:]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_server_data(data_dir: str) -> None:
+    """The tiny default checkpoints and the demo LoRAs, built by the same functions install.py uses."""
+    from modules.default_models import ensure_default_models
+    from scripts.make_demo_loras import make_demo_loras
+
+    models_path = os.path.join(data_dir, "models")
+    sd1_dir, sdxl_dir = ensure_default_models(models_path)[:2]
+    make_demo_loras(os.path.join(models_path, "Lora"), sd1_dir, sdxl_dir)
+
+
+def _wait_until_ready(server: WebuiServer, timeout: float) -> None:
+    import requests
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if server.process is not None and server.process.poll() is not None:
+            raise RuntimeError(f"webui.py exited with {server.process.returncode}:\n{server.log_tail()}")
+        try:
+            if requests.get(server.url + "/sdapi/v1/samplers", auth=server.auth, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"webui.py did not answer within {timeout:.0f}s:\n{server.log_tail()}")
+
+
+@pytest.fixture(scope="session")
+def webui_server(tmp_path_factory):
+    external = os.environ.get("WEBUI_TEST_URL")
+    if external:
+        yield WebuiServer(external, os.environ["WEBUI_TEST_SERVER_DATA_DIR"])
+        return
+    data_dir = str(tmp_path_factory.mktemp("server-data"))
+    build_server_data(data_dir)
+    port = _free_port()
+    log_path = os.path.join(data_dir, "server.log")
+    env = {k: v for k, v in os.environ.items() if k not in ("SD_WEBUI_DATA_DIR", "SD_WEBUI_ARGS")}
+    cmd = [sys.executable, os.path.join(ROOT, "webui.py"), "--data-dir", data_dir, "--port", str(port),
+           "--api-auth", ":".join(SERVER_AUTH), "--lora-dir", os.path.join(data_dir, "models", "Lora")]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = WebuiServer(f"http://127.0.0.1:{port}", data_dir, process, log_path)
+    try:
+        _wait_until_ready(server, timeout=180)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if os.environ.get("WEBUI_TEST_KEEP_LOG"):
+            shutil.copy(log_path, os.path.join(ARTIFACTS_DIR, "server.log"))
+
+
+@pytest.fixture(scope="session")
+def sdapi(webui_server):
+    """A requests session with the server's basic-auth credentials and base URL."""
+    import requests
+
+    class Client(requests.Session):
+        def request(self, method, url, *args, **kwargs):
+            kwargs.setdefault("timeout", 300)
+            return super().request(method, webui_server.url + url, *args, **kwargs)
+
+    client = Client()
+    client.auth = webui_server.auth
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def sd1_checkpoint(sdapi) -> str:
+    """Makes the tiny SD1 model the loaded one and returns its title."""
+    models = sdapi.get("/sdapi/v1/sd-models").json()
+    title = next(m["title"] for m in models if "tiny-sd1" in m["title"])
+    response = sdapi.post("/sdapi/v1/options", json={"sd_model_checkpoint": title})
+    assert response.status_code == 200, response.text
+    return title
+
+
+@pytest.fixture(scope="session")
+def sd1_lora(webui_server, sdapi, sd1_checkpoint) -> str:
+    """The name of a demo LoRA for SD1 that loads without error (from the card data, filtered for SD1)."""
+    cards = sdapi.get("/sd_extra_networks/cards", params={"page": "lora", "tabname": "txt2img"}).json()
+    names = [c["name"] for c in cards["items"] if c["sd_version"] == "SD1" and not c["error"]]
+    assert names, f"no SD1 demo LoRA in {[c['name'] for c in cards['items']]}"
+    return names[0]
