@@ -1,0 +1,129 @@
+"""A .safetensors file as a dict of tensors that are views of one private memory map of the file.
+
+Why not `safetensors.torch.load_file`: it maps the file too, but gives no way to hand pages back once a
+tensor has been copied elsewhere, so a converting load keeps the whole file resident next to the model.
+Here `release_pages(tensor)` drops the resident pages of a consumed tensor (they are re-read from the file
+if anyone touches them again), which keeps peak memory near one copy of the model.
+"""
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+import threading
+import weakref
+
+import torch
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_DTYPES_SIZE = {dt: torch.tensor([], dtype=dt).element_size() for dt in _DTYPES.values()}
+_MAX_HEADER = 100 * 1024 * 1024
+_PAGE = mmap.PAGESIZE
+
+# base address -> (weakref to the mmap, length): lets release_pages() find the map a tensor lives in
+_maps: dict[int, tuple[weakref.ref, int]] = {}
+_maps_lock = threading.Lock()
+
+
+class MmapStateDict(dict):
+    """{key: tensor} for one file; `metadata` holds the header's `__metadata__` strings."""
+
+    metadata: dict[str, str]
+    filename: str
+
+
+def _read_header(f, size: int, filename: str) -> tuple[dict, int]:
+    raw = f.read(8)
+    if len(raw) != 8:
+        raise ValueError(f"{filename}: not a safetensors file (shorter than 8 bytes)")
+    (n,) = struct.unpack("<Q", raw)
+    if n > _MAX_HEADER or 8 + n > size:
+        raise ValueError(f"{filename}: not a safetensors file (header length {n} out of range)")
+    try:
+        header = json.loads(f.read(n))
+    except ValueError as e:
+        raise ValueError(f"{filename}: not a safetensors file (header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{filename}: not a safetensors file (header is not an object)")
+    return header, 8 + n
+
+
+def _entry(key: str, info, data_start: int, size: int, filename: str) -> tuple[torch.dtype, list[int], int, int]:
+    try:
+        dtype = _DTYPES[info["dtype"]]
+        shape = [int(x) for x in info["shape"]]
+        begin, end = (int(x) for x in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{filename}: bad header entry for {key!r}: {info!r}") from None
+    nbytes = math.prod(shape) * _DTYPES_SIZE[dtype]
+    if begin < 0 or end - begin != nbytes or data_start + end > size:
+        raise ValueError(f"{filename}: tensor {key!r} has offsets {begin}..{end} that do not fit its shape or the file")
+    return dtype, shape, data_start + begin, nbytes
+
+
+def open_safetensors_mmap(filename: str, populate: bool = False) -> MmapStateDict:
+    """Maps the file copy-on-write and returns its tensors as views (nothing is read until touched).
+
+    populate=True pre-faults every page (MAP_POPULATE): use it when the tensors will be used in place.
+    Writing to a tensor changes only this process's copy, never the file.
+    """
+    size = os.path.getsize(filename)
+    with open(filename, "rb") as f:
+        header, data_start = _read_header(f, size, filename)
+        flags = mmap.MAP_PRIVATE | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+        mm = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE) if size else None
+
+    res = MmapStateDict()
+    res.metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+    res.filename = filename
+    if mm is None:
+        return res
+    base = torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr()
+    with _maps_lock:
+        _maps[base] = (weakref.ref(mm), size)
+    weakref.finalize(mm, _forget_map, base)
+
+    for key, info in header.items():
+        dtype, shape, offset, nbytes = _entry(key, info, data_start, size, filename)
+        if nbytes == 0:
+            res[key] = torch.empty(shape, dtype=dtype)
+            continue
+        res[key] = torch.frombuffer(mm, dtype=dtype, count=nbytes // _DTYPES_SIZE[dtype], offset=offset).view(shape)
+    return res
+
+
+def _forget_map(base: int) -> None:
+    with _maps_lock:
+        _maps.pop(base, None)
+
+
+def release_pages(tensor: torch.Tensor) -> bool:
+    """Drops the resident pages that lie wholly inside `tensor`'s bytes, if it is a view of a map made here.
+
+    Only for tensors nobody wrote to: a page dropped here reads back as the file's bytes. Pages shared
+    with a neighbouring tensor are kept. Returns True when something was released.
+    """
+    if tensor.device.type != "cpu" or tensor.numel() == 0:
+        return False
+    start = tensor.untyped_storage().data_ptr()
+    end = start + tensor.untyped_storage().nbytes()
+    with _maps_lock:
+        found = [(b, ref, n) for b, (ref, n) in _maps.items() if b <= start and end <= b + n]
+    if not found:
+        return False
+    base, ref, _ = found[0]
+    mm = ref()
+    if mm is None:
+        return False
+    first = -(-(start - base) // _PAGE) * _PAGE  # round the offset up to a page boundary
+    last = ((end - base) // _PAGE) * _PAGE  # and the end down
+    if last <= first:
+        return False
+    mm.madvise(mmap.MADV_DONTNEED, first, last - first)
+    return True
