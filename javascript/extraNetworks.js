@@ -15,12 +15,20 @@
         return parseFloat(getComputedStyle(document.documentElement).fontSize) || 16;
     }
 
+    const collator = new Intl.Collator(undefined, {numeric: true, sensitivity: "base"});
+
+    function asNumber(value) {
+        if (typeof value === "number") return value;
+        if (typeof value !== "string" || value.trim() === "") return NaN;
+        return Number(value);
+    }
+
+    // Numbers compare numerically, everything else as text in natural order ("a2" before "a10").
     function compareValues(a, b) {
-        const na = typeof a === "number" ? a : (a !== "" && a !== null && a !== undefined && !isNaN(a) ? Number(a) : NaN);
-        const nb = typeof b === "number" ? b : (b !== "" && b !== null && b !== undefined && !isNaN(b) ? Number(b) : NaN);
+        const na = asNumber(a);
+        const nb = asNumber(b);
         if (!isNaN(na) && !isNaN(nb)) return na - nb;
-        return String(a === undefined || a === null ? "" : a).localeCompare(String(b === undefined || b === null ? "" : b),
-            undefined, {numeric: true, sensitivity: "base"});
+        return collator.compare(a === undefined || a === null ? "" : String(a), b === undefined || b === null ? "" : String(b));
     }
 
     // Small stroke icons (emoji are missing from many system fonts).
@@ -85,7 +93,14 @@
             this.loading = null;
             this.treeState = {expanded: new Set(), selected: null};
             this.dirsInitialised = false;
-            this.resizeObserver = new ResizeObserver(() => this.render(false));
+            this.wasVisible = false;
+            this.resizeObserver = new ResizeObserver(() => {
+                // Coming into view (tab selected): revalidate, which costs a 304 when nothing changed.
+                const visible = this.scroller.clientWidth > 0;
+                if (visible && !this.wasVisible && this.items.length) this.load(false);
+                this.wasVisible = visible;
+                this.render(false);
+            });
             this.resizeObserver.observe(this.scroller);
         }
 
@@ -94,18 +109,28 @@
                 `&tabname=${encodeURIComponent(this.tabname)}`;
         }
 
-        // Fetches the card data (refresh: rescan the folders first). Concurrent calls share one request.
+        // Fetches the card data (refresh: rescan the folders first). Concurrent calls share one request. A plain
+        // load revalidates with the server's etag, so an unchanged listing costs a 304 and no re-parsing.
         load(refresh) {
             if (this.loading && !refresh) return this.loading;
             const request = refresh ?
                 fetch(this.url("refresh"), {method: "POST"}) :
-                fetch(this.url("cards"), {cache: "no-store"});
+                fetch(this.url("cards"), {cache: "no-cache"});
             this.loading = request
                 .then(response => {
                     if (!response.ok) throw new Error(`HTTP ${response.status}`);
-                    return response.json();
+                    const family = response.headers.get("X-Model-Family") || "";
+                    const etag = response.headers.get("ETag");
+                    if (!refresh && etag && etag === this.etag) {
+                        this.setModelFamily(family);
+                        return null;
+                    }
+                    return response.json().then(data => {
+                        this.etag = etag;
+                        this.modelFamily = family;
+                        this.setData(data);
+                    });
                 })
-                .then(data => this.setData(data))
                 .catch(error => {
                     console.error("loading cards failed", error);
                     this.showMessage(`Could not load the cards: ${error.message}`);
@@ -116,19 +141,40 @@
             return this.loading;
         }
 
+        setModelFamily(family) {
+            if (family === this.modelFamily) return;
+            this.modelFamily = family;
+            this.applyFilter();
+        }
+
+        // Fills the fields the server leaves out when empty, and the lower-case text that search looks in.
+        normalise(item, index) {
+            item.index = index;
+            item.title = item.title || item.name;
+            item.alias = item.alias || "";
+            item.description = item.description || "";
+            item.activation = item.activation || "";
+            item.negative = item.negative || [];
+            item.prompt = item.prompt || [];
+            item.terms = item.terms || [];
+            item.sort = item.sort || {};
+            item.rel = item.terms[0] || item.name;
+            let description = item.description;
+            if (description && this.opts.extra_networks_card_description_is_html) {
+                const div = document.createElement("div");
+                div.innerHTML = description;
+                description = div.textContent;
+            }
+            item.searchText = [item.name, item.alias, item.title, ...item.terms, description, item.activation]
+                .filter(Boolean).join("\n").toLowerCase();
+            return item;
+        }
+
         setData(data) {
             this.opts = data.opts || {};
             this.roots = data.roots || [];
-            this.items = data.items || [];
-            const isHtml = !!this.opts.extra_networks_card_description_is_html;
-            this.items.forEach((item, index) => {
-                item.index = index;
-                const description = isHtml ? el("div", null, null) : null;
-                if (description) description.innerHTML = item.description || "";
-                item.searchText = [item.name, item.alias, item.title, ...(item.search_terms || []),
-                    description ? description.textContent : item.description, item.activation_text]
-                    .filter(Boolean).join("\n").toLowerCase();
-            });
+            this.versionFilter = data.version_filter || null;
+            this.items = (data.items || []).map((item, index) => this.normalise(item, index));
             if (this.sortKey === null) {
                 this.sortKey = sortKeyForOption[this.opts.extra_networks_card_order_field] || "default";
                 this.sortDir = this.opts.extra_networks_card_order === "Descending" ? "Descending" : "Ascending";
@@ -146,6 +192,16 @@
             this.sortItems();
             this.buildDirs();
             this.applyFilter();
+        }
+
+        // A1111's version rule, run here so a checkpoint switch re-filters without rebuilding the data.
+        compatible(item) {
+            const rule = this.versionFilter;
+            const family = this.modelFamily;
+            if (!rule || rule.show_all || !family || family === "Unknown") return true;
+            const version = item.sd || "Unknown";
+            if (version === "Unknown") return !(rule.hide_unknown_for || []).includes(family);
+            return version === family;
         }
 
         applyCardStyle() {
@@ -177,14 +233,22 @@
         applyFilter() {
             const query = (this.search.value || "").toLowerCase().trim();
             const longEnough = query.length >= 4;
+            let otherModels = 0;
             this.view = this.sorted.filter(index => {
                 const item = this.items[index];
                 if (item.search_only && !longEnough) return false;
-                return query === "" || item.searchText.includes(query);
+                if (query !== "" && !item.searchText.includes(query)) return false;
+                if (!this.compatible(item)) {
+                    otherModels++;
+                    return false;
+                }
+                return true;
             });
             this.viewVersion++;
-            this.count.textContent = this.items.length ?
-                (query ? `${this.view.length} of ${this.items.length}` : `${this.items.length}`) : "";
+            const shown = query || otherModels ? `${this.view.length} of ${this.items.length}` : `${this.items.length}`;
+            this.count.textContent = this.items.length ? shown : "";
+            this.count.title = otherModels ? `${otherModels} hidden: made for another model family than ` +
+                `${this.modelFamily} (setting: Always show all networks on the Lora page)` : "";
             if (this.items.length === 0) {
                 this.showEmpty();
             } else if (this.view.length === 0) {
@@ -300,14 +364,12 @@
             }
             const buttons = el("div", "button-row");
             buttons.appendChild(iconButton("copy-path-button", "copy", "Copy path to clipboard"));
-            if (item.has_metadata) buttons.appendChild(iconButton("metadata-button", "info", "Show internal metadata"));
+            if (item.meta) buttons.appendChild(iconButton("metadata-button", "info", "Show internal metadata"));
             if (window.extraNetworksEditor && item.filename) {
                 buttons.appendChild(iconButton("edit-button", "edit", "Edit metadata"));
             }
             card.appendChild(buttons);
-            if (item.sd_version && item.sd_version !== "Unknown") {
-                card.appendChild(el("span", "card-badge", item.sd_version));
-            }
+            if (item.sd && item.sd !== "Unknown") card.appendChild(el("span", "card-badge", item.sd));
             const actions = el("div", "actions");
             actions.appendChild(el("div", "name", item.title));
             if (item.error) actions.appendChild(el("div", "card-error", item.error));
@@ -547,14 +609,11 @@
         refreshSingleCard(name) {
             const url = `./sd_extra_networks/get-single-card?page=${encodeURIComponent(this.page)}` +
                 `&tabname=${encodeURIComponent(this.tabname)}&name=${encodeURIComponent(name)}`;
-            return fetch(url).then(r => r.json()).then(data => {
+            return fetch(url, {cache: "no-store"}).then(r => r.json()).then(data => {
                 const old = this.items.findIndex(item => item.name === name);
                 if (old < 0 || !data.item) return;
-                const item = data.item;
-                item.index = old;
+                const item = this.normalise(data.item, old);
                 item.sort = Object.assign({}, item.sort, {default: this.items[old].sort.default});
-                item.searchText = [item.name, item.alias, item.title, ...(item.search_terms || []), item.description,
-                    item.activation_text].filter(Boolean).join("\n").toLowerCase();
                 this.items[old] = item;
                 this.cardCache.delete(old);
                 this.render(true);

@@ -7,9 +7,10 @@
         return text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
     }
 
-    // Joins the parts sent by the server: {text} literally, {opt} from the current options.
+    // Joins the parts sent by the server: strings literally, {opt: name} from the current options.
     function textFromParts(parts, opts) {
         return (parts || []).map(function(part) {
+            if (typeof part === "string") return part;
             if (part.opt !== undefined) {
                 const value = opts ? opts[part.opt] : undefined;
                 return value === undefined || value === null ? "" : String(value);

@@ -103,6 +103,7 @@ def setup_ui_api(demo, app) -> None:
     ui_extra_networks.add_pages_to_demo(app)
     progress.setup_progress_api(app)
     keep_gradio_mount_last(app)
+    ui_extra_networks.warm_cards_cache()
 
 
 def keep_gradio_mount_last(app) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import gzip
+import hashlib
 import html
 import json
 import os
@@ -16,6 +18,9 @@ import re
 import threading
 import urllib.parse
 from typing import Any, Iterable
+
+from fastapi import HTTPException, Request, Response
+from fastapi.responses import FileResponse, JSONResponse
 
 from modules import errors, extra_networks, shared
 
@@ -117,13 +122,23 @@ class DirectoryLister:
             self._dirs[dirname] = listing
         return listing
 
+    @staticmethod
+    def _split(path: str) -> tuple[str, str]:
+        if not os.path.isabs(path):
+            path = os.path.abspath(path)
+        return os.path.split(path)
+
     def exists(self, path: str) -> bool:
-        dirname, name = os.path.split(os.path.abspath(path))
+        dirname, name = self._split(path)
         return name in self._listing(dirname)
+
+    def names_in(self, dirname: str) -> dict[str, tuple[float, float]]:
+        """{file name: (mtime, creation time)} of one folder."""
+        return self._listing(dirname)
 
     def mctime(self, path: str) -> tuple[float, float]:
         """(mtime, creation time) of a file, (0, 0) when it is missing."""
-        dirname, name = os.path.split(os.path.abspath(path))
+        dirname, name = self._split(path)
         return self._listing(dirname).get(name, (0.0, 0.0))
 
 
@@ -176,12 +191,12 @@ class ExtraNetworksPage:
 
     def search_terms_from_path(self, filename: str, possible_directories: list[str] | None = None) -> str:
         """The path relative to the parent of its root folder, e.g. `Lora/chars/x.safetensors`."""
-        abspath = os.path.abspath(filename)
+        abspath = filename if os.path.isabs(filename) else os.path.abspath(filename)
         for parentdir in (possible_directories if possible_directories is not None
                           else self.allowed_directories_for_previews()):
-            parentdir = os.path.dirname(os.path.abspath(parentdir))
-            if abspath.startswith(parentdir + os.sep):
-                return os.path.relpath(abspath, parentdir).replace("\\", "/")
+            parentdir = os.path.dirname(os.path.abspath(parentdir)).rstrip(os.sep) + os.sep
+            if abspath.startswith(parentdir):
+                return abspath[len(parentdir):].replace("\\", "/")
         return ""
 
     def get_sort_keys(self, path: str) -> dict:
@@ -196,10 +211,12 @@ class ExtraNetworksPage:
 
     def find_preview(self, path: str) -> str | None:
         """`<path>.<ext>` then `<path>.preview.<ext>` for each allowed extension, in a fixed order."""
+        dirname, stem = self.lister._split(path)
+        names = self.lister.names_in(dirname)
         for ext in allowed_preview_extensions():
-            for candidate in (f"{path}.{ext}", f"{path}.preview.{ext}"):
-                if self.lister.exists(candidate):
-                    return self.link_preview(candidate)
+            for candidate in (f"{stem}.{ext}", f"{stem}.preview.{ext}"):
+                if candidate in names:
+                    return self.link_preview(os.path.join(dirname, candidate))
         return None
 
     def find_embedded_preview(self, path: str, name: str, metadata: dict | None) -> str | None:
@@ -223,6 +240,12 @@ class ExtraNetworksPage:
         """A cheap fingerprint of the listed items; None disables the cards cache. Pages override it."""
         return None
 
+    def version_filter(self) -> dict | None:
+        """How the browser hides cards made for another model family (see javascript/extraNetworks.js):
+        {"show_all": bool, "hide_unknown_for": [families]}; None shows every card. The filter runs in the
+        browser so the card data does not depend on the loaded model and switching models re-filters at once."""
+        return None
+
     # cards ---------------------------------------------------------------------------------------------------------
     def do_refresh(self) -> None:
         """Rescans (page.refresh) and drops every cache derived from the old listing."""
@@ -231,10 +254,11 @@ class ExtraNetworksPage:
         self.generation += 1
         self._cards_cache.clear()
 
-    def cards_json(self, tabname: str) -> bytes:
-        """The card pane's data for one tab, cached until the listing, the options or the model family change."""
+    def cards_json(self, tabname: str) -> tuple[bytes, bytes, str]:
+        """The card pane's data for one tab as (JSON, gzipped JSON, etag), cached until the listing or the
+        options change."""
         version = self.items_version()
-        key = (tabname, self.generation, version, card_options_key(), loaded_model_family())
+        key = (tabname, self.generation, version, card_options_key())
         if version is not None:
             cached = self._cards_cache.get(key)
             if cached is not None:
@@ -242,10 +266,11 @@ class ExtraNetworksPage:
         with _cards_lock:
             data = build_cards_payload(self, tabname)
         body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf8")
+        result = (body, gzip.compress(body, compresslevel=5), '"' + hashlib.sha1(body).hexdigest()[:20] + '"')
         if version is not None:
             self._cards_cache.clear()
-            self._cards_cache[key] = body
-        return body
+            self._cards_cache[key] = result
+        return result
 
 
 def cover_images_from_metadata(metadata: dict | None) -> list[str]:
@@ -312,7 +337,10 @@ def _local_path(page: ExtraNetworksPage, filename: str) -> str:
 
 
 def card_from_item(page: ExtraNetworksPage, item: dict, index: int) -> dict | None:
-    """Card data for the browser; None when the item must not be shown at all (hidden models: Never)."""
+    """Card data for the browser; None when the item must not be shown at all (hidden models: Never).
+
+    Empty fields are left out: with ten thousand cards every byte counts ten thousand times.
+    """
     filename = item.get("filename") or ""
     hidden_mode = shared.opts.extra_networks_hidden_models
     local_path = _local_path(page, filename)
@@ -320,48 +348,53 @@ def card_from_item(page: ExtraNetworksPage, item: dict, index: int) -> dict | No
     if search_only and hidden_mode == "Never":
         return None
 
-    prompt = item.get("prompt")
-    prompt_parts = item.get("prompt_parts")
     error = item.get("error")
+    prompt_parts = item.get("prompt_parts")
     if prompt_parts is None:
-        prompt_parts = prompt_parts_from_js(prompt)
+        prompt_parts = prompt_parts_from_js(item.get("prompt"))
         if prompt_parts is None:
             prompt_parts, error = [], error or "this card's prompt expression could not be read"
-    negative_parts = prompt_parts_from_js(item.get("negative_prompt")) or []
+    negative_parts = [p for p in prompt_parts_from_js(item.get("negative_prompt")) or [] if p != {"text": ""}]
 
-    description = item.get("description") or ""
-    sort_keys = dict(item.get("sort_keys") or {})
+    name = str(item.get("name", ""))
+    sort_keys = {k: v for k, v in (item.get("sort_keys") or {}).items()
+                 if k != "path" and isinstance(v, (int, float, str))}
     if sort_keys.get("default") is None:
         sort_keys["default"] = index
-    search_terms = [str(x) for x in item.get("search_terms") or [] if x]
-    rel = search_terms[0] if search_terms else os.path.basename(filename)
     user_metadata = item.get("user_metadata") or {}
-    return {
-        "name": str(item.get("name", "")),
-        "title": str(item.get("title") or item.get("name", "")),
-        "alias": str(item.get("alias") or ""),
+    card = {
+        "name": name,
         "filename": filename,
-        "rel": rel.replace("\\", "/"),
-        "preview": item.get("preview"),
-        "description": str(description),
-        "search_terms": search_terms,
-        "activation_text": str(user_metadata.get("activation text") or ""),
-        "search_only": search_only,
-        "sort": {k: v for k, v in sort_keys.items() if isinstance(v, (int, float, str))},
-        "prompt": prompt_parts,
-        "negative": negative_parts,
-        "has_metadata": bool(item.get("metadata")),
-        "sd_version": str(item.get("sd_version") or ""),
-        "shorthash": str(item.get("shorthash") or ""),
-        "error": str(error) if error else None,
+        "terms": [str(x).replace("\\", "/") for x in item.get("search_terms") or [] if x],
+        "sort": sort_keys,
+        "prompt": _compact_parts(prompt_parts),
     }
+    optional = {
+        "title": str(item.get("title") or ""),
+        "alias": str(item.get("alias") or ""),
+        "preview": item.get("preview") or "",
+        "description": str(item.get("description") or ""),
+        "activation": str(user_metadata.get("activation text") or ""),
+        "negative": _compact_parts(negative_parts),
+        "sd": str(item.get("sd_version") or ""),
+        "error": str(error) if error else "",
+    }
+    card.update({k: v for k, v in optional.items() if v and v != name})
+    if search_only:
+        card["search_only"] = 1
+    if item.get("metadata"):
+        card["meta"] = 1
+    return card
+
+
+def _compact_parts(parts: list[dict]) -> list:
+    """[{"text": "a"}, {"opt": "b"}] → ["a", {"opt": "b"}]."""
+    return [p["text"] if "text" in p else {"opt": p["opt"]} for p in parts]
 
 
 def _error_card(page: ExtraNetworksPage, name: str, index: int, error: Exception) -> dict:
-    return {"name": name, "title": name, "alias": "", "filename": "", "rel": name, "preview": None,
-            "description": "", "search_terms": [name], "activation_text": "", "search_only": False,
-            "sort": {"default": index, "name": name.lower()}, "prompt": [], "negative": [], "has_metadata": False,
-            "sd_version": "", "shorthash": "", "error": f"{type(error).__name__}: {error}"}
+    return {"name": name, "filename": "", "terms": [name], "sort": {"default": index, "name": name.lower()},
+            "prompt": [], "error": f"{type(error).__name__}: {error}"}
 
 
 def _iterate_items(page: ExtraNetworksPage) -> Iterable[tuple[int, dict]]:
@@ -412,7 +445,7 @@ def build_cards_payload(page: ExtraNetworksPage, tabname: str) -> dict:
         "generation": page.generation,
         "roots": roots,
         "opts": card_options(),
-        "model_family": loaded_model_family(),
+        "version_filter": page.version_filter(),
         "items": cards,
     }
 
@@ -551,10 +584,23 @@ def _item_for(page: ExtraNetworksPage, name: str) -> dict | None:
     return item
 
 
+def warm_cards_cache(tabnames: Iterable[str] = ("txt2img",)) -> threading.Thread:
+    """Builds every page's card data in the background so the first look at a pane is instant."""
+    def build():
+        for page in list(extra_pages):
+            for tabname in tabnames:
+                try:
+                    page.cards_json(tabname)
+                except Exception as e:
+                    errors.display(e, f"preparing {page.title} cards")
+
+    thread = threading.Thread(target=build, name="cards-cache", daemon=True)
+    thread.start()
+    return thread
+
+
 def add_pages_to_demo(app) -> None:
     """Adds the /sd_extra_networks/* routes (no API auth, as in A1111: the page itself needs them)."""
-    from fastapi import HTTPException, Response
-    from fastapi.responses import FileResponse, JSONResponse
 
     def page_or_404(page_name: str) -> ExtraNetworksPage:
         page = get_page(page_name)
@@ -613,12 +659,23 @@ def add_pages_to_demo(app) -> None:
         index = (item.get("sort_keys") or {}).get("default", 0)
         return JSONResponse({"item": card_from_item(found, item, index if isinstance(index, int) else 0)})
 
-    def get_cards(page: str = "", tabname: str = "txt2img"):
-        found = page_or_404(page)
-        return Response(content=found.cards_json(tabname), media_type="application/json",
-                        headers={"Cache-Control": "no-store"})
+    def cards_response(request: Request, found: ExtraNetworksPage, tabname: str) -> Response:
+        body, gzipped, etag = found.cards_json(tabname)
+        # The loaded model family travels in a header so the cached body does not depend on it; the browser
+        # revalidates with the etag, so looking again costs a 304.
+        headers = {"Cache-Control": "no-cache", "ETag": etag, "X-Model-Family": loaded_model_family(),
+                   "Vary": "Accept-Encoding"}
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+        if "gzip" in request.headers.get("accept-encoding", ""):
+            headers["Content-Encoding"] = "gzip"
+            body = gzipped
+        return Response(content=body, media_type="application/json", headers=headers)
 
-    def refresh_cards(page: str = "", tabname: str = "txt2img"):
+    def get_cards(request: Request, page: str = "", tabname: str = "txt2img"):
+        return cards_response(request, page_or_404(page), tabname)
+
+    def refresh_cards(request: Request, page: str = "", tabname: str = "txt2img"):
         """Rescans every page (A1111's refresh does too) and returns the requested page's cards."""
         found = page_or_404(page)
         for p in extra_pages:
@@ -626,8 +683,7 @@ def add_pages_to_demo(app) -> None:
                 p.do_refresh()
             except Exception as e:
                 errors.display(e, f"refreshing {p.title}")
-        return Response(content=found.cards_json(tabname), media_type="application/json",
-                        headers={"Cache-Control": "no-store"})
+        return cards_response(request, found, tabname)
 
     app.add_api_route("/sd_extra_networks/thumb", fetch_file, methods=["GET", "HEAD"])
     app.add_api_route("/sd_extra_networks/cover-images", fetch_cover_images, methods=["GET"])

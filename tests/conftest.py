@@ -147,6 +147,6 @@ def sd1_checkpoint(sdapi) -> str:
 def sd1_lora(webui_server, sdapi, sd1_checkpoint) -> str:
     """The name of a demo LoRA for SD1 that loads without error (from the card data, filtered for SD1)."""
     cards = sdapi.get("/sd_extra_networks/cards", params={"page": "lora", "tabname": "txt2img"}).json()
-    names = [c["name"] for c in cards["items"] if c["sd_version"] == "SD1" and not c["error"]]
+    names = [c["name"] for c in cards["items"] if c.get("sd") == "SD1" and not c.get("error")]
     assert names, f"no SD1 demo LoRA in {[c['name'] for c in cards['items']]}"
     return names[0]

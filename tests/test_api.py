@@ -140,11 +140,18 @@ def test_card_routes_serve_only_previews_inside_lora_folders(webui_server, sdapi
 def test_card_data_is_json_with_prompt_parts(sdapi, sd1_lora):
     cards = sdapi.get("/sd_extra_networks/cards", params={"page": "lora", "tabname": "txt2img"}).json()
     card = next(c for c in cards["items"] if c["name"] == sd1_lora)
-    assert card["prompt"][0]["text"].startswith("<lora:")
-    assert {"opt": "extra_networks_default_multiplier"} in card["prompt"] or card["prompt"][1]["text"]
+    assert card["prompt"][0].startswith(f"<lora:{card.get('alias', sd1_lora)}:")
+    assert card["prompt"][1] == {"opt": "extra_networks_default_multiplier"} or isinstance(card["prompt"][1], str)
     assert cards["opts"]["extra_networks_add_text_separator"] is not None
     meta = sdapi.get("/sd_extra_networks/metadata", params={"page": "lora", "item": sd1_lora})
     assert meta.status_code == 200
+    again = sdapi.get("/sd_extra_networks/cards", params={"page": "lora", "tabname": "txt2img"},
+                      headers={"If-None-Match": response_etag(sdapi)})
+    assert again.status_code == 304 and again.headers["X-Model-Family"] == "SD1"
     single = sdapi.get("/sd_extra_networks/get-single-card", params={"page": "lora", "tabname": "txt2img",
                                                                       "name": sd1_lora}).json()
     assert single["item"]["name"] == sd1_lora
+
+
+def response_etag(sdapi) -> str:
+    return sdapi.get("/sd_extra_networks/cards", params={"page": "lora", "tabname": "txt2img"}).headers["ETag"]

@@ -106,12 +106,17 @@ class ExtraNetworksPageLora(ui_extra_networks.ExtraNetworksPage):
             return family in (getattr(shared.opts, "lora_hide_unknown_for_versions", None) or [])
         return sd_version != family
 
+    def version_filter(self) -> dict:
+        # The same rule as _filtered_out, applied in the browser: a checkpoint switch re-filters at once (13A-11).
+        return {"show_all": bool(getattr(shared.opts, "lora_show_all", False)),
+                "hide_unknown_for": list(getattr(shared.opts, "lora_hide_unknown_for_versions", None) or [])}
+
     def list_items(self):
         # Copy first: a rescan from another thread may replace entries while we iterate.
         names = list(networks.available_networks)
         for index, name in enumerate(names):
             try:
-                item = self.create_item(name, index)
+                item = self.create_item(name, index, enable_filter=False)
             except Exception as e:  # one unreadable file must not hide the others
                 errors.display(e, f"creating the Lora card for {name}")
                 lora_on_disk = networks.available_networks.get(name)
