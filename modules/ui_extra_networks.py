@@ -691,3 +691,6 @@ def add_pages_to_demo(app) -> None:
     app.add_api_route("/sd_extra_networks/get-single-card", get_single_card, methods=["GET"])
     app.add_api_route("/sd_extra_networks/cards", get_cards, methods=["GET"])
     app.add_api_route("/sd_extra_networks/refresh", refresh_cards, methods=["POST"])
+
+    from modules.ui_extra_networks_user_metadata import add_editor_routes
+    add_editor_routes(app, get_page)

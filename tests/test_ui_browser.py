@@ -205,3 +205,42 @@ def test_settings_tab_lists_lora_options_and_applies(page, webui_server):
     page.locator("#settings_submit").click()
     page.wait_for_selector("#settings_result:has-text('settings changed')", timeout=30000)
     page.get_by_role("tab", name="txt2img").click()
+
+
+def test_editor_saves_sidecar_and_card_uses_it(page, webui_server, sd1_lora):
+    open_lora_tab(page)
+    search(page, sd1_lora)
+    target = card(page, sd1_lora)
+    target.hover()
+    target.locator(".edit-button").click()
+    page.wait_for_selector(".extra-network-editor", timeout=10000)
+    page.locator(".extra-network-editor input[data-key='activation text']").fill("editor words")
+    page.locator(".extra-network-editor input[data-key='preferred weight']").fill("0.65")
+    page.locator(".extra-network-editor input[data-key='negative text']").fill("blurry")
+    shot(page, "editor")
+    page.locator(".extra-network-editor button:has-text('Save')").click()
+    page.wait_for_selector(".extra-network-editor", state="detached", timeout=10000)
+    sidecar = next(os.path.join(root, f) for root, _, files in os.walk(webui_server.lora_dir) for f in files
+                   if f == f"{sd1_lora}.json")
+    try:
+        import json
+        with open(sidecar, encoding="utf8") as f:
+            saved = json.load(f)
+        assert saved["activation text"] == "editor words" and saved["preferred weight"] == 0.65
+        set_prompt(page, "")
+        page.locator(NEGATIVE).fill("")
+        page.wait_for_function(f"""() => {{
+            const pane = window.extraNetworksPanes.get('txt2img_lora_pane');
+            const item = pane.items.find(i => i.name === {sd1_lora!r});
+            return item && item.activation === 'editor words';
+        }}""", timeout=10000)
+        card(page, sd1_lora).click()
+        assert page.locator(PROMPT).input_value().endswith(":0.65> editor words")
+        assert page.locator(NEGATIVE).input_value() == "(blurry:1)"
+        card(page, sd1_lora).click()
+        assert page.locator(PROMPT).input_value() == ""
+        assert page.locator(NEGATIVE).input_value() == ""
+    finally:
+        os.remove(sidecar)
+        page.evaluate(f"() => window.extraNetworksRefreshSingleCard('lora', 'txt2img', {sd1_lora!r})")
+        search(page, "")
