@@ -314,7 +314,7 @@
             const width = this.scroller.clientWidth;
             if (!width || !this.cardWidth) return; // hidden tab: the ResizeObserver calls again when shown
             const gap = this.gap;
-            const columns = Math.max(1, Math.floor((width - gap + gap) / (this.cardWidth + gap)));
+            const columns = Math.max(1, Math.floor((width + gap) / (this.cardWidth + gap)));
             const rowHeight = this.cardHeight + gap;
             const rows = Math.ceil(this.view.length / columns);
             const top = this.scroller.scrollTop;
@@ -325,7 +325,8 @@
             this.lastRenderKey = key;
             this.sizer.style.height = `${rows * rowHeight}px`;
             this.win.style.transform = `translateY(${first * rowHeight}px)`;
-            this.win.style.gridTemplateColumns = `repeat(${columns}, ${this.cardWidth}px)`;
+            // Cards stretch a little so the columns fill the pane's width.
+            this.win.style.gridTemplateColumns = `repeat(${columns}, minmax(0, 1fr))`;
             this.win.style.gap = `${gap}px`;
             const fragment = document.createDocumentFragment();
             const end = Math.min(this.view.length, (last + 1) * columns);

@@ -308,7 +308,7 @@ _card_option_keys = (
     "extra_networks_tree_view_default_width", "extra_networks_show_hidden_directories",
     "extra_networks_hidden_models", "extra_networks_dir_button_function", "extra_networks_default_multiplier",
     "extra_networks_add_text_separator", "samples_format", "lora_show_all", "lora_hide_unknown_for_versions",
-    "lora_preferred_name",
+    "lora_preferred_name", "keyedit_precision_extra",
 )
 
 

@@ -244,3 +244,16 @@ def test_editor_saves_sidecar_and_card_uses_it(page, webui_server, sd1_lora):
         os.remove(sidecar)
         page.evaluate(f"() => window.extraNetworksRefreshSingleCard('lora', 'txt2img', {sd1_lora!r})")
         search(page, "")
+
+
+def test_ctrl_up_changes_tag_weight(page):
+    page.get_by_role("tab", name="Generation").click()
+    set_prompt(page, "a <lora:x:0.5> b")
+    area = page.locator(PROMPT)
+    area.evaluate("a => { a.focus(); a.setSelectionRange(8, 8); }")
+    area.press("Control+ArrowUp")
+    assert area.input_value() == "a <lora:x:0.55> b"
+    area.press("Control+ArrowDown")
+    area.press("Control+ArrowDown")
+    assert area.input_value() == "a <lora:x:0.45> b"
+    set_prompt(page, "")
