@@ -191,7 +191,7 @@
         status.textContent = "Saving...";
         fetch(`./sd_extra_networks/user-metadata?${query(pane, item.name)}`, {
             method: "POST",
-            headers: {"Content-Type": "application/json"},
+            headers: {"Content-Type": "application/json", "X-Webui-Request": "1"},
             body: JSON.stringify(values),
         }).then(r => r.json().then(body => ({ok: r.ok, body: body}))).then(({ok, body}) => {
             if (!ok) {
@@ -213,7 +213,8 @@
         }
         status.textContent = "Saving the preview...";
         fetch(img.src).then(r => r.blob()).then(blob => fetch(
-            `./sd_extra_networks/replace-preview?${query(pane, item.name)}`, {method: "POST", body: blob},
+            `./sd_extra_networks/replace-preview?${query(pane, item.name)}`,
+            {method: "POST", body: blob, headers: {"X-Webui-Request": "1"}},
         )).then(r => r.json().then(body => ({ok: r.ok, body: body}))).then(({ok, body}) => {
             if (!ok) {
                 status.textContent = body.error || "Could not save the preview.";

@@ -193,6 +193,12 @@ def add_editor_routes(app, get_page) -> None:
     def fail(e: EditorError):
         return JSONResponse(status_code=400, content={"error": str(e)})
 
+    def check_page_request(request: Request) -> None:
+        """Writes need a header that only the page's own scripts send: another site's form or fetch cannot
+        add it without a CORS preflight, which this server never allows (cross-site request forgery)."""
+        if request.headers.get("x-webui-request") != "1":
+            raise HTTPException(status_code=403, detail="missing X-Webui-Request header")
+
     def get_user_metadata(page: str = "", tabname: str = "txt2img", name: str = ""):
         try:
             return JSONResponse(editor_for(page, tabname).editor_data(name))
@@ -200,6 +206,7 @@ def add_editor_routes(app, get_page) -> None:
             return fail(e)
 
     async def post_user_metadata(request: Request, page: str = "", tabname: str = "txt2img", name: str = ""):
+        check_page_request(request)
         try:
             values = await request.json()
         except ValueError:
@@ -213,6 +220,7 @@ def add_editor_routes(app, get_page) -> None:
         return JSONResponse({"user_metadata": saved})
 
     async def replace_preview(request: Request, page: str = "", tabname: str = "txt2img", name: str = ""):
+        check_page_request(request)
         data = await request.body()
         try:
             path = editor_for(page, tabname).save_preview(name, data)

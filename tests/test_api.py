@@ -155,3 +155,16 @@ def test_card_data_is_json_with_prompt_parts(sdapi, sd1_lora):
 
 def response_etag(sdapi) -> str:
     return sdapi.get("/sd_extra_networks/cards", params={"page": "lora", "tabname": "txt2img"}).headers["ETag"]
+
+
+def test_card_editor_writes_need_the_page_header(webui_server, sdapi, sd1_lora):
+    url = "/sd_extra_networks/user-metadata"
+    params = {"page": "lora", "tabname": "txt2img", "name": sd1_lora}
+    data = sdapi.get(url, params=params).json()
+    assert data["name"] == sd1_lora and any(f["key"] == "activation text" for f in data["fields"])
+    forged = sdapi.post(url, params=params, data='{"notes": "x"}', headers={"Content-Type": "text/plain"})
+    assert forged.status_code == 403
+    bad = sdapi.post(url, params=params, json={"sd version": "SD9"}, headers={"X-Webui-Request": "1"})
+    assert bad.status_code == 400
+    forged_preview = sdapi.post("/sd_extra_networks/replace-preview", params=params, data=b"\x89PNG")
+    assert forged_preview.status_code == 403
