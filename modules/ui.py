@@ -190,7 +190,7 @@ def _create_txt2img_tab() -> None:
 
     with gr.Row(elem_id=f"{tabname}_main_row", equal_height=False):
         with gr.Column(scale=3, min_width=360, elem_id=f"{tabname}_left"):
-            with gr.Tabs(elem_id=f"{tabname}_extra_tabs") as extra_tabs:
+            with gr.Tabs(elem_id=f"{tabname}_extra_tabs"):
                 with gr.Tab("Generation", id=f"{tabname}_generation", elem_id=f"{tabname}_generation_tab"):
                     with gr.Row():
                         sampler_name = gr.Dropdown(samplers.all_samplers, value=samplers.default_sampler_name,
@@ -215,8 +215,6 @@ def _create_txt2img_tab() -> None:
                 ui_extra_networks.create_ui(tabname)
         with gr.Column(scale=2, min_width=320, elem_id=f"{tabname}_right"):
             gallery, html_info, generation_info = ui_common.create_output_panel(tabname)
-
-    del extra_tabs  # kept named for readers: the Lora pane lives inside it
 
     def generate_fn(prompt_text, negative_text, steps_value, sampler, w, h, seed_value, size_value, count_value,
                     cfg_value, progress_bar=gr.Progress()):

@@ -168,3 +168,10 @@ def test_card_editor_writes_need_the_page_header(webui_server, sdapi, sd1_lora):
     assert bad.status_code == 400
     forged_preview = sdapi.post("/sd_extra_networks/replace-preview", params=params, data=b"\x89PNG")
     assert forged_preview.status_code == 403
+
+
+def test_api_auth_credentials_parse():
+    from modules.api.api import parse_credentials
+
+    assert parse_credentials("a:b, c:d:e") == {"a": "b", "c": "d:e"}
+    assert parse_credentials(None) == {} and parse_credentials("nocolon") == {}
