@@ -79,6 +79,11 @@
             this.win = root.querySelector(".extra-network-cards-window");
             this.message = root.querySelector(".extra-network-message");
             this.count = root.querySelector(".extra-network-count");
+            this.otherToggle = el("button", "extra-network-control--other-models");
+            this.otherToggle.type = "button";
+            this.otherToggle.hidden = true;
+            this.count.after(this.otherToggle);
+            this.showOtherModels = false;
             this.dirs = root.querySelector(".extra-network-dirs");
             this.items = [];
             this.sorted = [];
@@ -238,17 +243,23 @@
                 const item = this.items[index];
                 if (item.search_only && !longEnough) return false;
                 if (query !== "" && !item.searchText.includes(query)) return false;
-                if (!this.compatible(item)) {
+                item.otherModel = !this.compatible(item);
+                if (item.otherModel) {
                     otherModels++;
-                    return false;
+                    return this.showOtherModels;
                 }
                 return true;
             });
             this.viewVersion++;
-            const shown = query || otherModels ? `${this.view.length} of ${this.items.length}` : `${this.items.length}`;
+            const shown = query || (otherModels && !this.showOtherModels) ?
+                `${this.view.length} of ${this.items.length}` : `${this.items.length}`;
             this.count.textContent = this.items.length ? shown : "";
-            this.count.title = otherModels ? `${otherModels} hidden: made for another model family than ` +
-                `${this.modelFamily} (setting: Always show all networks on the Lora page)` : "";
+            // Cards for another model family are hidden, not gone: the toggle shows them greyed out (A1111 13A-10).
+            this.otherToggle.hidden = otherModels === 0;
+            this.otherToggle.textContent = this.showOtherModels ?
+                `hide ${otherModels} for other models` : `+${otherModels} for other models`;
+            this.otherToggle.title = `Cards made for another model family than ${this.modelFamily}` +
+                " (setting: Always show all networks on the Lora page)";
             if (this.items.length === 0) {
                 this.showEmpty();
             } else if (this.view.length === 0) {
@@ -330,7 +341,11 @@
             this.win.style.gap = `${gap}px`;
             const fragment = document.createDocumentFragment();
             const end = Math.min(this.view.length, (last + 1) * columns);
-            for (let i = first * columns; i < end; i++) fragment.appendChild(this.cardElement(this.view[i]));
+            for (let i = first * columns; i < end; i++) {
+                const card = this.cardElement(this.view[i]);
+                card.classList.toggle("card-other-model", !!this.items[this.view[i]].otherModel);
+                fragment.appendChild(card);
+            }
             this.win.replaceChildren(fragment);
             this.markActiveCards();
         }
@@ -669,6 +684,10 @@
                 return pane.render(true);
             }
             if (button.classList.contains("extra-network-control--refresh")) return refreshPane(pane);
+            if (button.classList.contains("extra-network-control--other-models")) {
+                pane.showOtherModels = !pane.showOtherModels;
+                return pane.applyFilter();
+            }
             if (button.classList.contains("extra-network-dir-button")) return pane.setSearch(button.dataset.search);
         }
         const treeRow = target.closest(".tree-list-content");
