@@ -25,6 +25,7 @@ _DTYPES: dict[str, torch.dtype] = {
 _DTYPES_SIZE = {dt: torch.tensor([], dtype=dt).element_size() for dt in _DTYPES.values()}
 _MAX_HEADER = 100 * 1024 * 1024
 _PAGE = mmap.PAGESIZE
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14; Python names it only from 3.13
 
 # base address -> (weakref to the mmap, length): lets release_pages() find the map a tensor lives in
 _maps: dict[int, tuple[weakref.ref, int]] = {}
@@ -70,14 +71,16 @@ def _entry(key: str, info, data_start: int, size: int, filename: str) -> tuple[t
 def open_safetensors_mmap(filename: str, populate: bool = False) -> MmapStateDict:
     """Maps the file copy-on-write and returns its tensors as views (nothing is read until touched).
 
-    populate=True pre-faults every page (MAP_POPULATE): use it when the tensors will be used in place.
-    Writing to a tensor changes only this process's copy, never the file.
+    populate=True maps every page in up front (read faults only: pages stay shared with the page cache) for
+    when the tensors will be used in place. Writing to a tensor changes only this process's copy, never the file.
     """
     size = os.path.getsize(filename)
     with open(filename, "rb") as f:
         header, data_start = _read_header(f, size, filename)
-        flags = mmap.MAP_PRIVATE | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
-        mm = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE) if size else None
+        # not MAP_POPULATE: on a writable private map it write-faults, copying every page out of the page cache
+        mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE) if size else None
+    if mm is not None and populate:
+        _populate_read(mm, size)
 
     res = MmapStateDict()
     res.metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
@@ -96,6 +99,14 @@ def open_safetensors_mmap(filename: str, populate: bool = False) -> MmapStateDic
             continue
         res[key] = torch.frombuffer(mm, dtype=dtype, count=nbytes // _DTYPES_SIZE[dtype], offset=offset).view(shape)
     return res
+
+
+def _populate_read(mm: mmap.mmap, size: int) -> None:
+    try:
+        mm.madvise(_MADV_POPULATE_READ, 0, size)
+    except (OSError, ValueError):
+        # kernels before 5.14: one read per page does the same, from C
+        torch.frombuffer(mm, dtype=torch.uint8)[::_PAGE].sum()
 
 
 def _forget_map(base: int) -> None:

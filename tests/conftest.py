@@ -150,3 +150,121 @@ def sd1_lora(webui_server, sdapi, sd1_checkpoint) -> str:
     names = [c["name"] for c in cards["items"] if c.get("sd") == "SD1" and not c.get("error")]
     assert names, f"no SD1 demo LoRA in {[c['name'] for c in cards['items']]}"
     return names[0]
+
+
+# --- lora fixtures ---
+# Tiny SD1-like and SDXL-like diffusers models (built once, deep-copied per test) and a private Lora folder.
+import copy  # noqa: E402
+
+import torch  # noqa: E402
+
+
+class TinyDiffusersModel:
+    """Stands in for modules.sd_models_diffusers.DiffusersSdModel in Lora tests: same attributes, no pipeline."""
+
+    def __init__(self, family: str, unet, text_encoder, text_encoder_2=None):
+        self.unet = unet
+        self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
+        self.is_sd1 = family == "sd1"
+        self.is_sd2 = family == "sd2"
+        self.is_sdxl = family == "sdxl"
+        self.model_type = family.upper()
+
+    def components(self) -> dict:
+        return {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+
+
+def _tiny_clip(hidden: int, with_projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    config = CLIPTextConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_attention_heads=4,
+                            num_hidden_layers=2, vocab_size=1000, projection_dim=hidden, bos_token_id=0,
+                            eos_token_id=2, pad_token_id=1, max_position_embeddings=16)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
+
+
+def build_tiny_model(family: str) -> TinyDiffusersModel:
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed({"sd1": 1, "sdxl": 2}[family])
+    if family == "sd1":  # conv proj_in, UpBlock2D first (its upsampler is output_blocks_2_1_conv)
+        unet = UNet2DConditionModel(
+            sample_size=8, block_out_channels=(8, 16), layers_per_block=2, cross_attention_dim=16,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2, norm_num_groups=4)
+        return TinyDiffusersModel("sd1", unet.eval(), _tiny_clip(16, False))
+    # SDXL-like: linear proj_in, CrossAttnUpBlock2D first (its upsampler is output_blocks_2_2_conv), two TEs
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(8, 16, 16), layers_per_block=2, cross_attention_dim=32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=2,
+        norm_num_groups=4, use_linear_projection=True, transformer_layers_per_block=(1, 1, 2),
+        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=40)
+    return TinyDiffusersModel("sdxl", unet.eval(), _tiny_clip(16, False), _tiny_clip(16, True))
+
+
+@pytest.fixture(scope="session")
+def _tiny_models() -> dict:
+    return {"sd1": build_tiny_model("sd1"), "sdxl": build_tiny_model("sdxl")}
+
+
+@pytest.fixture
+def tiny_sd1(_tiny_models) -> TinyDiffusersModel:
+    return copy.deepcopy(_tiny_models["sd1"])
+
+
+@pytest.fixture
+def tiny_sdxl(_tiny_models) -> TinyDiffusersModel:
+    return copy.deepcopy(_tiny_models["sdxl"])
+
+
+@pytest.fixture
+def lora_dir(tmp_path, monkeypatch):
+    """An empty Lora folder (and LyCORIS folder) for this test; the extension's state is reset around it."""
+    import networks  # extensions-builtin/Lora is on sys.path (base set-up)
+
+    from modules import shared
+
+    folder = tmp_path / "Lora"
+    folder.mkdir()
+    monkeypatch.setattr(shared.cmd_opts, "lora_dir", str(folder))
+    monkeypatch.setattr(shared.cmd_opts, "lyco_dir_backcompat", str(tmp_path / "LyCORIS"))
+    networks.loaded_networks.clear()
+    networks.networks_in_memory.clear()
+    networks.list_available_networks()
+    yield folder
+    networks.loaded_networks.clear()
+    networks.networks_in_memory.clear()
+
+
+@pytest.fixture
+def write_lora(lora_dir):
+    """write_lora(name, model, family="sd1", locon=False, ..., tensors=None, metadata=None) → path: a kohya file
+    for the model's layers (or the given tensors) in the test's Lora folder, listed at once."""
+    import lora_layers
+    import networks
+
+    from scripts import make_demo_loras as demo
+
+    def write(name: str, model=None, family: str = "sd1", locon: bool = False, rank: int = 4, alpha: float = 2.0,
+              seed: int = 0, tensors: dict | None = None, metadata: dict | None = None, layers=None) -> str:
+        if tensors is None:
+            shapes = demo.layer_shapes_from_components(model.components())
+            selected = demo.select_layers(shapes, locon) if layers is None else {k: shapes[k] for k in layers}
+            structure = lora_layers.LayerMap(model).structure
+            tensors = demo.lora_tensors(selected, family, structure, rank=rank, alpha=alpha, seed=seed,
+                                        dtype=torch.float32)
+        if metadata is None:
+            metadata = demo.kohya_metadata(os.path.basename(name), family, locon, rank, alpha, "tiny", {"x": 1})
+        path = os.path.join(str(lora_dir), *name.split("/")) + ".safetensors"
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(demo.safetensors_bytes(tensors, metadata) if metadata else _plain_safetensors(tensors))
+        networks.list_available_networks()
+        return path
+
+    return write
+
+
+def _plain_safetensors(tensors: dict) -> bytes:
+    from safetensors.torch import save
+    return save(tensors)

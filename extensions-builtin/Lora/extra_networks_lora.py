@@ -1,0 +1,144 @@
+"""The `<lora:...>` / `<lyco:...>` handler (A1111 name): tags → networks.load_networks, and the job's report.
+
+Differences from A1111 on purpose: a bad tag is reported by its text and only that tag is skipped; a network
+mentioned twice is applied once with the last weights (A1111 applies it twice); a Lora that matches no layer
+of the model, or leaves keys unmatched, is reported instead of silently doing nothing.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+import lora_discovery
+import lora_syntax
+import networks
+
+from modules import extra_networks, shared
+
+logger = logging.getLogger("lora")
+
+
+def _prompts_of(p) -> list[str]:
+    res = []
+    for value in (getattr(p, "prompt", ""), getattr(p, "hr_prompt", ""), getattr(p, "all_prompts", None)):
+        if isinstance(value, str):
+            res.append(value)
+        elif isinstance(value, (list, tuple)):
+            res.extend(x for x in value if isinstance(x, str))
+    return res
+
+
+def tag_text(p, params) -> str:
+    """The tag as the user wrote it (`<lyco:x:abc>`), found in the job's prompts; else rebuilt as `<lora:...>`."""
+    args = ":".join(str(x) for x in params.items)
+    for prompt in _prompts_of(p):
+        for m in extra_networks.re_extra_net.finditer(prompt):
+            if m.group(2) == args and m.group(1) in ("lora", "lyco"):
+                return m.group(0)
+    return f"<lora:{args}>"
+
+
+def hash_key(name: str) -> str:
+    return name.replace(":", "").replace(",", "")
+
+
+class ExtraNetworkLora(extra_networks.ExtraNetwork):
+    def __init__(self):
+        super().__init__("lora")
+        self.errors: dict[str, int] = {}  # network name → failed layers, posted by deactivate
+        self.error_details: dict[str, str] = {}
+
+    def activate(self, p, params_list) -> None:
+        if not getattr(p, "is_hr_pass", False):
+            self.errors.clear()
+            self.error_details.clear()
+        params_list = list(params_list)
+        self._add_sd_lora(p, params_list)
+
+        tags: dict[str, lora_syntax.LoraTag] = {}
+        for params in params_list:
+            try:
+                tag = lora_syntax.parse_lora_params(params)
+            except lora_syntax.LoraTagError as e:
+                p.comment(f"Bad Lora tag {tag_text(p, params)}: {e}; it was skipped")
+                continue
+            if tag.name in tags:
+                p.comment(f"Lora {tag.name} is mentioned more than once; only the last one is used: "
+                          f"{tag_text(p, params)}")
+            tags[tag.name] = tag
+
+        names = list(tags)
+        report = networks.load_networks(names, [t.te for t in tags.values()], [t.unet for t in tags.values()],
+                                        [t.dyn for t in tags.values()], sd_model=getattr(p, "sd_model", None))
+        self._report(p, report)
+        self._add_hashes(p, report)
+
+    def _add_sd_lora(self, p, params_list: list) -> None:
+        """Option "Add network to prompt": the network is appended once to every prompt that lacks it."""
+        additional = getattr(shared.opts, "sd_lora", "None")
+        if not additional or additional == "None" or additional not in networks.available_networks:
+            return
+        if any(x.items and x.items[0] == additional for x in params_list):
+            return
+        multiplier = getattr(shared.opts, "extra_networks_default_multiplier", 1.0)
+        tag = f"<lora:{additional}:{multiplier}>"
+        if isinstance(getattr(p, "all_prompts", None), list):
+            p.all_prompts = [x if tag in x else f"{x}{tag}" for x in p.all_prompts]
+        params_list.append(extra_networks.ExtraNetworkParams(items=[additional, str(multiplier)]))
+
+    def _report(self, p, report: networks.LoadReport) -> None:
+        for name in report.duplicates:
+            p.comment(f"Lora {name} names a file that is already in this prompt; it is applied once, "
+                      f"with the last weights")
+        if report.missing:
+            message = "Lora not found: " + ", ".join(report.missing)
+            p.comment(message)
+            for name in report.missing:
+                ambiguous = lora_discovery.ambiguous_alias_files(name)
+                if ambiguous:
+                    p.comment(f"Lora alias {name} is shared by several files ("
+                              + ", ".join(e.name for e in ambiguous) + "); use the file name instead")
+            if getattr(shared.opts, "lora_not_found_warning_console", False):
+                print(f"\n{message}\n")
+            if getattr(shared.opts, "lora_not_found_gradio_warning", False) and "gradio" in sys.modules:
+                sys.modules["gradio"].Warning(message)
+        for name, error in report.load_errors.items():
+            p.comment(f"Lora {name} could not be loaded: {error}")
+        for net in report.networks:
+            matched, unmatched = len(net.modules), net.unmatched_count
+            if matched == 0:
+                p.comment(f"Lora {net.name} matched 0 layers of this model ({unmatched} keys unmatched): "
+                          f"is it made for another model family?")
+            elif unmatched:
+                p.comment(f"Lora {net.name}: {matched} layers matched, {unmatched} keys unmatched")
+                logger.info("Lora %s: unmatched keys: %s", net.name,
+                            (net.unmatched_keys + net.unsupported_keys + net.unused_keys)[:20])
+            failed = {**net.load_errors, **net.apply_errors}
+            if failed:
+                self.errors[net.name] = len(failed)
+                layer, error = next(iter(failed.items()))
+                self.error_details[net.name] = f"{layer}: {error}"
+        if report.fatal:
+            p.comment(f"Loras were not applied: {report.fatal}")
+
+    def _add_hashes(self, p, report: networks.LoadReport) -> None:
+        if not getattr(shared.opts, "lora_add_hashes_to_infotext", True):
+            return
+        if not getattr(p, "is_hr_pass", False) or not hasattr(p, "lora_hashes"):
+            p.lora_hashes = {}
+        for net in report.networks:
+            shorthash = net.network_on_disk.shorthash if net.network_on_disk else None
+            if shorthash and net.mentioned_name:
+                p.lora_hashes[hash_key(net.mentioned_name)] = shorthash
+        if p.lora_hashes:
+            p.extra_generation_params["Lora hashes"] = ", ".join(f"{k}: {v}" for k, v in p.lora_hashes.items())
+        else:
+            p.extra_generation_params.pop("Lora hashes", None)
+
+    def deactivate(self, p) -> None:
+        if self.errors:
+            p.comment("Networks with errors: " + ", ".join(f"{k} ({v})" for k, v in self.errors.items()))
+            for name, detail in self.error_details.items():
+                p.comment(f"Lora {name}: layers that failed include {detail}")
+            self.errors.clear()
+            self.error_details.clear()

@@ -1,0 +1,66 @@
+"""The extension's settings (A1111 9.1 keys, defaults and labels), in section ("extra_networks", "Extra Networks").
+
+`register()` runs at import (so the options exist without a UI) and again from on_ui_settings with gradio
+components.
+"""
+from __future__ import annotations
+
+import lora_discovery
+
+from modules import shared
+
+SECTION = ("extra_networks", "Extra Networks")
+COMPATIBILITY_SECTION = ("compatibility", "Compatibility")
+
+
+def _sd_lora_choices() -> dict:
+    return {"choices": ["None", *lora_discovery.available_networks]}
+
+
+def _purge() -> None:
+    import networks
+    networks.purge_networks_from_memory()
+
+
+def options(with_components: bool = False) -> dict[str, shared.OptionInfo]:
+    gr = None
+    if with_components:
+        import gradio as gr
+    opts = {
+        "sd_lora": shared.OptionInfo(
+            "None", "Add network to prompt", gr.Dropdown if gr else None, _sd_lora_choices,
+            refresh=lora_discovery.list_available_networks),
+        "lora_preferred_name": shared.OptionInfo(
+            "Alias from file", "When adding to prompt, refer to Lora by", gr.Radio if gr else None,
+            {"choices": ["Alias from file", "Filename"]}),
+        "lora_add_hashes_to_infotext": shared.OptionInfo(True, "Add Lora hashes to infotext"),
+        "lora_bundled_ti_to_infotext": shared.OptionInfo(
+            True, "Add Lora name as TI hashes for bundled Textual Inversion").info(
+            '"Add Textual Inversion hashes to infotext" needs to be enabled'),
+        "lora_show_all": shared.OptionInfo(False, "Always show all networks on the Lora page").info(
+            "otherwise, those detected as for incompatible version of Stable Diffusion will be hidden"),
+        "lora_hide_unknown_for_versions": shared.OptionInfo(
+            [], "Hide networks of unknown versions for model versions", gr.CheckboxGroup if gr else None,
+            {"choices": ["SD1", "SD2", "SDXL"]}),
+        "lora_in_memory_limit": shared.OptionInfo(
+            0, "Number of Lora networks to keep cached in memory", gr.Number if gr else None, {"precision": 0},
+            onchange=_purge),
+        "lora_not_found_warning_console": shared.OptionInfo(
+            False, "Lora not found warning in console"),
+        "lora_not_found_gradio_warning": shared.OptionInfo(
+            False, "Lora not found warning popup in webui").info("the job comment is shown as a warning already"),
+    }
+    for info in opts.values():
+        info.section = SECTION
+    functional = shared.OptionInfo(
+        False, "Lora/Networks: use old method that takes longer when you have multiple Loras active and produces "
+               "same results as kohya-ss/sd-webui-additional-networks extension").info(
+        "not used: this extension always merges the weights once per change of the Lora set")
+    functional.section = COMPATIBILITY_SECTION
+    opts["lora_functional"] = functional
+    return opts
+
+
+def register(with_components: bool = False) -> None:
+    for key, info in options(with_components).items():
+        shared.opts.add_option(key, info)

@@ -1,0 +1,247 @@
+"""Data types of the Lora extension (A1111 names): a file on disk, a loaded network, and the per-layer module base.
+
+`NetworkModule` and its subclasses are pure tensor code: given the original weight of their layer they return
+(ΔW, Δbias) in fp32. They never write weights (only lora_patcher does) and never look at host state.
+"""
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass, field
+
+import lyco_helpers
+import torch
+
+metadata_tags_order = {"ss_sd_model_name": 1, "ss_resolution": 2, "ss_clip_skip": 3, "ss_num_train_images": 10,
+                       "ss_tag_frequency": 20}
+
+
+class SdVersion(enum.Enum):
+    Unknown = 1
+    SD1 = 2
+    SD2 = 3
+    SDXL = 4
+
+
+def detect_version(metadata: dict, version_hint: str | None = None) -> SdVersion:
+    """A1111's rules (ss_base_model_version, ss_v2), then modelspec.architecture and the key-name hint, which
+    A1111 ignores (it calls every LoRA with metadata SD1, 13A-10)."""
+    if str(metadata.get("ss_base_model_version", "")).startswith("sdxl_"):
+        return SdVersion.SDXL
+    if str(metadata.get("ss_v2", "")) == "True":
+        return SdVersion.SD2
+    arch = str(metadata.get("modelspec.architecture", ""))
+    for prefix, version in (("stable-diffusion-xl", SdVersion.SDXL), ("stable-diffusion-v2", SdVersion.SD2),
+                            ("stable-diffusion-v1", SdVersion.SD1)):
+        if arch.startswith(prefix):
+            return version
+    if version_hint in ("SD1", "SD2", "SDXL"):
+        return SdVersion[version_hint]
+    if metadata:
+        return SdVersion.SD1
+    return SdVersion.Unknown
+
+
+class NetworkOnDisk:
+    """One Lora file found on disk. Reads only the header (through the cache); never tensors.
+
+    Fields for the card page: name (unique key in `available_networks`: the stem, or the path-qualified name
+    for a later file with the same stem), stem, qualified_name (`sub/stem` relative to its Lora folder),
+    filename (absolute), alias, metadata, sd_version, hash / shorthash, size, mtime, is_safetensors,
+    read_error / load_error, and get_alias(), get_user_metadata().
+    """
+
+    def __init__(self, name: str, filename: str, *, qualified_name: str | None = None, root: str | None = None,
+                 stat: os.stat_result | None = None):
+        self.name = name
+        self.filename = os.path.abspath(filename)
+        self.stem = os.path.splitext(os.path.basename(filename))[0]
+        self.qualified_name = qualified_name or self.stem
+        self.root = root
+        st = stat or os.stat(self.filename)
+        self.size = st.st_size
+        self.mtime = st.st_mtime
+        self.mtime_ns = st.st_mtime_ns
+        self.is_safetensors = os.path.splitext(filename)[1].lower() == ".safetensors"
+        self.read_error: str | None = None
+        self.load_error: str | None = None
+
+        metadata, version_hint = {}, None
+        if self.is_safetensors:
+            import lora_identity
+            try:
+                info = lora_identity.cached_header_info(self.filename)
+                metadata, version_hint = info.get("metadata") or {}, info.get("version_hint")
+            except Exception as e:
+                self.read_error = str(e)
+        self.metadata = dict(sorted(metadata.items(), key=lambda x: metadata_tags_order.get(x[0], 999)))
+        self.version_hint = version_hint
+        alias = self.metadata.get("ss_output_name")
+        self.alias = alias if isinstance(alias, str) and alias.strip() else self.stem
+
+        self.hash: str | None = None
+        self.shorthash: str | None = None
+        import lora_identity
+        self.set_hash(lora_identity.known_hash(self))
+        self.sd_version = detect_version(self.metadata, self.version_hint)
+
+    @property
+    def identity(self) -> tuple:
+        """What a loaded copy of this file is valid for: path, size and modification time."""
+        return self.filename, self.size, self.mtime_ns
+
+    def detect_version(self) -> SdVersion:
+        return detect_version(self.metadata, self.version_hint)
+
+    def set_hash(self, v: str | None) -> None:
+        self.hash = v or None
+        self.shorthash = self.hash[0:12] if self.hash else None
+        if self.shorthash:
+            import lora_discovery
+            lora_discovery.available_network_hash_lookup[self.shorthash] = self
+
+    def read_hash(self) -> None:
+        """Computes the hash on first use (tensor-data "addnet" hash for safetensors, else file sha256)."""
+        if not self.hash:
+            import lora_identity
+            self.set_hash(lora_identity.compute_hash(self))
+
+    def get_alias(self) -> str:
+        """The name a card inserts: the alias when it resolves back to this file, else the unique name."""
+        import lora_discovery
+
+        from modules import shared
+        if getattr(shared.opts, "lora_preferred_name", "Alias from file") == "Filename":
+            return self.name
+        if self.alias != self.name and lora_discovery.find_network(self.alias) is self:
+            return self.alias
+        return self.name
+
+    def get_user_metadata(self) -> dict:
+        """The sidecar `<stem>.json` (description, activation text, preferred weight, ...)."""
+        from modules import extra_networks
+        return extra_networks.get_user_metadata(self.filename)
+
+    def __repr__(self) -> str:
+        return f"NetworkOnDisk({self.name!r}, {self.filename!r})"
+
+
+class Network:  # LoraModule
+    """A Lora file parsed for one model: {canonical layer name: NetworkModule} plus what did not match."""
+
+    def __init__(self, name: str, network_on_disk: NetworkOnDisk):
+        self.name = name
+        self.network_on_disk = network_on_disk
+        self.te_multiplier = 1.0
+        self.unet_multiplier = 1.0
+        self.dyn_dim: int | None = None
+        self.modules: dict[str, NetworkModule] = {}
+        self.bundle_embeddings: dict = {}
+        self.mtime: float | None = network_on_disk.mtime if network_on_disk else None
+        self.mentioned_name: str | None = None
+        self.identity: tuple = network_on_disk.identity if network_on_disk else (name,)
+        self.layer_map_token: str | None = None
+        self.unmatched_keys: list[str] = []  # file keys that name no layer of this model
+        self.unsupported_keys: list[str] = []  # keys of layers whose parts no network type understands
+        self.unused_keys: list[str] = []  # parts a network type left over
+        self.load_errors: dict[str, str] = {}  # layer → why its module could not be built
+        self.apply_errors: dict[str, str] = {}  # layer → why its delta could not be computed
+
+    @property
+    def unmatched_count(self) -> int:
+        return len(self.unmatched_keys) + len(self.unsupported_keys) + len(self.unused_keys)
+
+    def error_count(self) -> int:
+        return len(self.load_errors) + len(self.apply_errors)
+
+    def __repr__(self) -> str:
+        return f"Network({self.name!r}, {len(self.modules)} layers)"
+
+
+@dataclass
+class NetworkWeights:
+    network_key: str  # the file-side base name, e.g. lora_unet_down_blocks_0_..._to_q
+    sd_key: str  # the canonical layer name, e.g. unet.down_blocks.0.attentions.0....to_q
+    w: dict[str, torch.Tensor] = field(default_factory=dict)
+    sd_module: torch.nn.Module | None = None
+
+
+def is_text_encoder_layer(sd_key: str) -> bool:
+    return sd_key.startswith("text_encoder")
+
+
+def _scalar(t) -> float | None:
+    if t is None:
+        return None
+    return float(t.item()) if isinstance(t, torch.Tensor) else float(t)
+
+
+class ModuleType:
+    def create_module(self, net: Network, weights: NetworkWeights) -> NetworkModule | None:
+        return None
+
+
+class NetworkModule:
+    """Base of every network type: scale, multiplier, reshape to the target, DoRA, extra bias.
+
+    Subclasses implement `calc_delta(orig_weight, dyn_dim) -> (U, output_shape, ex_bias)`: the unscaled delta in
+    fp32 on orig_weight's device.
+    """
+
+    common_parts = ("alpha", "scale", "dora_scale", "bias")
+
+    def __init__(self, net: Network, weights: NetworkWeights):
+        self.network = net
+        self.network_key = weights.network_key
+        self.sd_key = weights.sd_key
+        self.sd_module = weights.sd_module
+        w = weights.w
+        self.dim: int | None = None
+        self.bias = w.get("bias")
+        self.alpha = _scalar(w.get("alpha"))
+        self.scale = _scalar(w.get("scale"))
+        self.dora_scale = w.get("dora_scale")
+        self.parts_used: set[str] = {k for k in self.common_parts if k in w}
+
+    def multiplier(self) -> float:
+        return self.network.te_multiplier if is_text_encoder_layer(self.sd_key) else self.network.unet_multiplier
+
+    def calc_scale(self) -> float:
+        if self.scale is not None:
+            return self.scale
+        if self.dim is not None and self.alpha is not None:
+            return self.alpha / self.dim
+        return 1.0
+
+    def calc_delta(self, orig_weight: torch.Tensor, dyn_dim: int | None):
+        raise NotImplementedError
+
+    def compute(self, orig_weight: torch.Tensor, multiplier: float, dyn_dim: int | None = None):
+        """(ΔW, Δbias) in fp32, ΔW shaped like orig_weight: m · finalize(s · U)."""
+        updown, output_shape, ex_bias = self.calc_delta(orig_weight, dyn_dim)
+        return self.finalize_updown(updown, orig_weight, output_shape, ex_bias, multiplier)
+
+    def finalize_updown(self, updown: torch.Tensor, orig_weight: torch.Tensor, output_shape, ex_bias=None,
+                        multiplier: float | None = None):
+        m = self.multiplier() if multiplier is None else multiplier
+        updown = updown.float()
+        if self.bias is not None:
+            updown = updown.reshape(self.bias.shape) + self.bias.to(updown.device, torch.float32)
+            updown = updown.reshape(output_shape)
+        if len(output_shape) == 4:
+            updown = updown.reshape(output_shape)
+        updown = lyco_helpers.reshape_to_weight(updown, orig_weight.shape)
+        if ex_bias is not None:
+            ex_bias = ex_bias.to(updown.device, torch.float32) * m
+        updown = updown * self.calc_scale()
+        if self.dora_scale is not None:
+            dora_scale = self.dora_scale.to(updown.device, torch.float32)
+            updown = lyco_helpers.weight_decompose(updown, orig_weight.to(updown.device, torch.float32), dora_scale)
+        return updown * m, ex_bias
+
+    def calc_updown(self, orig_weight: torch.Tensor):
+        """A1111 API: the delta for this network's current multiplier and dyn."""
+        return self.compute(orig_weight, self.multiplier(), self.network.dyn_dim)
+
+    def forward(self, x, y):
+        raise NotImplementedError("this host merges weights; there is no per-forward Lora path")

@@ -1,0 +1,177 @@
+"""A1111's public Lora API, as a thin facade over discovery, loader, plan and patcher.
+
+Other extensions use these names: load_networks, available_networks, available_network_aliases,
+forbidden_network_aliases, available_network_hash_lookup, loaded_networks, networks_in_memory,
+list_available_networks, network_apply_weights, network_restore_weights_from_backup,
+network_reset_cached_weight, assign_network_names_to_compvis_modules, Network, NetworkOnDisk, NetworkModule.
+
+Unlike A1111, weights are merged eagerly inside load_networks (not lazily in each layer's forward), only the
+layers that change are touched, and only written layers keep a backup.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import lora_discovery
+import lora_layers
+import lora_loader
+import lora_patcher
+import lora_plan
+import network
+import torch
+from lora_discovery import (  # noqa: F401  (A1111 names)
+    available_network_aliases,
+    available_network_hash_lookup,
+    available_network_paths,
+    available_networks,
+    find_network,
+    forbidden_network_aliases,
+    list_available_networks,
+)
+from lora_loader import module_types, networks_in_memory  # noqa: F401
+from network import Network, NetworkModule, NetworkOnDisk, SdVersion  # noqa: F401
+
+from modules import devices, errors, shared
+
+logger = logging.getLogger("lora")
+
+loaded_networks: list[Network] = []
+patcher = lora_patcher.Patcher()
+extra_network_lora = None  # set by scripts/lora_script.py (A1111 attribute)
+
+
+@dataclass
+class LoadReport:
+    """What load_networks did, for the caller to show: names not found, files that failed, fatal errors."""
+
+    networks: list[Network] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    load_errors: dict[str, str] = field(default_factory=dict)  # mentioned name → message
+    duplicates: list[str] = field(default_factory=list)  # names mentioned more than once (last one used)
+    fatal: str | None = None  # the patcher failed; the model holds its original weights
+    layers_written: int = 0
+
+
+last_report: LoadReport | None = None
+
+
+def assign_network_names_to_compvis_modules(sd_model) -> None:
+    """on_model_loaded callback (A1111 name): names the model's layers and builds its key map."""
+    lora_layers.assign_network_names_to_compvis_modules(sd_model)
+
+
+def load_network(name: str, network_on_disk: NetworkOnDisk, sd_model=None) -> Network:
+    """A1111 API: reads one file for the current model (no multipliers set, nothing applied)."""
+    layer_map = lora_layers.get_layer_map(sd_model if sd_model is not None else shared.sd_model)
+    return lora_loader.load_network(name, network_on_disk, layer_map)
+
+
+def _as_list(values, count: int, default):
+    values = list(values) if values is not None else []
+    return (values + [default] * count)[:count]
+
+
+def load_networks(names: list[str], te_multipliers: list[float] | None = None,
+                  unet_multipliers: list[float] | None = None, dyn_dims: list[int | None] | None = None,
+                  sd_model=None) -> LoadReport:
+    """Makes `names` (with their multipliers) the active set and merges it into the model's weights now.
+
+    The same file named twice (stem and alias, or two tags) is applied once, with the last weights."""
+    global last_report
+    report = LoadReport()
+    sd_model = sd_model if sd_model is not None else shared.sd_model
+    layer_map = lora_layers.get_layer_map(sd_model)
+    names = list(names)
+    te_multipliers = _as_list(te_multipliers, len(names), 1.0)
+    unet_multipliers = [te if u is None else u
+                        for u, te in zip(_as_list(unet_multipliers, len(names), None), te_multipliers, strict=True)]
+    dyn_dims = _as_list(dyn_dims, len(names), None)
+
+    found, report.missing = lora_discovery.find_networks(list(dict.fromkeys(names)))
+    for name in report.missing:
+        logger.info("Couldn't find network with name %s", name)
+
+    wanted: dict[str, tuple] = {}
+    for name, te, unet, dyn in zip(names, te_multipliers, unet_multipliers, dyn_dims, strict=True):
+        entry = found.get(name)
+        if entry is None:
+            continue
+        entry = lora_discovery.refresh_record(entry)
+        if entry.filename in wanted:
+            report.duplicates.append(name)
+        wanted[entry.filename] = (name, entry, te, unet, dyn)
+
+    new_loaded: list[Network] = []
+    for name, entry, te, unet, dyn in wanted.values():
+        try:
+            net = lora_loader.get_network(name, entry, layer_map)
+        except Exception as e:
+            entry.load_error = str(e)
+            report.load_errors[name] = str(e)
+            errors.display(e, f"loading network {entry.filename}")
+            continue
+        net.mentioned_name = name
+        net.te_multiplier = float(te)
+        net.unet_multiplier = float(unet)
+        net.dyn_dim = dyn
+        try:
+            entry.read_hash()
+        except Exception as e:
+            errors.display(e, f"hashing {entry.filename}")
+        new_loaded.append(net)
+
+    loaded_networks[:] = new_loaded
+    plan = lora_plan.build_plan(layer_map.layers, loaded_networks)
+    try:
+        report.layers_written = patcher.sync(layer_map.layers, plan)
+    except lora_patcher.PatchError as e:
+        errors.display(e, "applying Loras")
+        report.fatal = str(e)
+        loaded_networks.clear()
+    report.networks = list(loaded_networks)
+
+    before = len(networks_in_memory)
+    lora_loader.purge_networks_from_memory(getattr(shared.opts, "lora_in_memory_limit", 0), loaded_networks)
+    if len(networks_in_memory) < before:
+        devices.torch_gc()
+    last_report = report
+    return report
+
+
+def purge_networks_from_memory() -> None:
+    lora_loader.purge_networks_from_memory(getattr(shared.opts, "lora_in_memory_limit", 0), loaded_networks)
+    devices.torch_gc()
+
+
+def network_apply_weights(self: torch.nn.Module) -> None:
+    """Brings one layer to the state the loaded networks want (a no-op when it is there already)."""
+    name = getattr(self, "network_layer_name", None)
+    if name is None:
+        return
+    patcher.sync({name: self}, {name: lora_plan.contributions_for(name, loaded_networks)})
+
+
+def network_restore_weights_from_backup(self: torch.nn.Module) -> None:
+    patcher.restore(self)
+
+
+def network_reset_cached_weight(self: torch.nn.Module) -> None:
+    """Forgets the layer's Lora state without writing (new weights were loaded into it)."""
+    patcher.forget(self)
+
+
+def restore_all(sd_model=None) -> None:
+    """Puts every layer of the model back to its original weights and clears the active set."""
+    sd_model = sd_model if sd_model is not None else shared.sd_model
+    loaded_networks.clear()
+    layer_map = lora_layers.get_layer_map(sd_model)
+    patcher.sync(layer_map.layers, {})
+
+
+__all__ = [
+    "load_networks", "available_networks", "available_network_aliases", "forbidden_network_aliases",
+    "available_network_hash_lookup", "loaded_networks", "networks_in_memory", "list_available_networks",
+    "network_apply_weights", "network_restore_weights_from_backup", "network_reset_cached_weight",
+    "assign_network_names_to_compvis_modules", "Network", "NetworkOnDisk", "NetworkModule", "network",
+]
