@@ -18,6 +18,11 @@ def initialize() -> None:
     from modules import extra_networks, scripts, sd_models, shared
 
     sd_models.list_models()
+    if shared.cmd_opts.ckpt:  # an explicit --ckpt wins over the saved setting for this run
+        info = next((x for x in sd_models.checkpoints_list.values()
+                     if x.filename == os.path.abspath(shared.cmd_opts.ckpt)), None)
+        if info is not None:
+            shared.opts.data["sd_model_checkpoint"] = info.title
     extra_networks.initialize()
     extra_networks.register_default_extra_networks()
     scripts.load_scripts()

@@ -1,0 +1,339 @@
+"""The loaded model on this host: a diffusers pipeline behind the attributes A1111 code reads from `shared.sd_model`.
+
+Two ways in, both offline:
+- a diffusers folder (model_index.json): `from_pretrained(local_files_only=True, use_safetensors=True)`;
+- a single-file SD1/SD2/SDXL checkpoint in the original layout: configs are read off the tensor shapes
+  (modules/sd_models_ldm.py), each component is built on the meta device and filled from a memory map of the
+  file that drains as it goes (modules/sd_disable_initialization.load_state_dict_lean), so peak memory stays
+  near one copy of the model.
+
+Either way the model keeps `original_weights`: where each parameter came from, so the Lora patcher can re-read an
+original weight from the file instead of holding a copy of it.
+"""
+from __future__ import annotations
+
+import enum
+import json
+import os
+import re
+from typing import Any, Callable
+
+import torch
+
+from modules import sd_models_ldm
+
+SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "steps_offset": 1,
+    "timestep_spacing": "leading", "interpolation_type": "linear", "use_karras_sigmas": False,
+}
+TOKENIZER_KINDS = {"sd1": {"tokenizer": "clip"}, "sd2": {"tokenizer": "openclip"},
+                   "sdxl": {"tokenizer": "clip", "tokenizer_2": "openclip"}}
+
+
+class ModelType(enum.Enum):  # A1111's sd_models.ModelType
+    SD1 = 1
+    SD2 = 2
+    SDXL = 3
+    SSD = 4
+    SD3 = 5
+
+
+class OriginalWeights:
+    """Reads a parameter exactly as it was loaded, from the checkpoint file (nothing is held in memory).
+
+    refs: {(component, parameter name): (file, key, LdmRef or None)}; dtypes: the loaded dtype of each.
+    valid() is False once a file changed on disk (its size or mtime), and read() then returns None."""
+
+    def __init__(self, refs: dict[tuple[str, str], tuple[str, str, sd_models_ldm.LdmRef | None]],
+                 dtypes: dict[tuple[str, str], torch.dtype]):
+        self.refs = refs
+        self.dtypes = dtypes
+        self.stamps = {}
+        for filename, _, _ in refs.values():
+            if filename not in self.stamps:
+                st = os.stat(filename)
+                self.stamps[filename] = (st.st_size, st.st_mtime_ns)
+
+    def valid(self) -> bool:
+        for filename, stamp in self.stamps.items():
+            try:
+                st = os.stat(filename)
+            except OSError:
+                return False
+            if (st.st_size, st.st_mtime_ns) != stamp:
+                return False
+        return True
+
+    def has(self, component: str, name: str) -> bool:
+        return (component, name) in self.refs
+
+    def read(self, component: str, name: str) -> torch.Tensor | None:
+        entry = self.refs.get((component, name))
+        if entry is None or not self.valid():
+            return None
+        from safetensors import safe_open
+
+        filename, key, ref = entry
+        with safe_open(filename, framework="pt", device="cpu") as f:
+            if ref is not None and ref.transform == "rows":
+                rows = f.get_slice(key).get_shape()[0] // ref.parts
+                tensor = f.get_slice(key)[ref.index * rows:(ref.index + 1) * rows]
+            else:
+                tensor = f.get_tensor(key)
+                if ref is not None:
+                    tensor = sd_models_ldm.read_ref(ref, {key: tensor})
+        dtype = self.dtypes.get((component, name))
+        return tensor.to(dtype) if dtype is not None else tensor
+
+
+class DiffusersSdModel:
+    """What `shared.sd_model` is on this host: the pipeline plus A1111's model attributes."""
+
+    def __init__(self, pipe, family: str, checkpoint_info=None, original_weights: OriginalWeights | None = None):
+        self.pipe = pipe
+        self.family = family
+        self.unet = pipe.unet
+        self.vae = pipe.vae
+        self.text_encoder = pipe.text_encoder
+        self.text_encoder_2 = getattr(pipe, "text_encoder_2", None)
+        self.tokenizer = pipe.tokenizer
+        self.tokenizer_2 = getattr(pipe, "tokenizer_2", None)
+        self.is_sd1 = family == "sd1"
+        self.is_sd2 = family == "sd2"
+        self.is_sdxl = family == "sdxl"
+        self.is_ssd = False
+        self.is_sd3 = False
+        self.model_type = {"sd1": ModelType.SD1, "sd2": ModelType.SD2, "sdxl": ModelType.SDXL}[family]
+        self.sd_checkpoint_info = checkpoint_info
+        self.sd_model_checkpoint = getattr(checkpoint_info, "filename", None)
+        self.sd_model_hash = getattr(checkpoint_info, "shorthash", None)
+        self.original_weights = original_weights
+        self.base_scheduler_config = dict(pipe.scheduler.config)
+        self.device = pipe.unet.device
+        self.dtype = pipe.unet.dtype
+
+    def components(self) -> dict[str, torch.nn.Module | None]:
+        return {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2,
+                "vae": self.vae}
+
+    def __repr__(self) -> str:
+        return f"DiffusersSdModel({self.family}, {self.sd_model_checkpoint!r})"
+
+
+def pipeline_class(family: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+
+
+def assemble_pipeline(family: str, components: dict[str, Any], scheduler_config: dict | None = None):
+    """A pipeline from ready components; tokenizers and scheduler are made here when not given."""
+    from diffusers import EulerDiscreteScheduler
+
+    from modules import clip_tokenizer
+
+    parts = dict(components)
+    for name, kind in TOKENIZER_KINDS[family].items():
+        parts.setdefault(name, clip_tokenizer.load_tokenizer(kind))
+    if "scheduler" not in parts:
+        parts["scheduler"] = EulerDiscreteScheduler.from_config(scheduler_config or SCHEDULER_CONFIG)
+    if family == "sdxl":
+        return pipeline_class(family)(**parts, force_zeros_for_empty_prompt=True, add_watermarker=False)
+    return pipeline_class(family)(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+# --- diffusers folders --------------------------------------------------------------------------------------------
+def folder_family(folder: str) -> str:
+    try:
+        with open(os.path.join(folder, "model_index.json"), encoding="utf8") as f:
+            index = json.load(f)
+    except (OSError, ValueError) as e:
+        raise sd_models_ldm.CheckpointFormatError(f"{folder}: cannot read model_index.json: {e}") from None
+    name = index.get("_class_name", "")
+    if "XL" in name:
+        return "sdxl"
+    if name not in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"):
+        raise sd_models_ldm.CheckpointFormatError(f"{folder}: {name or 'an unknown pipeline'} is not an SD1/SD2/SDXL "
+                                                  f"pipeline")
+    try:
+        with open(os.path.join(folder, "text_encoder", "config.json"), encoding="utf8") as f:
+            hidden = json.load(f).get("hidden_size")
+    except (OSError, ValueError):
+        hidden = None
+    return "sd2" if hidden == 1024 else "sd1"
+
+
+def _component_weight_files(folder: str) -> dict[str, str]:
+    """{tensor key: file} of one component folder, as from_pretrained picks them (non-variant safetensors)."""
+    from safetensors import safe_open
+
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    for name in names:
+        if name.endswith(".safetensors.index.json") and name.count(".") == 3:
+            with open(os.path.join(folder, name), encoding="utf8") as f:
+                weight_map = json.load(f).get("weight_map", {})
+            return {k: os.path.join(folder, v) for k, v in weight_map.items()}
+    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with safe_open(path, framework="pt") as f:
+                return {k: path for k in f.keys()}
+    return {}
+
+
+def _folder_refs(folder: str, components: dict[str, torch.nn.Module]):
+    refs, dtypes = {}, {}
+    for component, module in components.items():
+        files = _component_weight_files(os.path.join(folder, component))
+        for key, tensor in module.state_dict().items():
+            for candidate in (key, "text_model." + key, sd_models_ldm.strip_text_model(key)):
+                if candidate in files:
+                    refs[(component, key)] = (files[candidate], candidate, None)
+                    dtypes[(component, key)] = tensor.dtype
+                    break
+    return refs, dtypes
+
+
+def load_diffusers_folder(folder: str, device: torch.device, dtype: torch.dtype, checkpoint_info=None
+                          ) -> DiffusersSdModel:
+    family = folder_family(folder)
+    kwargs = dict(torch_dtype=dtype, local_files_only=True, use_safetensors=True)
+    if family != "sdxl":
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = pipeline_class(family).from_pretrained(folder, **kwargs)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    components = {k: getattr(pipe, k) for k in ("unet", "text_encoder", "text_encoder_2", "vae")
+                  if getattr(pipe, k, None) is not None}
+    refs, dtypes = _folder_refs(folder, components)
+    return DiffusersSdModel(pipe, family, checkpoint_info, OriginalWeights(refs, dtypes) if refs else None)
+
+
+# --- single files -------------------------------------------------------------------------------------------------
+def read_checkpoint_tensors(filename: str) -> dict[str, torch.Tensor]:
+    """The tensors of a single-file checkpoint: safetensors as views of a private memory map (nothing is read
+    until used); .ckpt/.pt through torch.load(weights_only=True), never a full unpickle."""
+    from modules import safetensors_mmap
+
+    if filename.lower().endswith(".safetensors"):
+        try:
+            return safetensors_mmap.open_safetensors_mmap(filename)
+        except ValueError as e:
+            raise sd_models_ldm.CheckpointFormatError(str(e)) from None
+    try:
+        data = torch.load(filename, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise sd_models_ldm.CheckpointFormatError(
+            f"{filename}: cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {e}); "
+            f"convert it to .safetensors") from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise sd_models_ldm.CheckpointFormatError(f"{filename}: not a dict of tensors")
+    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+
+
+def _normalise_sd1_clip_keys(tensors: dict) -> None:
+    """Old SD1 files lack the `text_model.` level under cond_stage_model.transformer (A1111 renames them too)."""
+    old, new = "cond_stage_model.transformer.", "cond_stage_model.transformer.text_model."
+    if any(k.startswith(new) for k in tensors):
+        return
+    for key in [k for k in tensors if k.startswith(old)]:
+        tensors[new + key[len(old):]] = tensors.pop(key)
+
+
+def _sidecar_prediction_type(filename: str, family: str) -> str:
+    """SD2: v-prediction unless an A1111 sidecar `<stem>.yaml` says `parameterization: eps`-style otherwise."""
+    if family != "sd2":
+        return "epsilon"
+    yaml_path = os.path.splitext(filename)[0] + ".yaml"
+    try:
+        with open(yaml_path, encoding="utf8") as f:
+            text = f.read()
+    except OSError:
+        return "v_prediction"
+    m = re.search(r"parameterization:\s*['\"]?(\w+)", text)
+    return "v_prediction" if m and m.group(1) == "v" else "epsilon"
+
+
+def _component_dict(family: str, component: str, model_keys: list[str], tensors: dict, levels, vae_levels: int,
+                    filename: str) -> tuple[dict[str, torch.Tensor], dict[str, sd_models_ldm.LdmRef]]:
+    source: dict[str, torch.Tensor] = {}
+    refs: dict[str, sd_models_ldm.LdmRef] = {}
+    missing = []
+    for key in model_keys:
+        ref = sd_models_ldm.ldm_ref(family, component, key, levels, vae_levels)
+        if ref is None or ref.key not in tensors:
+            missing.append(ref.key if ref is not None else key)
+            continue
+        view = sd_models_ldm.read_ref(ref, tensors)
+        # a transposed view would make the parameter non-contiguous and its matmuls round differently
+        source[key] = view.contiguous() if ref.transform == "transpose" else view
+        refs[key] = ref
+    if missing:
+        raise sd_models_ldm.CheckpointFormatError(
+            f"{filename}: {len(missing)} {component} tensors missing, e.g. {', '.join(missing[:3])}")
+    return source, refs
+
+
+def _build(factory: Callable[[], torch.nn.Module], source: dict, device, dtype) -> torch.nn.Module:
+    from modules.sd_disable_initialization import load_state_dict_lean
+
+    module, result = load_state_dict_lean(factory, source, device=device, dtype=dtype, strict=False)
+    if result.missing_keys:
+        raise sd_models_ldm.CheckpointFormatError(f"tensors not filled: {', '.join(result.missing_keys[:5])}")
+    return module.eval()
+
+
+def load_single_file(filename: str, device: torch.device, dtype: torch.dtype, checkpoint_info=None
+                     ) -> DiffusersSdModel:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tensors = read_checkpoint_tensors(filename)
+    family = sd_models_ldm.detect_family(tensors.keys())
+    if family == "sd1":
+        _normalise_sd1_clip_keys(tensors)
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    is_safetensors = filename.lower().endswith(".safetensors")
+
+    text_configs = {c: sd_models_ldm.infer_text_config(shapes, family, c) for c in sd_models_ldm.TEXT_PREFIXES[family]}
+    te2_projection = text_configs.get("text_encoder_2", {}).get("projection_dim")
+    unet_config = sd_models_ldm.infer_unet_config(shapes, family, te2_projection)
+    vae_config = sd_models_ldm.infer_vae_config(shapes, family)
+    levels = sd_models_ldm.UnetLevels.from_config(unet_config)
+    vae_levels = len(vae_config["block_out_channels"])
+
+    factories: dict[str, Callable[[], torch.nn.Module]] = {
+        "unet": lambda: UNet2DConditionModel(**unet_config),
+        "vae": lambda: AutoencoderKL(**vae_config),
+    }
+    for component, config in text_configs.items():
+        cls = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
+        factories[component] = (lambda cls=cls, config=config: cls(CLIPTextConfig(**config)))
+
+    components: dict[str, torch.nn.Module] = {}
+    refs: dict[tuple[str, str], tuple[str, str, sd_models_ldm.LdmRef | None]] = {}
+    dtypes: dict[tuple[str, str], torch.dtype] = {}
+    for component, factory in factories.items():
+        with torch.device("meta"):
+            keys = list(factory().state_dict().keys())
+        source, component_refs = _component_dict(family, component, keys, tensors, levels, vae_levels, filename)
+        module = _build(factory, source, device, dtype)
+        components[component] = module
+        for key, ref in component_refs.items():
+            refs[(component, key)] = (filename, ref.key, ref)
+        for key, tensor in module.state_dict().items():
+            dtypes[(component, key)] = tensor.dtype
+    del tensors
+
+    scheduler_config = dict(SCHEDULER_CONFIG, prediction_type=_sidecar_prediction_type(filename, family))
+    pipe = assemble_pipeline(family, components, scheduler_config)
+    pipe.set_progress_bar_config(disable=True)
+    return DiffusersSdModel(pipe, family, checkpoint_info, OriginalWeights(refs, dtypes) if is_safetensors else None)
+
+
+def load(filename: str, device: torch.device, dtype: torch.dtype, checkpoint_info=None) -> DiffusersSdModel:
+    if os.path.isdir(filename):
+        return load_diffusers_folder(filename, device, dtype, checkpoint_info)
+    return load_single_file(filename, device, dtype, checkpoint_info)
