@@ -61,12 +61,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_server_data(data_dir: str) -> None:
-    """The tiny default checkpoints and the demo LoRAs, built by the same functions install.py uses."""
+def build_server_data(data_dir: str, built_models: str | None = None) -> None:
+    """The tiny default checkpoints and the demo LoRAs, built by the same functions install.py uses (the models are
+    copied from `built_models` when given, which saves building them twice)."""
     from modules.default_models import ensure_default_models
     from scripts.make_demo_loras import make_demo_loras
 
     models_path = os.path.join(data_dir, "models")
+    if built_models:
+        shutil.copytree(os.path.join(built_models, "Stable-diffusion"), os.path.join(models_path, "Stable-diffusion"),
+                        dirs_exist_ok=True)
     sd1_dir, sdxl_dir = ensure_default_models(models_path)[:2]
     make_demo_loras(os.path.join(models_path, "Lora"), sd1_dir, sdxl_dir)
 
@@ -88,13 +92,23 @@ def _wait_until_ready(server: WebuiServer, timeout: float) -> None:
 
 
 @pytest.fixture(scope="session")
-def webui_server(tmp_path_factory):
+def default_models_dir() -> str:
+    """A models folder holding the tiny default checkpoints (tiny-sd1, tiny-sdxl), built once per test session."""
+    from modules.default_models import ensure_default_models
+
+    models_path = os.path.join(TEST_DATA_DIR, "models")
+    ensure_default_models(models_path)
+    return models_path
+
+
+@pytest.fixture(scope="session")
+def webui_server(tmp_path_factory, default_models_dir):
     external = os.environ.get("WEBUI_TEST_URL")
     if external:
         yield WebuiServer(external, os.environ["WEBUI_TEST_SERVER_DATA_DIR"])
         return
     data_dir = str(tmp_path_factory.mktemp("server-data"))
-    build_server_data(data_dir)
+    build_server_data(data_dir, default_models_dir)
     port = _free_port()
     log_path = os.path.join(data_dir, "server.log")
     env = {k: v for k, v in os.environ.items() if k not in ("SD_WEBUI_DATA_DIR", "SD_WEBUI_ARGS")}

@@ -1,0 +1,128 @@
+"""Checkpoint loading on the host: tiny default models, single-file checkpoints in the original layout, bad files."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from modules import sd_models, sd_models_diffusers, sd_models_ldm, shared
+
+CPU = torch.device("cpu")
+
+
+def _generate(model, seed: int = 1, prompt: str = "a red house") -> np.ndarray:
+    generator = [torch.Generator().manual_seed(seed)]
+    image = model.pipe(prompt=[prompt], negative_prompt=[""], num_inference_steps=3, guidance_scale=7.0, width=64,
+                       height=64, generator=generator).images[0]
+    return np.array(image)
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {f"{c}.{k}": v for c, m in model.components().items() if m is not None for k, v in m.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def tiny_models(default_models_dir) -> dict:
+    root = os.path.join(default_models_dir, "Stable-diffusion")
+    return {family: sd_models_diffusers.load(os.path.join(root, f"tiny-{family}"), CPU, torch.float32)
+            for family in ("sd1", "sdxl")}
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_tiny_default_model_is_a_working_pipeline(tiny_models, family):
+    model = tiny_models[family]
+    assert model.family == family and model.is_sdxl == (family == "sdxl") and model.is_sd1 == (family == "sd1")
+    assert (model.text_encoder_2 is not None) == (family == "sdxl")
+    assert model.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    first, again, other = _generate(model, 1), _generate(model, 1), _generate(model, 2)
+    assert first.shape == (64, 64, 3)
+    assert np.array_equal(first, again), "the same seed must give the same image"
+    assert not np.array_equal(first, other)
+    assert 20 < first.std() and first.min() < 64 and first.max() > 192, "the image is flat or saturated"
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_single_file_checkpoint_round_trip(tiny_models, tmp_path, family):
+    """A file in the original single-file layout loads offline into the same weights and the same image."""
+    model = tiny_models[family]
+    components = {k: v for k, v in model.components().items() if v is not None}
+    ldm = sd_models_ldm.to_ldm_state_dict(family, components)
+    assert any(k.startswith("model.diffusion_model.input_blocks.") for k in ldm)
+    assert any(k.startswith("first_stage_model.encoder.down.") for k in ldm)
+    prefix = "conditioner.embedders." if family == "sdxl" else "cond_stage_model.transformer.text_model."
+    assert any(k.startswith(prefix) for k in ldm)
+    path = str(tmp_path / f"tiny-{family}.safetensors")
+    save_file(ldm, path)
+
+    loaded = sd_models_diffusers.load(path, CPU, torch.float32)
+    assert loaded.family == family
+    expected, actual = _params(model), _params(loaded)
+    assert expected.keys() == actual.keys()
+    assert [k for k in expected if not torch.equal(expected[k], actual[k])] == []
+    assert np.array_equal(_generate(model), _generate(loaded))
+
+    # the Lora patcher's source of original weights gives back exactly what was loaded
+    source = loaded.original_weights
+    assert source is not None and source.valid()
+    by_component = {c: m.state_dict() for c, m in loaded.components().items() if m is not None}
+    for component, key in source.refs:
+        assert torch.equal(source.read(component, key), by_component[component][key]), (component, key)
+    assert len(source.refs) == len(expected)
+
+
+def test_ckpt_files_load_through_weights_only(tiny_models, tmp_path):
+    model = tiny_models["sd1"]
+    ldm = sd_models_ldm.to_ldm_state_dict("sd1", {k: v for k, v in model.components().items() if v is not None})
+    path = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": ldm, "global_step": 1}, path)
+    loaded = sd_models_diffusers.load(str(path), CPU, torch.float32)
+    assert torch.equal(loaded.unet.conv_in.weight, model.unet.conv_in.weight)
+    assert loaded.original_weights is None  # no memory map to re-read from: the patcher keeps its own copies
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    evil = tmp_path / "evil.ckpt"
+    with open(evil, "wb") as f:
+        pickle.dump({"state_dict": ldm, "x": Evil()}, f)
+    with pytest.raises(sd_models_ldm.CheckpointFormatError, match="weights_only"):
+        sd_models_diffusers.load(str(evil), CPU, torch.float32)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_bad_checkpoints_give_clear_messages(tmp_path):
+    unrelated = tmp_path / "unrelated.safetensors"
+    save_file({"some.weight": torch.zeros(2, 2)}, str(unrelated))
+    with pytest.raises(sd_models_ldm.CheckpointFormatError, match="not a Stable Diffusion checkpoint"):
+        sd_models_diffusers.load(str(unrelated), CPU, torch.float32)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    with pytest.raises(sd_models_ldm.CheckpointFormatError, match="truncated.safetensors"):
+        sd_models_diffusers.load(str(truncated), CPU, torch.float32)
+    partial = tmp_path / "partial.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(32, 4, 3, 3),
+               "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(10, 64)},
+              str(partial))
+    with pytest.raises(sd_models_ldm.CheckpointFormatError, match="missing tensor"):
+        sd_models_diffusers.load(str(partial), CPU, torch.float32)
+
+
+def test_listing_titles_and_selection(default_models_dir, monkeypatch):
+    monkeypatch.setattr(shared.cmd_opts, "ckpt_dir", os.path.join(default_models_dir, "Stable-diffusion"))
+    monkeypatch.setattr(shared.cmd_opts, "ckpt", None)
+    monkeypatch.setitem(shared.opts.data, "sd_model_checkpoint", "tiny-sdxl")
+    sd_models.list_models()
+    names = [info.name for info in sd_models.checkpoints_list.values()]
+    assert names == ["tiny-sd1", "tiny-sdxl"]
+    info = sd_models.select_checkpoint()
+    assert info.name == "tiny-sdxl" and info.is_diffusers
+    shorthash = info.calculate_shorthash()
+    assert info.title == f"tiny-sdxl [{shorthash}]" and len(shorthash) == 10
+    assert [i.name for i in sd_models.checkpoints_list.values()] == ["tiny-sd1", "tiny-sdxl"], "order kept"
+    assert sd_models.get_closet_checkpoint_match(info.title) is info
+    assert sd_models.get_closet_checkpoint_match("tiny-sdxl") is info
+    monkeypatch.setitem(shared.opts.data, "sd_model_checkpoint", "no-such-model")
+    assert sd_models.select_checkpoint().name == "tiny-sd1"
