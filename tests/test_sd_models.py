@@ -126,3 +126,32 @@ def test_listing_titles_and_selection(default_models_dir, monkeypatch):
     assert sd_models.get_closet_checkpoint_match("tiny-sdxl") is info
     monkeypatch.setitem(shared.opts.data, "sd_model_checkpoint", "no-such-model")
     assert sd_models.select_checkpoint().name == "tiny-sd1"
+
+
+def test_sd2_single_file_with_openclip_text_encoder(tmp_path):
+    """SD2: OpenCLIP's fused q/k/v `in_proj_weight` and the extra final block of the file (diffusers reads the
+    penultimate layer) map onto CLIPTextModel; v-prediction by default, eps when the A1111 sidecar yaml says so."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from modules import default_models
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**dict(default_models.UNET_SD1, attention_head_dim=[1, 1, 1],
+                                       use_linear_projection=True, upcast_attention=True)).eval()
+    text = CLIPTextModel(CLIPTextConfig(**dict(default_models.TEXT, num_hidden_layers=2), hidden_act="gelu")).eval()
+    components = {"unet": unet, "vae": AutoencoderKL(**default_models.VAE).eval(), "text_encoder": text}
+    ldm = sd_models_ldm.to_ldm_state_dict("sd2", components)
+    assert "cond_stage_model.model.transformer.resblocks.2.attn.in_proj_weight" in ldm  # the padded last block
+    path = tmp_path / "tiny-sd2.safetensors"
+    save_file(ldm, str(path))
+
+    loaded = sd_models_diffusers.load(str(path), CPU, torch.float32)
+    assert loaded.family == "sd2" and loaded.is_sd2
+    assert loaded.pipe.scheduler.config.prediction_type == "v_prediction"
+    assert loaded.text_encoder.config.num_hidden_layers == 2
+    expected = {f"{c}.{k}": v for c, m in components.items() for k, v in m.state_dict().items()}
+    actual = _params(loaded)
+    assert [k for k in expected if not torch.equal(expected[k], actual[k])] == []
+    (tmp_path / "tiny-sd2.yaml").write_text('model:\n  params:\n    parameterization: "eps"\n')
+    assert sd_models_diffusers.load(str(path), CPU, torch.float32).pipe.scheduler.config.prediction_type == "epsilon"
