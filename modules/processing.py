@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from modules import devices, extra_networks, infotext_utils, samplers, shared
+from modules import devices, extra_networks, infotext_utils, samplers, sd_hijack, shared
 from modules.extra_networks import re_extra_net
 
 opt_C = 4
@@ -256,6 +256,8 @@ def process_images_inner(p: StableDiffusionProcessing) -> Processed:
             p.seeds = p.all_seeds[sl]
             if not p.disable_extra_networks:
                 extra_networks.activate(p, p.extra_network_data)
+            p.prompts, p.negative_prompts = sd_hijack.model_hijack.apply_embeddings(
+                sd_model, p.prompts, p.negative_prompts, p)
 
             images = _sample(p, sd_model)
             for i, image in enumerate(images):
@@ -270,6 +272,7 @@ def process_images_inner(p: StableDiffusionProcessing) -> Processed:
         if not p.disable_extra_networks and p.extra_network_data is not None:
             extra_networks.deactivate(p, p.extra_network_data)
     finally:
+        sd_hijack.model_hijack.clear_embeddings(sd_model)
         shared.state.end()
         devices.torch_gc()
 

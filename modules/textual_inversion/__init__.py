@@ -1,0 +1,1 @@
+"""Textual inversion (A1111 package name)."""
