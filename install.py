@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -43,16 +44,38 @@ def ensure_packages(with_tests: bool) -> None:
         f.write(digest)
 
 
+MODEL_SOURCES = ("modules/default_models.py", "scripts/make_demo_loras.py")
+
+
+def _models_stamp(models_path: str) -> tuple[str, str]:
+    """(stamp file, digest of the code that builds the models): equal digests mean the models are current."""
+    h = hashlib.sha256()
+    for name in MODEL_SOURCES:
+        with open(os.path.join(ROOT, name), "rb") as f:
+            h.update(f.read())
+    return os.path.join(models_path, ".install-models"), h.hexdigest()
+
+
 def ensure_models(data_dir: str) -> None:
-    """Builds the tiny default checkpoints and the demo LoRAs when missing."""
+    """Builds the tiny default checkpoints and the demo LoRAs when missing (a stamp check first: no torch import)."""
+    models_path = os.path.join(data_dir, "models")
+    stamp, digest = _models_stamp(models_path)
+    try:
+        with open(stamp, encoding="utf8") as f:
+            recorded = json.load(f)
+        if recorded.get("digest") == digest and all(os.path.exists(p) for p in recorded.get("paths", [])):
+            return
+    except (OSError, ValueError):
+        pass
     sys.path.insert(0, ROOT)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from modules.default_models import ensure_default_models
     from scripts.make_demo_loras import make_demo_loras
 
-    models_path = os.path.join(data_dir, "models")
     sd1_dir, sdxl_dir = ensure_default_models(models_path)[:2]
-    make_demo_loras(os.path.join(models_path, "Lora"), sd1_dir, sdxl_dir)
+    loras = make_demo_loras(os.path.join(models_path, "Lora"), sd1_dir, sdxl_dir)
+    with open(stamp, "w", encoding="utf8") as f:
+        json.dump({"digest": digest, "paths": [sd1_dir, sdxl_dir], "demo_loras": loras}, f)  # deleted demos stay deleted
 
 
 def main() -> None:
