@@ -74,8 +74,8 @@ def ensure_models(data_dir: str) -> None:
 
     sd1_dir, sdxl_dir = ensure_default_models(models_path)[:2]
     loras = make_demo_loras(os.path.join(models_path, "Lora"), sd1_dir, sdxl_dir)
-    with open(stamp, "w", encoding="utf8") as f:
-        json.dump({"digest": digest, "paths": [sd1_dir, sdxl_dir], "demo_loras": loras}, f)  # deleted demos stay deleted
+    with open(stamp, "w", encoding="utf8") as f:  # only the models must exist: a deleted demo LoRA stays deleted
+        json.dump({"digest": digest, "paths": [sd1_dir, sdxl_dir], "demo_loras": loras}, f)
 
 
 def main() -> None:
