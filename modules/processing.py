@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from modules import devices, extra_networks, infotext_utils, samplers, sd_hijack, shared
+from modules import devices, extra_networks, infotext_utils, prompt_encoder, samplers, sd_hijack, shared
 from modules.extra_networks import re_extra_net
 
 opt_C = 4
@@ -178,6 +178,7 @@ def create_infotext(p: StableDiffusionProcessing, all_prompts: list, all_seeds: 
         "Size": f"{p.width}x{p.height}",
         "Model hash": p.sd_model_hash if shared.opts.add_model_hash_to_info else None,
         "Model": p.sd_model_name if shared.opts.add_model_name_to_info else None,
+        "Clip skip": clip_skip if (clip_skip := shared.opts.data.get("CLIP_stop_at_last_layers", 1)) > 1 else None,
         "Batch size": p.batch_size if p.batch_size > 1 else None,
         "Batch pos": position_in_batch if p.batch_size > 1 else None,
     }
@@ -297,9 +298,9 @@ def _sample(p: StableDiffusionProcessing, sd_model) -> list:
         return callback_kwargs
 
     with torch.inference_mode():
+        conditioning = prompt_encoder.encode(sd_model, p.prompts, p.negative_prompts)
         result = pipe(
-            prompt=p.prompts,
-            negative_prompt=p.negative_prompts,
+            **conditioning,
             num_inference_steps=p.steps,
             guidance_scale=p.cfg_scale,
             width=p.width,

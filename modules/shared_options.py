@@ -18,6 +18,9 @@ options_templates.update(options_section(("sd", "Stable Diffusion"), {
     "add_model_name_to_info": OptionInfo(True, "Add model name to generation information"),
     "add_version_to_infotext": OptionInfo(True, "Add program version to generation information"),
     "disable_mmap_load_safetensors": OptionInfo(False, "Disable memmapping for loading .safetensors files."),
+    "CLIP_stop_at_last_layers": OptionInfo(1, "Clip skip", component_args={"minimum": 1, "maximum": 12, "step": 1}
+                                           ).info("1 = the last layer; SD1/SD2 only (SDXL always uses the "
+                                                  "penultimate layer)"),
 }))
 
 options_templates.update(options_section(("extra_networks", "Extra Networks"), {
