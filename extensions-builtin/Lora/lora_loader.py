@@ -10,31 +10,81 @@ import logging
 from collections import OrderedDict
 
 import lora_files
+import lora_keys
 import network
+import network_full
+import network_glora
+import network_hada
+import network_ia3
+import network_lokr
 import network_lora
+import network_norm
+import network_oft
+import torch
 
 logger = logging.getLogger("lora")
 
-module_types: list[network.ModuleType] = [network_lora.ModuleTypeLora()]
+# A1111's order: the first type that claims a layer's parts wins.
+module_types: list[network.ModuleType] = [
+    network_lora.ModuleTypeLora(),
+    network_hada.ModuleTypeHada(),
+    network_ia3.ModuleTypeIa3(),
+    network_lokr.ModuleTypeLokr(),
+    network_full.ModuleTypeFull(),
+    network_norm.ModuleTypeNorm(),
+    network_glora.ModuleTypeGLora(),
+    network_oft.ModuleTypeOFT(),
+]
 
 # Loaded networks by absolute path (A1111 keeps this dict too; it is purged to lora_in_memory_limit).
 networks_in_memory: OrderedDict[str, network.Network] = OrderedDict()
 
 
+def _target_weight_shape(sd_module) -> tuple | None:
+    weight = getattr(sd_module, "in_proj_weight", None) if isinstance(sd_module, torch.nn.MultiheadAttention) \
+        else getattr(sd_module, "weight", None)
+    return None if weight is None else tuple(weight.shape)
+
+
+def _non_finite_parts(parts: dict[str, str], state_dict: dict) -> list[str]:
+    bad = []
+    for key in parts.values():
+        t = state_dict[key]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad.append(key)
+    return bad
+
+
+def build_module(net: network.Network, weights: network.NetworkWeights) -> network.NetworkModule | None:
+    """The first network type that claims the layer's parts, checked against the target layer's weight shape.
+    None when no type claims them; ValueError/KeyError with a message when the parts are broken."""
+    for module_type in module_types:
+        module = module_type.create_module(net, weights)
+        if module is not None:
+            shape = _target_weight_shape(weights.sd_module)
+            if shape is not None:
+                module.validate(shape)
+            return module
+    return None
+
+
 def parse_state_dict(net: network.Network, state_dict: dict, layer_map) -> network.Network:
-    groups, bases, net.unmatched_keys = layer_map.key_map.group(state_dict.keys())
+    parsed = lora_keys.parse_state_dict(state_dict, layer_map.key_map, getattr(net.network_on_disk, "metadata", None))
+    state_dict, groups, bases, net.unmatched_keys = parsed.tensors, parsed.groups, parsed.bases, parsed.unmatched
+    net.bundle_embeddings, net.version_hint, net.refused = parsed.bundle_embeddings, parsed.version_hint, parsed.refused
     for canonical, parts in groups.items():
+        bad = _non_finite_parts(parts, state_dict)
+        if bad:
+            net.load_errors[canonical] = f"{bases[canonical]}: NaN or infinite values in {', '.join(bad)}"
+            continue
         weights = network.NetworkWeights(network_key=bases[canonical], sd_key=canonical,
                                          w={part: state_dict[key] for part, key in parts.items()},
                                          sd_module=layer_map.layers.get(canonical))
         try:
-            module = None
-            for module_type in module_types:
-                module = module_type.create_module(net, weights)
-                if module is not None:
-                    break
+            module = build_module(net, weights)
         except Exception as e:
-            net.load_errors[canonical] = f"{type(e).__name__}: {e}"
+            message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            net.load_errors[canonical] = f"{bases[canonical]}: {message}"
             continue
         if module is None:
             net.unsupported_keys.extend(parts.values())
@@ -71,9 +121,18 @@ def get_network(name: str, network_on_disk: network.NetworkOnDisk, layer_map) ->
     return net
 
 
-def purge_networks_from_memory(limit: int, keep: list[network.Network]) -> None:
-    """Keeps at most `limit` networks besides those in `keep` (the current job's), dropping the oldest first."""
+def purge_networks_from_memory(limit: int, keep: list[network.Network]) -> int:
+    """Keeps at most `limit` networks besides those in `keep` (the current job's), dropping the oldest first.
+    Returns how many were dropped.
+
+    A dropped network's modules point back at it; clearing them breaks that cycle, so its tensors are freed at
+    once by reference counting instead of waiting for (or forcing, A1111 calls gc.collect()) a garbage collection."""
     keep_ids = {id(n) for n in keep}
     extra = [k for k, n in networks_in_memory.items() if id(n) not in keep_ids]
-    for filename in extra[:max(0, len(extra) - max(0, int(limit)))]:
-        networks_in_memory.pop(filename, None)
+    dropped = 0
+    for filename in extra[:max(0, len(extra) - max(0, int(limit or 0)))]:
+        net = networks_in_memory.pop(filename, None)
+        if net is not None:
+            net.modules = {}
+            dropped += 1
+    return dropped

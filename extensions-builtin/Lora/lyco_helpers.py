@@ -1,46 +1,102 @@
-"""Pure tensor helpers shared by the network types (A1111 file name). No host imports, no globals."""
+"""Pure tensor helpers shared by the network types (A1111 file name). No host imports, no globals.
+
+Every function takes and returns fp32 tensors on the caller's device; the callers cast once, at the end.
+"""
 from __future__ import annotations
 
 import torch
 
+DORA_OUTPUT_AXIS = "output"
+DORA_INPUT_AXIS = "input"
+
+
+def flat2d(t: torch.Tensor) -> torch.Tensor:
+    """A factor as a matrix: rows stay, everything else is flattened (a 1×1 conv kernel becomes Linear-shaped)."""
+    return t.reshape(t.shape[0], -1)
+
 
 def make_weight_cp(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-    """CP/Tucker rebuild used by LoHa: out[p,q,k,l] = sum_ij t[i,j,k,l] * wa[i,p] * wb[j,q]."""
-    temp = torch.einsum("i j k l, j r -> i r k l", t, wb)
-    return torch.einsum("i j k l, i r -> r j k l", temp, wa)
+    """Tucker rebuild used by LoHa/LoKr: out[p,q,...] = Σ_ij t[i,j,...]·wa[i,p]·wb[j,q] (wa: rank×out, wb: rank×in)."""
+    return torch.einsum("i j ..., i p, j r -> p r ...", t, flat2d(wa), flat2d(wb))
 
 
 def rebuild_conventional(up: torch.Tensor, down: torch.Tensor, shape, dyn_dim: int | None = None) -> torch.Tensor:
     """up·down reshaped to `shape`; with dyn_dim only the first dyn_dim ranks are used."""
-    up = up.reshape(up.size(0), -1)
-    down = down.reshape(down.size(0), -1)
+    up = flat2d(up)
+    down = flat2d(down)
     if dyn_dim is not None:
         up = up[:, :dyn_dim]
         down = down[:dyn_dim, :]
     return (up @ down).reshape(shape)
 
 
-def rebuild_cp_decomposition(up: torch.Tensor, down: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
-    """Tucker LoCon: U[i,j,k,l] = sum_np mid[n,p,k,l] * up[i,n] * down[p,j]."""
-    up = up.reshape(up.size(0), -1)
-    down = down.reshape(down.size(0), -1)
-    return torch.einsum("n m k l, i n, m j -> i j k l", mid, up, down)
+def rebuild_cp_decomposition(up: torch.Tensor, down: torch.Tensor, mid: torch.Tensor,
+                             dyn_dim: int | None = None) -> torch.Tensor:
+    """Tucker LoCon: U[i,j,...] = Σ_np mid[n,p,...]·up[i,n]·down[p,j]; dyn_dim keeps the first ranks of all three."""
+    up = flat2d(up)
+    down = flat2d(down)
+    if dyn_dim is not None:
+        up, down, mid = up[:, :dyn_dim], down[:dyn_dim, :], mid[:dyn_dim, :dyn_dim]
+    return torch.einsum("n m ..., i n, m j -> i j ...", mid, up, down)
 
 
-def weight_decompose(delta: torch.Tensor, orig_weight: torch.Tensor, dora_scale: torch.Tensor) -> torch.Tensor:
-    """DoRA: M ⊙ V / ‖V‖ − W with V = W + delta.
+def make_kron(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """kron(w1, w2); a 2-D w1 with a conv-shaped w2 gets trailing 1s so the kernel comes from w2 alone."""
+    if w2.dim() > w1.dim():
+        w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - w1.dim())))
+    return torch.kron(w1.contiguous(), w2.contiguous())  # kron views its inputs
 
-    The norm is per input channel (dim 1) as in A1111 and LyCORIS `wd_on_out=False` (M of shape (1, in, ...)),
-    or per output channel when M has shape (out, 1, ...) (LyCORIS `wd_on_out=True`)."""
+
+def dora_axis(scale_shape: tuple, weight_shape: tuple, square_default: str = DORA_INPUT_AXIS) -> str:
+    """Which axis a DoRA magnitude vector belongs to, from its shape.
+
+    2-D and wider shapes say it outright: (out, 1, ...) is per output channel (LyCORIS `wd_on_out=True`),
+    (1, in, ...) per input channel (kohya/A1111, LyCORIS `wd_on_out=False`). A 1-D vector of length out ≠ in
+    or in ≠ out is the axis it matches; a 1-D vector on a square layer takes `square_default`."""
+    scale_shape, weight_shape = tuple(scale_shape), tuple(weight_shape)
+    if len(weight_shape) < 2:
+        raise ValueError(f"DoRA needs a 2-D or conv weight, not shape {weight_shape}")
+    out_dim, in_dim = weight_shape[0], weight_shape[1]
+    numel = 1
+    for n in scale_shape:
+        numel *= n
+    if len(scale_shape) >= 2:
+        rest_is_one = all(n == 1 for n in scale_shape[2:])
+        if scale_shape[0] == out_dim and scale_shape[1] == 1 and rest_is_one and (out_dim != 1 or in_dim == 1):
+            return DORA_OUTPUT_AXIS
+        if scale_shape[0] == 1 and scale_shape[1] == in_dim and rest_is_one:
+            return DORA_INPUT_AXIS
+    elif numel in (out_dim, in_dim):
+        if out_dim == in_dim:
+            return square_default
+        return DORA_OUTPUT_AXIS if numel == out_dim else DORA_INPUT_AXIS
+    raise ValueError(f"dora_scale of shape {scale_shape} fits neither the output ({out_dim}) nor the input "
+                     f"({in_dim}) channels of a weight of shape {weight_shape}")
+
+
+def weight_decompose(delta: torch.Tensor, orig_weight: torch.Tensor, dora_scale: torch.Tensor,
+                     axis: str = DORA_INPUT_AXIS) -> torch.Tensor:
+    """DoRA as a delta: M ⊙ V / ‖V‖ − W with V = W + delta, the norm taken per channel of `axis`.
+
+    ‖V‖ gets float32 eps added, as in LyCORIS's forward, so an all-zero channel does not divide by zero."""
     merged = orig_weight + delta
     ones = [1] * (merged.dim() - 1)
-    per_output = dora_scale.dim() >= 2 and dora_scale.shape[0] == merged.shape[0] > 1 and dora_scale.shape[1] == 1
-    if per_output:
+    if axis == DORA_OUTPUT_AXIS:
         norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(merged.shape[0], *ones)
     else:
-        norm = (merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
+        norm = (merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)
                 .reshape(merged.shape[1], *ones).transpose(0, 1))
+    norm = norm + torch.finfo(torch.float32).eps
     return merged * (dora_scale.reshape(norm.shape) / norm) - orig_weight
+
+
+def fits_weight(delta_shape, weight_shape) -> bool:
+    """Whether reshape_to_weight accepts a delta of this shape for this weight."""
+    delta_shape, weight_shape = torch.Size(delta_shape), torch.Size(weight_shape)
+    if delta_shape == weight_shape or delta_shape.numel() == weight_shape.numel():
+        return True
+    return (len(delta_shape) == 4 and len(weight_shape) == 4 and delta_shape[1] == 4 and weight_shape[1] == 9
+            and delta_shape[0] == weight_shape[0] and delta_shape[2:] == weight_shape[2:])
 
 
 def reshape_to_weight(delta: torch.Tensor, weight_shape: torch.Size | tuple) -> torch.Tensor:
@@ -51,7 +107,47 @@ def reshape_to_weight(delta: torch.Tensor, weight_shape: torch.Size | tuple) -> 
         return delta
     if delta.numel() == weight_shape.numel():
         return delta.reshape(weight_shape)
-    if (delta.dim() == 4 and len(weight_shape) == 4 and delta.shape[1] == 4 and weight_shape[1] == 9
-            and delta.shape[0] == weight_shape[0] and delta.shape[2:] == weight_shape[2:]):
+    if fits_weight(delta.shape, weight_shape):
         return torch.nn.functional.pad(delta, (0, 0, 0, 0, 0, 5))
     raise ValueError(f"delta of shape {tuple(delta.shape)} does not fit a weight of shape {tuple(weight_shape)}")
+
+
+def skew_cayley(blocks: torch.Tensor, constraint: float | None, kohya_clamp: bool = False) -> torch.Tensor:
+    """Blocks B → orthogonal R = (I + Q)(I − Q)⁻¹ with Q = B − Bᵀ (the last two axes), the Frobenius norm of all
+    of Q limited to `constraint`.
+
+    LyCORIS scales Q by c/(‖Q‖+1e-8) when ‖Q‖+1e-8 > c and c > 0; kohya always clamps,
+    Q·(min(‖Q‖, c)+1e-8)/(‖Q‖+1e-8), so c = 0 there means no rotation at all."""
+    q = blocks - blocks.transpose(-1, -2)
+    if kohya_clamp and constraint is not None:
+        norm = torch.norm(q)
+        q = q * ((torch.clamp(norm, max=float(constraint)) + 1e-8) / (norm + 1e-8))
+    elif constraint is not None and constraint > 0:
+        norm = torch.norm(q) + 1e-8
+        if norm > constraint:
+            q = q * (constraint / norm)
+    eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype)
+    return (eye + q) @ torch.linalg.inv(eye - q)
+
+
+def rotate_blocks(weight: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Rᵀ applied to consecutive row blocks of `weight` (OFT): W'[k·b + m] = Σ_n R[k,n,m]·W[k·b + n]."""
+    k, b, _ = r.shape
+    rest = weight.shape[1:]
+    out = torch.einsum("k n m, k n ... -> k m ...", r, weight.reshape(k, b, *rest))
+    return out.reshape(weight.shape)
+
+
+def butterfly(weight: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """BOFT: the m butterfly stages of r (m, blocks, b, b) applied to the rows of `weight`, as LyCORIS does:
+    stage i groups the rows (c, 2, 2^i·b/2) → (c, 2^i·b/2, 2), multiplies each b-row block by R (R·W, not Rᵀ),
+    and ungroups."""
+    stages, _, b, _ = r.shape
+    half = b // 2
+    x = weight
+    for i in range(stages):
+        k = 2 ** i * half
+        x = x.unflatten(0, (-1, 2, k)).transpose(1, 2).flatten(0, 2).unflatten(0, (-1, b))
+        x = torch.einsum("b i j, b j ... -> b i ...", r[i], x)
+        x = x.flatten(0, 1).unflatten(0, (-1, k, 2)).transpose(1, 2).flatten(0, 2)
+    return x

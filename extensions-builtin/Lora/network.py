@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import enum
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -24,19 +25,29 @@ class SdVersion(enum.Enum):
 
 
 def detect_version(metadata: dict, version_hint: str | None = None) -> SdVersion:
-    """A1111's rules (ss_base_model_version, ss_v2), then modelspec.architecture and the key-name hint, which
-    A1111 ignores (it calls every LoRA with metadata SD1, 13A-10)."""
-    if str(metadata.get("ss_base_model_version", "")).startswith("sdxl_"):
+    """The model family of a Lora file. Its keys and shapes (`version_hint`, lora_files.version_hint_from_keys)
+    win over what the metadata says, since trainers write wrong or no `ss_*` values and A1111 calls every LoRA
+    with metadata SD1 (13A-10). Without a key hint: A1111's rules (ss_base_model_version, ss_v2), then
+    modelspec.architecture; a file the metadata places in another architecture (Flux, SD3, ...) is Unknown, and
+    any other file with metadata is SD1, as in A1111."""
+    if version_hint in ("SD1", "SD2", "SDXL"):
+        return SdVersion[version_hint]
+    if version_hint:  # another architecture: none of ours
+        return SdVersion.Unknown
+    base = str(metadata.get("ss_base_model_version", "") or "")
+    if base.startswith("sdxl_"):
         return SdVersion.SDXL
-    if str(metadata.get("ss_v2", "")) == "True":
+    if str(metadata.get("ss_v2", "")) == "True" or base.startswith("sd_v2"):
         return SdVersion.SD2
-    arch = str(metadata.get("modelspec.architecture", ""))
+    if base.startswith("sd_v1"):
+        return SdVersion.SD1
+    arch = str(metadata.get("modelspec.architecture", "") or "")
     for prefix, version in (("stable-diffusion-xl", SdVersion.SDXL), ("stable-diffusion-v2", SdVersion.SD2),
                             ("stable-diffusion-v1", SdVersion.SD1)):
         if arch.startswith(prefix):
             return version
-    if version_hint in ("SD1", "SD2", "SDXL"):
-        return SdVersion[version_hint]
+    if base or arch:  # named, but not a family of ours (flux1, sd3, stable-diffusion-v3-medium/lora, ...)
+        return SdVersion.Unknown
     if metadata:
         return SdVersion.SD1
     return SdVersion.Unknown
@@ -173,10 +184,44 @@ def is_text_encoder_layer(sd_key: str) -> bool:
 def _scalar(t) -> float | None:
     if t is None:
         return None
-    return float(t.item()) if isinstance(t, torch.Tensor) else float(t)
+    if isinstance(t, torch.Tensor):
+        if t.numel() != 1:
+            raise ValueError(f"expected a single number, found a tensor of shape {tuple(t.shape)}")
+        return float(t.item())
+    return float(t)
+
+
+def _truthy(value) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no"):
+        return False
+    return None
+
+
+def dora_square_default(net: Network | None) -> str:
+    """The DoRA axis for a 1-D magnitude on a square layer: the file's own `wd_on_output` training argument when
+    its metadata has one (LyCORIS, `ss_network_args`), else the kohya/A1111 input-axis convention."""
+    metadata = getattr(getattr(net, "network_on_disk", None), "metadata", None) or {}
+    args = metadata.get("ss_network_args")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            args = None
+    if isinstance(args, dict):
+        for key in ("wd_on_output", "wd_on_out"):
+            flag = _truthy(args.get(key))
+            if flag is not None:
+                return lyco_helpers.DORA_OUTPUT_AXIS if flag else lyco_helpers.DORA_INPUT_AXIS
+    return lyco_helpers.DORA_INPUT_AXIS
 
 
 class ModuleType:
+    """Claims the parts of one layer group it understands by returning a NetworkModule, else None."""
+
     def create_module(self, net: Network, weights: NetworkWeights) -> NetworkModule | None:
         return None
 
@@ -184,11 +229,15 @@ class ModuleType:
 class NetworkModule:
     """Base of every network type: scale, multiplier, reshape to the target, DoRA, extra bias.
 
-    Subclasses implement `calc_delta(orig_weight, dyn_dim) -> (U, output_shape, ex_bias)`: the unscaled delta in
-    fp32 on orig_weight's device.
+    Subclasses implement `calc_delta(orig_weight, dyn_dim, multiplier, orig_bias) -> (U, output_shape, ex_bias)`:
+    the delta before scale and multiplier, fp32, on orig_weight's device. A type whose strength is not a plain
+    factor (OFT, BOFT) sets `applies_multiplier` and returns its delta at strength `multiplier` already.
+    `validate(weight_shape)` raises ValueError with a clear message when the parts cannot fit the target.
     """
 
     common_parts = ("alpha", "scale", "dora_scale", "bias")
+    supports_dora = True
+    applies_multiplier = False
 
     def __init__(self, net: Network, weights: NetworkWeights):
         self.network = net
@@ -200,43 +249,72 @@ class NetworkModule:
         self.bias = w.get("bias")
         self.alpha = _scalar(w.get("alpha"))
         self.scale = _scalar(w.get("scale"))
-        self.dora_scale = w.get("dora_scale")
+        self.dora_scale = w.get("dora_scale") if self.supports_dora else None
+        self.dora_square_default = dora_square_default(net)
         self.parts_used: set[str] = {k for k in self.common_parts if k in w}
+        if not self.supports_dora:
+            self.parts_used.discard("dora_scale")
 
     def multiplier(self) -> float:
         return self.network.te_multiplier if is_text_encoder_layer(self.sd_key) else self.network.unet_multiplier
 
-    def calc_scale(self) -> float:
+    def calc_scale(self, dyn_dim: int | None = None) -> float:
+        """`scale` when the file has one, else alpha/dim (dim: the type's rank), else 1. alpha 0 means no alpha,
+        as kohya's and LyCORIS's modules read it (A1111 would make the whole delta 0)."""
         if self.scale is not None:
             return self.scale
-        if self.dim is not None and self.alpha is not None:
+        if self.dim and self.alpha:
             return self.alpha / self.dim
         return 1.0
 
-    def calc_delta(self, orig_weight: torch.Tensor, dyn_dim: int | None):
+    def calc_delta(self, orig_weight: torch.Tensor, dyn_dim: int | None = None, multiplier: float = 1.0,
+                   orig_bias: torch.Tensor | None = None):
         raise NotImplementedError
 
-    def compute(self, orig_weight: torch.Tensor, multiplier: float, dyn_dim: int | None = None):
-        """(ΔW, Δbias) in fp32, ΔW shaped like orig_weight: m · finalize(s · U)."""
-        updown, output_shape, ex_bias = self.calc_delta(orig_weight, dyn_dim)
-        return self.finalize_updown(updown, orig_weight, output_shape, ex_bias, multiplier)
+    def delta_shape(self) -> tuple | None:
+        """The shape calc_delta returns without reading the weight, for validation; None when it depends on W."""
+        return None
+
+    def validate(self, weight_shape: tuple) -> None:
+        weight_shape = tuple(weight_shape)
+        shape = self.delta_shape()
+        if shape is not None and not lyco_helpers.fits_weight(shape, weight_shape):
+            raise ValueError(f"its parts make a delta of shape {tuple(shape)}, the layer's weight has shape "
+                             f"{weight_shape}")
+        if self.bias is not None and shape is not None and self.bias.numel() != torch.Size(shape).numel():
+            raise ValueError(f"bias of shape {tuple(self.bias.shape)} does not match the delta's shape {tuple(shape)}")
+        if self.dora_scale is not None:
+            lyco_helpers.dora_axis(self.dora_scale.shape, weight_shape, self.dora_square_default)
+
+    def compute(self, orig_weight: torch.Tensor, multiplier: float, dyn_dim: int | None = None,
+                orig_bias: torch.Tensor | None = None):
+        """(ΔW, Δbias) in fp32 for strength `multiplier`, ΔW shaped like orig_weight: m · finalize(s · U).
+
+        orig_weight (and orig_bias) are the layer's original parameters, in any dtype; nothing is written."""
+        updown, output_shape, ex_bias = self.calc_delta(orig_weight, dyn_dim, multiplier, orig_bias)
+        return self.finalize_updown(updown, orig_weight, output_shape, ex_bias, multiplier, dyn_dim)
 
     def finalize_updown(self, updown: torch.Tensor, orig_weight: torch.Tensor, output_shape, ex_bias=None,
-                        multiplier: float | None = None):
+                        multiplier: float | None = None, dyn_dim: int | None = None):
         m = self.multiplier() if multiplier is None else multiplier
         updown = updown.float()
-        if self.bias is not None:
+        if self.bias is not None:  # A1111's weight-shaped `bias` part: added to U before the scale
             updown = updown.reshape(self.bias.shape) + self.bias.to(updown.device, torch.float32)
             updown = updown.reshape(output_shape)
         if len(output_shape) == 4:
             updown = updown.reshape(output_shape)
         updown = lyco_helpers.reshape_to_weight(updown, orig_weight.shape)
         if ex_bias is not None:
-            ex_bias = ex_bias.to(updown.device, torch.float32) * m
-        updown = updown * self.calc_scale()
+            ex_bias = ex_bias.to(updown.device, torch.float32)
+        if self.applies_multiplier:
+            return updown, ex_bias
+        if ex_bias is not None:
+            ex_bias = ex_bias * m
+        updown = updown * self.calc_scale(dyn_dim)
         if self.dora_scale is not None:
-            dora_scale = self.dora_scale.to(updown.device, torch.float32)
-            updown = lyco_helpers.weight_decompose(updown, orig_weight.to(updown.device, torch.float32), dora_scale)
+            axis = lyco_helpers.dora_axis(self.dora_scale.shape, orig_weight.shape, self.dora_square_default)
+            updown = lyco_helpers.weight_decompose(updown, orig_weight.to(updown.device, torch.float32),
+                                                   self.dora_scale.to(updown.device, torch.float32), axis)
         return updown * m, ex_bias
 
     def calc_updown(self, orig_weight: torch.Tensor):
@@ -245,3 +323,4 @@ class NetworkModule:
 
     def forward(self, x, y):
         raise NotImplementedError("this host merges weights; there is no per-forward Lora path")
+

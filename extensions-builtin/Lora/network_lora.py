@@ -1,27 +1,39 @@
-"""LoRA / LoCon / Tucker-LoCon / DyLoRA (A1111 file name): ΔW = m · s · up·down, s = alpha/rank or `scale`."""
+"""LoRA / LoCon / Tucker-LoCon / DyLoRA (A1111 file name): ΔW = m · s · up·down, s = alpha/rank or `scale`.
+
+Conv LoCon: down is (r, in, kh, kw), up (out, r, 1, 1). Tucker LoCon: down (r, in, 1, 1), mid (r, r, kh, kw),
+up (out, r, 1, 1). `dyn=d` keeps the first d ranks (of mid too) and scales by alpha/d, as DyLoRA trains them.
+"""
 from __future__ import annotations
 
 import lyco_helpers
 import network
 import torch
 
-# Other trainers' names for the same parts (PEFT `lora_A/lora_B`, old diffusers `lora.down/lora.up`).
+# Other trainers' names for the same parts (PEFT `lora_A/lora_B`, old diffusers `lora.down/lora.up`) and
+# PEFT's DoRA magnitude, which is per output channel.
 PART_ALIASES = {
     "lora_A.weight": "lora_down.weight",
     "lora_B.weight": "lora_up.weight",
     "lora.down.weight": "lora_down.weight",
     "lora.up.weight": "lora_up.weight",
+    "lora_magnitude_vector": "dora_scale",
+    "lora_magnitude_vector.weight": "dora_scale",
 }
+PEFT_MAGNITUDE_PARTS = ("lora_magnitude_vector", "lora_magnitude_vector.weight")
 
 
 class ModuleTypeLora(network.ModuleType):
     def create_module(self, net: network.Network, weights: network.NetworkWeights):
         w = weights.w
+        from_peft_magnitude = any(k in w for k in PEFT_MAGNITUDE_PARTS)
         if any(k in w for k in PART_ALIASES):
             w = {PART_ALIASES.get(k, k): v for k, v in w.items()}
             weights = network.NetworkWeights(weights.network_key, weights.sd_key, w, weights.sd_module)
         if "lora_up.weight" in w and "lora_down.weight" in w:
-            return NetworkModuleLora(net, weights)
+            module = NetworkModuleLora(net, weights)
+            if from_peft_magnitude:
+                module.dora_square_default = lyco_helpers.DORA_OUTPUT_AXIS
+            return module
         return None
 
 
@@ -35,29 +47,53 @@ class NetworkModuleLora(network.NetworkModule):
         self.parts_used |= {"lora_up.weight", "lora_down.weight"}
         if self.mid is not None:
             self.parts_used.add("lora_mid.weight")
+        up, down = tuple(self.up.shape), tuple(self.down.shape)
         if self.up.dim() not in (2, 4) or self.down.dim() not in (2, 4):
-            raise ValueError(f"lora_up {tuple(self.up.shape)} / lora_down {tuple(self.down.shape)} must be 2-D or 4-D")
-        rank = self.down.shape[0]
-        if self.mid is None and self.up.shape[1] != rank:
-            raise ValueError(f"lora_up {tuple(self.up.shape)} and lora_down {tuple(self.down.shape)} disagree on rank")
-        if self.mid is not None and (self.mid.dim() != 4 or self.mid.shape[0] != self.up.shape[1]
-                                     or self.mid.shape[1] != rank):
-            raise ValueError(f"lora_mid {tuple(self.mid.shape)} does not fit lora_up {tuple(self.up.shape)} "
-                             f"and lora_down {tuple(self.down.shape)}")
+            raise ValueError(f"lora_up {up} / lora_down {down} must be 2-D or 4-D")
+        if self.up.dim() == 4 and up[2:] != (1, 1):
+            raise ValueError(f"lora_up {up} must be a 1×1 kernel")
+        rank = down[0]
+        if self.mid is None and up[1] != rank:
+            raise ValueError(f"lora_up {up} and lora_down {down} disagree on the rank")
+        if self.mid is not None:
+            mid = tuple(self.mid.shape)
+            if self.mid.dim() != 4 or mid[0] != up[1] or mid[1] != rank:
+                raise ValueError(f"lora_mid {mid} does not fit lora_up {up} and lora_down {down}")
+            if self.down.dim() == 4 and down[2:] != (1, 1):
+                raise ValueError(f"lora_down {down} must be a 1×1 kernel when lora_mid is present")
         self.dim = rank
 
-    def calc_delta(self, orig_weight: torch.Tensor, dyn_dim: int | None):
+    def truncated_rank(self, dyn_dim: int | None) -> int | None:
+        """The rank dyn keeps, or None for all of them."""
+        if dyn_dim is None or self.dim is None or dyn_dim >= self.dim:
+            return None
+        return max(1, int(dyn_dim))
+
+    def calc_scale(self, dyn_dim: int | None = None) -> float:
+        """alpha/d for `dyn=d` (the rank actually used), as DyLoRA scales a truncated rank."""
+        rank = self.truncated_rank(dyn_dim)
+        if rank is None or self.scale is not None or not self.alpha:
+            return super().calc_scale()
+        return self.alpha / rank
+
+    def delta_shape(self) -> tuple:
+        shape = (self.up.shape[0], self.down.shape[1])
+        if self.mid is not None:
+            return shape + tuple(self.mid.shape[2:])
+        if self.down.dim() == 4:
+            return shape + tuple(self.down.shape[2:])
+        return shape
+
+    def calc_delta(self, orig_weight: torch.Tensor, dyn_dim: int | None = None, multiplier: float = 1.0,
+                   orig_bias: torch.Tensor | None = None):
         device = orig_weight.device
         up = self.up.to(device, torch.float32)
         down = self.down.to(device, torch.float32)
-        output_shape = [up.size(0), down.size(1)]
+        rank = self.truncated_rank(dyn_dim)
+        output_shape = list(self.delta_shape())
         if self.mid is not None:
-            # Tucker LoCon: dyn does not apply to the core tensor (as in A1111)
             mid = self.mid.to(device, torch.float32)
-            updown = lyco_helpers.rebuild_cp_decomposition(up, down, mid)
-            output_shape += list(mid.shape[2:])
+            updown = lyco_helpers.rebuild_cp_decomposition(up, down, mid, rank)
         else:
-            if down.dim() == 4:
-                output_shape += list(down.shape[2:])
-            updown = lyco_helpers.rebuild_conventional(up, down, output_shape, dyn_dim)
+            updown = lyco_helpers.rebuild_conventional(up, down, output_shape, rank)
         return updown, output_shape, None

@@ -1,0 +1,87 @@
+"""GLoRA (A1111 file name): ΔW = m · s · (W·A + B), s = alpha/rank (LyCORIS; A1111 leaves alpha out).
+
+LyCORIS layout (a1: in×r, a2: r×in, b1: out×r, b2: r×in[·kh·kw]): W·A = W ×₁ (a1·a2) along the input channels,
+B = b1·b2, or with `bm.weight` (r×r×kh×kw) the Tucker rebuild B[i,j,...] = Σ bm[m,n,...]·b1[i,m]·b2[n,j].
+Old LyCORIS layout (a1: r×in, a2: in×r, b1: r×in, b2: out×r): W·A = (W·a2)·a1, B = b2·b1; told apart by shapes
+as ComfyUI/Forge do.
+"""
+from __future__ import annotations
+
+import lyco_helpers
+import network
+import torch
+
+PARTS = ("a1.weight", "a2.weight", "b1.weight", "b2.weight")
+
+
+class ModuleTypeGLora(network.ModuleType):
+    def create_module(self, net: network.Network, weights: network.NetworkWeights):
+        if all(k in weights.w for k in PARTS):
+            return NetworkModuleGLora(net, weights)
+        return None
+
+
+class NetworkModuleGLora(network.NetworkModule):
+    def __init__(self, net: network.Network, weights: network.NetworkWeights):
+        super().__init__(net, weights)
+        w = weights.w
+        self.a1, self.a2, self.b1, self.b2 = (w[k] for k in PARTS)
+        self.bm = w.get("bm.weight")
+        self.parts_used |= set(PARTS) | ({"bm.weight"} if self.bm is not None else set())
+        a1, a2, b1, b2 = (tuple(t.shape) for t in (self.a1, self.a2, self.b1, self.b2))
+        self.old_layout = b2[1] == b1[0] == a1[0] == a2[1]
+        new_layout = b2[0] == b1[1] == a1[1] == a2[0]
+        if not (self.old_layout or new_layout):
+            raise ValueError(f"a1 {a1}, a2 {a2}, b1 {b1}, b2 {b2} fit neither GLoRA layout")
+        self.ambiguous_layout = self.old_layout and new_layout
+        self.dim = a1[0] if self.old_layout else a2[0]
+        weight = getattr(weights.sd_module, "weight", None)
+        if self.ambiguous_layout and weight is not None:
+            self.layout_for(tuple(weight.shape))
+
+    def layout_for(self, weight_shape: tuple) -> bool:
+        """True for the old layout. Shapes that fit both read as old only when a2's rows, the layer's rows and its
+        columns are all equal (ComfyUI's rule); the rank follows the layout."""
+        old = self.old_layout
+        if self.ambiguous_layout:
+            old = self.a2.shape[0] == weight_shape[0] == weight_shape[1]
+        self.dim = self.a1.shape[0] if old else self.a2.shape[0]
+        return old
+
+    def validate(self, weight_shape: tuple) -> None:
+        if len(weight_shape) < 2:
+            raise ValueError(f"GLoRA needs a Linear or conv weight, not shape {tuple(weight_shape)}")
+        out_dim, in_dim = weight_shape[0], weight_shape[1]
+        flat_in = torch.Size(weight_shape[1:]).numel()
+        if self.layout_for(weight_shape):
+            ok = (self.a2.shape[0] == flat_in and self.a1.flatten(1).shape[1] == flat_in
+                  and self.b2.shape[0] == out_dim and self.b1.flatten(1).shape[1] == flat_in)
+        else:
+            b_cols = self.b2.flatten(1).shape[1]
+            if self.bm is not None:
+                b_cols = self.b2.shape[1] * torch.Size(self.bm.shape[2:]).numel()
+            ok = (self.a1.shape[0] == in_dim and self.a2.flatten(1).shape[1] == in_dim
+                  and self.b1.shape[0] == out_dim and self.b1.flatten(1).shape[1] == self.dim
+                  and b_cols == flat_in)
+        if not ok:
+            raise ValueError(f"a1 {tuple(self.a1.shape)}, a2 {tuple(self.a2.shape)}, b1 {tuple(self.b1.shape)}, "
+                             f"b2 {tuple(self.b2.shape)} do not fit a weight of shape {tuple(weight_shape)}")
+        if self.dora_scale is not None:
+            lyco_helpers.dora_axis(self.dora_scale.shape, weight_shape, self.dora_square_default)
+
+    def calc_delta(self, orig_weight: torch.Tensor, dyn_dim: int | None = None, multiplier: float = 1.0,
+                   orig_bias: torch.Tensor | None = None):
+        device = orig_weight.device
+        weight = orig_weight.to(torch.float32)
+        parts = (self.a1, self.a2, self.b1, self.b2)
+        a1, a2, b1, b2 = (lyco_helpers.flat2d(t.to(device, torch.float32)) for t in parts)
+        shape = list(weight.shape)
+        if self.layout_for(tuple(weight.shape)):
+            updown = b2 @ b1 + (lyco_helpers.flat2d(weight) @ a2) @ a1
+            return updown.reshape(shape), shape, None
+        if self.bm is not None:
+            wb = torch.einsum("m n ..., i m, n j -> i j ...", self.bm.to(device, torch.float32), b1, b2)
+        else:
+            wb = b1 @ b2
+        wa = torch.einsum("o i ..., i j -> o j ...", weight, a1 @ a2)
+        return wa + wb.reshape(shape), shape, None

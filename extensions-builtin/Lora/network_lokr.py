@@ -1,0 +1,83 @@
+"""LoKr (A1111 file name): ΔW = m · s · kron(W1, W2).
+
+W1 = lokr_w1 or lokr_w1_a·lokr_w1_b; W2 = lokr_w2, lokr_w2_a·lokr_w2_b (w2_b may carry the conv kernel, flat
+or 4-D), or with `lokr_t2` the Tucker rebuild W2[p,q,...] = Σ t2[i,j,...]·w2_a[i,p]·w2_b[j,q].
+s = alpha/rank when a half is low-rank (rank = w2_b rows, else w1_b rows), else 1 (alpha unused), as LyCORIS.
+"""
+from __future__ import annotations
+
+import lyco_helpers
+import network
+import torch
+
+
+class ModuleTypeLokr(network.ModuleType):
+    def create_module(self, net: network.Network, weights: network.NetworkWeights):
+        w = weights.w
+        has_1 = "lokr_w1" in w or ("lokr_w1_a" in w and "lokr_w1_b" in w)
+        has_2 = "lokr_w2" in w or ("lokr_w2_a" in w and "lokr_w2_b" in w)
+        if has_1 and has_2:
+            return NetworkModuleLokr(net, weights)
+        return None
+
+
+def _half(w: dict, n: str) -> tuple:
+    full = w.get(f"lokr_w{n}")
+    if full is not None:
+        return full, None, None, {f"lokr_w{n}"}
+    return None, w[f"lokr_w{n}_a"], w[f"lokr_w{n}_b"], {f"lokr_w{n}_a", f"lokr_w{n}_b"}
+
+
+class NetworkModuleLokr(network.NetworkModule):
+    def __init__(self, net: network.Network, weights: network.NetworkWeights):
+        super().__init__(net, weights)
+        w = weights.w
+        self.w1, self.w1a, self.w1b, used1 = _half(w, "1")
+        self.w2, self.w2a, self.w2b, used2 = _half(w, "2")
+        self.t2 = w.get("lokr_t2") if self.w2 is None else None
+        self.parts_used |= used1 | used2 | ({"lokr_t2"} if self.t2 is not None else set())
+        self.shape1 = self._check_half("w1", self.w1, self.w1a, self.w1b, None)
+        self.shape2 = self._check_half("w2", self.w2, self.w2a, self.w2b, self.t2)
+        if self.w2b is not None:
+            self.dim = self.w2b.shape[0]
+        elif self.w1b is not None:
+            self.dim = self.w1b.shape[0]
+
+    @staticmethod
+    def _check_half(name: str, full, a, b, t) -> tuple:
+        if full is not None:
+            if full.dim() not in (2, 4):
+                raise ValueError(f"lokr_{name} {tuple(full.shape)} must be 2-D or 4-D")
+            return tuple(full.shape)
+        if t is not None:
+            if a.dim() != 2 or b.dim() != 2 or t.dim() < 2 or t.shape[0] != a.shape[0] or t.shape[1] != b.shape[0]:
+                raise ValueError(f"lokr_t2 {tuple(t.shape)}, lokr_w2_a {tuple(a.shape)}, lokr_w2_b {tuple(b.shape)} "
+                                 "do not fit a Tucker rebuild")
+            return (a.shape[1], b.shape[1], *t.shape[2:])
+        if a.dim() != 2 or b.dim() not in (2, 4) or a.shape[1] != b.shape[0]:
+            raise ValueError(f"lokr_{name}_a {tuple(a.shape)} and lokr_{name}_b {tuple(b.shape)} do not multiply")
+        return (a.shape[0], *b.shape[1:])
+
+    def delta_shape(self) -> tuple:
+        s1, s2 = self.shape1, self.shape2
+        if len(s1) > 2:
+            raise ValueError(f"lokr_w1 {s1} must be 2-D")
+        shape = (s1[0] * s2[0], s1[1] * s2[1])
+        return shape + tuple(s2[2:])
+
+    @staticmethod
+    def _rebuild(full, a, b, t, device) -> torch.Tensor:
+        if full is not None:
+            return full.to(device, torch.float32)
+        a, b = a.to(device, torch.float32), b.to(device, torch.float32)
+        if t is not None:
+            return lyco_helpers.make_weight_cp(t.to(device, torch.float32), a, b)
+        return (a @ lyco_helpers.flat2d(b)).reshape(a.shape[0], *b.shape[1:])
+
+    def calc_delta(self, orig_weight: torch.Tensor, dyn_dim: int | None = None, multiplier: float = 1.0,
+                   orig_bias: torch.Tensor | None = None):
+        device = orig_weight.device
+        w1 = self._rebuild(self.w1, self.w1a, self.w1b, None, device)
+        w2 = self._rebuild(self.w2, self.w2a, self.w2b, self.t2, device)
+        updown = lyco_helpers.make_kron(w1, w2)
+        return updown, list(self.delta_shape()), None

@@ -1,0 +1,97 @@
+"""OFT / BOFT (A1111 file name): the weight's output channels rotated, W' = rescale · Rᵀ·W, ΔW = W' − W.
+
+Variants, each computed as its trainer's forward does (strength m included):
+- kohya OFT (`oft_blocks` (k, b, b), keys `oft_unet_*`): R = Cayley(B − Bᵀ) with ‖Q‖ clamped to alpha·out,
+  R_m = m·R + (1−m)·I per block. kohya rotates the layer's output, so the bias turns too: Δbias = (R_mᵀ − I)·b.
+- LyCORIS diag-OFT (`oft_blocks` (k, b, b), other keys): the same R (Q scaled only when ‖Q‖ > alpha·out > 0),
+  the bias left as it is, optional `rescale` per output channel.
+- old LyCORIS (`oft_diag` (k, b, b)): R stored as it is (already orthogonal), R_m = m·R + (1−m)·I.
+- BOFT (`oft_blocks` (stages, k, b, b)): each stage's R_m = m·R + (1−m)·I applied in butterfly order (R·W).
+`rescale` is applied at strength m as 1 + m·(rescale − 1), so strength 0 is the base model (LyCORIS applies it
+fully at any strength). The file's `scale` and `dora_scale` do not apply to rotations.
+"""
+from __future__ import annotations
+
+import lyco_helpers
+import network
+import torch
+
+
+class ModuleTypeOFT(network.ModuleType):
+    def create_module(self, net: network.Network, weights: network.NetworkWeights):
+        if "oft_blocks" in weights.w or "oft_diag" in weights.w:
+            return NetworkModuleOFT(net, weights)
+        return None
+
+
+class NetworkModuleOFT(network.NetworkModule):
+    supports_dora = False
+    applies_multiplier = True
+
+    def __init__(self, net: network.Network, weights: network.NetworkWeights):
+        super().__init__(net, weights)
+        w = weights.w
+        self.parts_used -= {"scale", "bias"}  # a rotation has no scale, and its bias comes from the layer
+        self.scale = self.bias = None
+        if "oft_blocks" in w:
+            self.blocks = w["oft_blocks"]
+            self.is_boft = self.blocks.dim() == 4
+            self.is_kohya = not self.is_boft and weights.network_key.startswith("oft_")
+            self.stored_r = False
+            self.parts_used.add("oft_blocks")
+        else:
+            self.blocks = w["oft_diag"]
+            self.is_boft = self.is_kohya = False
+            self.stored_r = True
+            self.parts_used.add("oft_diag")
+        self.rescale = w.get("rescale")
+        if self.rescale is not None:
+            self.parts_used.add("rescale")
+        if self.blocks.dim() not in (3, 4) or self.blocks.shape[-1] != self.blocks.shape[-2]:
+            raise ValueError(f"OFT blocks of shape {tuple(self.blocks.shape)} must be (blocks, b, b) or "
+                             "(stages, blocks, b, b)")
+        self.block_size = self.blocks.shape[-1]
+        self.num_blocks = self.blocks.shape[-3]
+        self.dim = self.num_blocks
+
+    def validate(self, weight_shape: tuple) -> None:
+        out_dim = weight_shape[0] if weight_shape else 0
+        if len(weight_shape) < 2 or self.num_blocks * self.block_size != out_dim:
+            raise ValueError(f"{self.num_blocks} OFT blocks of size {self.block_size} do not cover the "
+                             f"{out_dim} output channels of a weight of shape {tuple(weight_shape)}")
+        if self.is_boft:
+            stages = self.blocks.shape[0]
+            if self.block_size % 2 or out_dim % (2 ** (stages - 1) * self.block_size):
+                raise ValueError(f"{stages} BOFT stages of block size {self.block_size} do not fit {out_dim} "
+                                 "output channels")
+        if self.rescale is not None and self.rescale.numel() != out_dim:
+            raise ValueError(f"rescale of shape {tuple(self.rescale.shape)} does not match the {out_dim} output "
+                             "channels")
+
+    def rotation(self, out_dim: int, multiplier: float, device) -> torch.Tensor:
+        """R at strength m: (blocks, b, b), or (stages, blocks, b, b) for BOFT."""
+        blocks = self.blocks.to(device, torch.float32)
+        if self.stored_r:
+            r = blocks
+        else:
+            constraint = None if self.alpha is None else self.alpha * out_dim
+            r = lyco_helpers.skew_cayley(blocks, constraint, kohya_clamp=self.is_kohya)
+        if multiplier != 1:
+            eye = torch.eye(self.block_size, device=device, dtype=torch.float32)
+            r = multiplier * r + (1 - multiplier) * eye
+        return r
+
+    def calc_delta(self, orig_weight: torch.Tensor, dyn_dim: int | None = None, multiplier: float = 1.0,
+                   orig_bias: torch.Tensor | None = None):
+        self.validate(tuple(orig_weight.shape))
+        weight = orig_weight.to(torch.float32)
+        r = self.rotation(weight.shape[0], multiplier, weight.device)
+        rotated = lyco_helpers.butterfly(weight, r) if self.is_boft else lyco_helpers.rotate_blocks(weight, r)
+        if self.rescale is not None:
+            rescale = self.rescale.to(weight.device, torch.float32).reshape(-1, *([1] * (weight.dim() - 1)))
+            rotated = rotated * (1 + multiplier * (rescale - 1))
+        ex_bias = None
+        if self.is_kohya and orig_bias is not None:
+            bias = orig_bias.to(weight.device, torch.float32).reshape(-1, 1)
+            ex_bias = (lyco_helpers.rotate_blocks(bias, r) - bias).reshape(-1)
+        return rotated - weight, list(weight.shape), ex_bias
