@@ -13,6 +13,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 OPEN_CLIP_PIN = "open_clip_torch==3.3.0"  # only for its CLIP BPE vocabulary file; installed without deps
+SDKIT_PIN = "stable-diffusion-sdkit==2.1.5"  # tests only: the original `ldm` code for compvis-layout models; no deps
 
 
 def _pip(*args: str) -> None:
@@ -22,7 +23,7 @@ def _pip(*args: str) -> None:
 
 
 def _requirements_digest(files: list[str]) -> str:
-    h = hashlib.sha256(OPEN_CLIP_PIN.encode())
+    h = hashlib.sha256((OPEN_CLIP_PIN + SDKIT_PIN).encode())
     for name in files:
         with open(os.path.join(ROOT, name), "rb") as f:
             h.update(f.read())
@@ -40,6 +41,8 @@ def ensure_packages(with_tests: bool) -> None:
     for name in files:
         _pip("-r", os.path.join(ROOT, name))
     _pip("--no-deps", OPEN_CLIP_PIN)
+    if with_tests:
+        _pip("--no-deps", SDKIT_PIN)
     with open(stamp, "w") as f:
         f.write(digest)
 

@@ -2,14 +2,17 @@
 
 Differences from A1111 on purpose: a bad tag is reported by its text and only that tag is skipped; a network
 mentioned twice is applied once with the last weights (A1111 applies it twice); a Lora that matches no layer
-of the model, or leaves keys unmatched, is reported instead of silently doing nothing.
+of the model, or leaves keys unmatched, is reported instead of silently doing nothing (lora_coverage: layers
+matched, unmatched keys by group, and "it looks like an SDXL LoRA, the loaded model is SD1").
 """
 from __future__ import annotations
 
 import logging
 import sys
 
+import lora_coverage
 import lora_discovery
+import lora_layers
 import lora_syntax
 import networks
 
@@ -36,6 +39,16 @@ def tag_text(p, params) -> str:
             if m.group(2) == args and m.group(1) in ("lora", "lyco"):
                 return m.group(0)
     return f"<lora:{args}>"
+
+
+def model_family(sd_model) -> str | None:
+    """The family ("SD1", "SD2", "SDXL") the model's layer map was built for."""
+    if sd_model is None:
+        return None
+    layer_map = getattr(sd_model, "network_layer_map", None)
+    if layer_map is not None:
+        return layer_map.family
+    return lora_layers.model_family(sd_model, 0)
 
 
 def hash_key(name: str) -> str:
@@ -104,13 +117,13 @@ class ExtraNetworkLora(extra_networks.ExtraNetwork):
                 sys.modules["gradio"].Warning(message)
         for name, error in report.load_errors.items():
             p.comment(f"Lora {name} could not be loaded: {error}")
+        sd_model = getattr(p, "sd_model", None)
+        family = model_family(sd_model if sd_model is not None else getattr(shared, "sd_model", None))
         for net in report.networks:
-            matched, unmatched = len(net.modules), net.unmatched_count
-            if matched == 0:
-                p.comment(f"Lora {net.name} matched 0 layers of this model ({unmatched} keys unmatched): "
-                          f"is it made for another model family?")
-            elif unmatched:
-                p.comment(f"Lora {net.name}: {matched} layers matched, {unmatched} keys unmatched")
+            cov = lora_coverage.coverage_of(net, family)
+            for line in lora_coverage.messages(cov):
+                p.comment(line)
+            if net.unmatched_count:
                 logger.info("Lora %s: unmatched keys: %s", net.name,
                             (net.unmatched_keys + net.unsupported_keys + net.unused_keys)[:20])
             failed = {**net.load_errors, **net.apply_errors}

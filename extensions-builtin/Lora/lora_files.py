@@ -77,30 +77,91 @@ def read_metadata(filename: str) -> dict:
     return decode_metadata(raw)
 
 
-def version_hint_from_keys(tensors: dict) -> str | None:
-    """The model family a Lora was trained for, from its key names and shapes (header only).
+# Input-side factor spellings: their dim 1 is the layer's input width.
+_INPUT_PARTS = ("lora_down.weight", "lora_A.weight", "lora.down.weight", "lora_linear_layer.down.weight",
+                "_lora.down.weight", "hada_w1_b", "hada_w2_b", "diff")
+_LORA_DOWN_PARTS = ("lora_down.weight", "lora_A.weight", "lora.down.weight")
+_re_input_part = re.compile(r"\.lora_A\.[^.]+\.weight$")
+_re_depth = re.compile(r"transformer_blocks[._]([1-9]\d*)[._]")
+_re_te_q = re.compile(r"^(lora_te[12]?_|text_encoder(?:_2)?\.|lycoris_te_)(?:text_model[._])?encoder[._]layers[._]\d+"
+                      r"[._]self_attn[._](?:q_proj|to_q_lora)")
+_FIRST_LEVEL_ATTENTION = ("down_blocks_0_attentions", "down_blocks.0.attentions", "input_blocks_1_1_",
+                          "input_blocks.1.1.", "input_blocks_2_1_", "input_blocks.2.1.")
+# Names only other architectures have; the first of these that any key shows wins.
+_OTHER_ARCHS = (
+    ("Flux", ("double_blocks", "single_blocks", "single_transformer_blocks")),
+    ("SD3", ("joint_blocks",)),
+    ("Cascade", ("lora_prior_unet_", "lora_prior_te_")),
+    ("DiT", ("lora_transformer_", "transformer.transformer_blocks")),
+)
+_FAMILIES = frozenset({"SD1", "SD2", "SDXL"})
+# CLIP width of the first text encoder → families, by key prefix: kohya writes `lora_te_` only for one-encoder
+# models; the other spellings are also used for SDXL's CLIP-L (768 wide).
+_TE_WIDTH = {
+    "lora_te_": {768: {"SD1"}, 1024: {"SD2"}},
+    "lora_te1_": {768: {"SD1", "SDXL"}, 1024: {"SD2"}},
+    "text_encoder.": {768: {"SD1", "SDXL"}, 1024: {"SD2"}},
+    "lycoris_te_": {768: {"SD1"}, 1024: {"SD2"}},
+    "lora_te2_": {1280: {"SDXL"}},
+    "text_encoder_2.": {1280: {"SDXL"}},
+}
 
-    The cross-attention context width is decisive (768 SD1, 1024 SD2, 2048 SDXL); a second text encoder or
-    compvis-named UNet keys (kohya SDXL) mean SDXL; the text encoder width 1024 means SD2."""
-    te_width = None
-    sdxl_names = False
-    for key, info in tensors.items():
-        shape = info.get("shape") or []
-        is_down = any(part in key for part in ("lora_down.weight", "lora_A.weight", "lora.down.weight"))
-        if is_down and len(shape) >= 2 and ("attn2_to_k" in key or "attn2.to_k" in key):
-            return {768: "SD1", 1024: "SD2", 2048: "SDXL"}.get(int(shape[1]))
-        if key.startswith(("lora_te2_", "text_encoder_2.")):
-            sdxl_names = True
-        if key.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_")):
-            sdxl_names = True
-        if is_down and len(shape) >= 2 and "q_proj" in key and key.startswith(("lora_te_", "lora_te1_")):
-            te_width = int(shape[1])
-    if sdxl_names:
-        return "SDXL"
-    if te_width == 1024:
-        return "SD2"
-    if te_width == 768:
-        return "SD1"
+
+def _shape_of(value) -> list[int]:
+    if isinstance(value, torch.Tensor):
+        return list(value.shape)
+    if isinstance(value, dict):
+        return list(value.get("shape") or [])
+    return []
+
+
+def version_hint_from_keys(tensors: dict) -> str | None:
+    """The model family a Lora was made for, from its key names and shapes only ({key: tensor} or a header's
+    {key: {"shape": ...}}): "SD1", "SD2", "SDXL", another architecture ("Flux", "SD3", "Cascade", "DiT"), or
+    None when the evidence is missing or contradicts itself.
+
+    Each clue narrows the SD families: the cross-attention input width (768 SD1, 1024 SD2, 2048 SDXL), the
+    text encoder widths (table _TE_WIDTH), a second text encoder, transformer depth above 1 and
+    `label_emb`/`add_embedding` (SDXL), attention in the first UNet level (SD1/SD2), a 1x1-conv `proj_in` (SD1)
+    or a linear one (SD2/SDXL)."""
+    candidates = set(_FAMILIES)
+    clues = 0
+    other_archs: set[str] = set()
+
+    def narrow(families) -> None:
+        nonlocal candidates, clues
+        candidates &= set(families)
+        clues += 1
+
+    for key, value in tensors.items():
+        if key.startswith("bundle_emb."):
+            continue
+        for arch, names in _OTHER_ARCHS:
+            if any(n in key for n in names):
+                other_archs.add(arch)
+        shape = _shape_of(value)
+        is_input = len(shape) >= 2 and (key.endswith(_INPUT_PARTS) or bool(_re_input_part.search(key)))
+        if is_input and ("attn2_to_k" in key or "attn2.to_k" in key or "attn2.processor.to_k_lora" in key):
+            family = {768: "SD1", 1024: "SD2", 2048: "SDXL"}.get(int(shape[1]))
+            if family:
+                narrow({family})
+        if key.startswith(("lora_te2_", "text_encoder_2.")) or "label_emb" in key or "add_embedding" in key \
+                or _re_depth.search(key):
+            narrow({"SDXL"})
+        if any(n in key for n in _FIRST_LEVEL_ATTENTION):
+            narrow({"SD1", "SD2"})
+        if "proj_in" in key and len(shape) >= 2 and (key.endswith(_LORA_DOWN_PARTS) or _re_input_part.search(key)):
+            narrow({"SD1"} if len(shape) == 4 else {"SD2", "SDXL"})
+        m = _re_te_q.match(key) if is_input else None
+        if m:
+            families = _TE_WIDTH.get(m.group(1), {}).get(int(shape[1]))
+            if families:
+                narrow(families)
+    for arch, _ in _OTHER_ARCHS:
+        if arch in other_archs:
+            return arch
+    if clues and len(candidates) == 1:
+        return next(iter(candidates))
     return None
 
 
@@ -128,7 +189,9 @@ def load_state_dict(filename: str) -> dict[str, torch.Tensor]:
     try:
         if ext == ".safetensors":
             import safetensors.torch
-            return dict(safetensors.torch.load_file(filename, device="cpu"))
+            # copies: load_file's tensors are views of a shared map of the file, so a file rewritten in place
+            # would change (or, when shorter, crash) a network that is loaded and merged
+            return {k: v.clone() for k, v in safetensors.torch.load_file(filename, device="cpu").items()}
         if ext in (".pt", ".ckpt"):
             data = torch.load(filename, map_location="cpu", weights_only=True)
         else:

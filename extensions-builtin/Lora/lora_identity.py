@@ -10,7 +10,7 @@ import lora_files
 
 from modules import cache, hashes
 
-HEADER_SUBSECTION = "lora-header"
+HEADER_SUBSECTION = "lora-header-2"  # bump when lora_files.header_info changes what it returns
 
 
 def cache_title(filename: str) -> str:
