@@ -1,27 +1,63 @@
 """Patcher: the only code that writes model weights for Loras.
 
-For each layer whose wanted state (lora_plan) differs from the state it holds:
-    W = (W_original.float() + Σ ΔW).to(W.dtype)    always from the original, so jobs never drift
-and a layer no longer wanted gets its original back, bit for bit. Originals are kept only for layers that were
-written (by `CpuCloneBackup`, the one swappable place that knows how). A job is all-or-nothing: every delta is
-computed before the first write, and a failure while writing restores every patched layer to its original.
+For each layer whose wanted state (lora_plan) differs from the state it holds, in one pass over the layer:
+    W = cast(W_original + Σ ΔW)      ΔW in fp32 on the weight's device, summed over networks, one cast
+and a layer no longer wanted gets its original back, bit for bit. Layers whose state is unchanged are not read
+or written at all; layers no network targets are never copied.
+
+No full copy of the originals is kept. A written layer keeps a small record of how its original comes back:
+    source     re-read from the host's `sd_model.original_weights` (the loaded checkpoint, memory-mapped): 0 bytes
+    residual   recompute Σ ΔW from the networks it holds and undo the merge; the few positions where rounding
+               lost a bit of W0 are kept as a byte stream (lora_residual): about 1-3 % of the layer's bytes
+    clone      a CPU copy of that one layer: only when neither works (a delta that depends on W0, such as DoRA
+               or OFT, on a parameter the host cannot re-read)
+The order is chosen per device: on CPU `source` first (re-reading costs less than recomputing deltas), on an
+accelerator `residual` first (recomputing on the GPU beats a host-to-device copy). See README.
+
+A job is all-or-nothing: if computing or writing any layer fails (out of memory, ...), every layer of the model
+gets its original back and PatchError is raised. A delta that cannot be computed for one layer (a shape that does
+not fit, ...) is recorded in the network's `apply_errors` and that network is left out of the layer.
 
 Per-layer bookkeeping lives on the module (A1111 style, so it goes away with the model):
     network_current_names   the state key the layer holds (() = original)
-    network_backup          the original weight/bias while the layer is patched
-    network_written         (weight id, weight version, bias id, bias version) after our last write, to notice
-                            writes made by someone else (e.g. new checkpoint weights loaded in place)
+    network_backup          the restore record while the layer is patched (None = it holds its original)
+    network_written         (weight id, version, bias id, version) after our last write, to notice writes made
+                            by someone else (e.g. new checkpoint weights loaded in place): those become the original
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import lora_plan
+import lora_residual
 import torch
 
 logger = logging.getLogger("lora")
+
+SOURCE, RESIDUAL, CLONE = "source", "residual", "clone"
+CPU_ORDER = (SOURCE, RESIDUAL, CLONE)
+ACCELERATOR_ORDER = (RESIDUAL, SOURCE, CLONE)
+CPU_CHUNK = 1 << 18  # elements per step of the elementwise merge on CPU: the temporaries stay in cache
+ACCELERATOR_CHUNK = 1 << 24  # bounds the scratch memory on a GPU
+
+# Network module types whose delta does not read the original weight's values (only its shape and device),
+# so the residual restore can recompute it from the merged weight. DoRA makes any of them depend on W0.
+# A module may also say so itself with `delta_depends_on_weight = False`.
+WEIGHT_INDEPENDENT_TYPES = {"NetworkModuleLora", "NetworkModuleHada", "NetworkModuleLokr", "NetworkModuleFull",
+                            "NetworkModuleNorm"}
+
+
+class OriginalWeights(Protocol):
+    """The host's seam (`sd_model.original_weights`): parameters exactly as loaded, or None when unknown."""
+
+    def read(self, component: str, param_name: str) -> torch.Tensor | None: ...
+
+    def valid(self) -> bool: ...
 
 
 class PatchError(RuntimeError):
@@ -49,93 +85,294 @@ def _version(t: torch.Tensor | None):
         return id(t), None
 
 
+@contextlib.contextmanager
+def _full_fp32_matmul():
+    """Deltas are fp32: no TF32/bf16 shortcuts in matmul while patching (a host may enable them for sampling)."""
+    previous = torch.get_float32_matmul_precision()
+    if previous != "highest":
+        torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        if previous != "highest":
+            torch.set_float32_matmul_precision(previous)
+
+
+def delta_depends_on_weight(module) -> bool:
+    flag = getattr(module, "delta_depends_on_weight", None)
+    if flag is not None:
+        return bool(flag)
+    if getattr(module, "dora_scale", None) is not None:
+        return True
+    return type(module).__name__ not in WEIGHT_INDEPENDENT_TYPES
+
+
+def source_param(name: str, module: torch.nn.Module, module_paths: dict | None) -> tuple[str, str] | None:
+    """(component, the component's own state-dict key of the layer's weight) for the host's source, or None when
+    the layer has no parameter of its own (a row block of a fused q/k/v weight).
+
+    Canonical names are not always module paths (text encoders drop `text_model.`, compvis UNets are renamed):
+    the layer map's `module_paths` (or `module.network_module_path`) says where the module really is."""
+    if module_paths is not None:
+        path = module_paths.get(name)
+    elif hasattr(module, "network_module_path"):
+        path = module.network_module_path
+    else:
+        component, _, rest = name.partition(".")
+        path = (component, rest)
+    if path is None:
+        return None
+    return path[0], f"{path[1]}.{_weight_attr(module)}"
+
+
 @dataclass
-class OriginalWeights:
-    weight: torch.Tensor
-    bias: torch.Tensor | None
+class _Delta:
+    """Σ ΔW of one layer: plain LoRA factors concatenated along the rank (one GEMM sums them), plus full deltas."""
+
+    up: torch.Tensor | None = None  # (out, Σ rank), multiplier and scale folded in
+    down: torch.Tensor | None = None  # (Σ rank, fan_in)
+    full: torch.Tensor | None = None  # fp32, weight-shaped
+    bias: torch.Tensor | None = None  # fp32
+    used: list = field(default_factory=list)  # contributions that produced a delta
+
+    @property
+    def has_weight(self) -> bool:
+        return self.up is not None or self.full is not None
+
+
+def plain_lowrank(module, dyn_dim: int | None):
+    """(up, down, mid, scale) of a plain low-rank module (LoRA / LoCon / Tucker LoCon without DoRA or a
+    weight-shaped `bias` part), with the ranks `dyn` keeps already sliced the way its compute() slices them;
+    None for anything else (the module's own compute() is used then)."""
+    if type(module).__name__ != "NetworkModuleLora" or getattr(module, "applies_multiplier", False):
+        return None
+    if getattr(module, "bias", None) is not None or getattr(module, "dora_scale", None) is not None:
+        return None
+    up, down, mid = getattr(module, "up", None), getattr(module, "down", None), getattr(module, "mid", None)
+    if not isinstance(up, torch.Tensor) or not isinstance(down, torch.Tensor) or up.dim() not in (2, 4):
+        return None
+    if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
+        return None
+    truncated = getattr(module, "truncated_rank", None)
+    rank = truncated(dyn_dim) if callable(truncated) else dyn_dim
+    try:
+        scale = float(module.calc_scale(dyn_dim))
+    except TypeError:  # a calc_scale() without dyn
+        scale = float(module.calc_scale())
+    if rank is not None:
+        up, down = up[:, :rank], down[:rank]
+        mid = None if mid is None else mid[:rank, :rank]
+    return up, down, mid, scale
+
+
+def _factors(c: lora_plan.Contribution, original: torch.Tensor):
+    """(up · multiplier · scale, down) as fp32 2-D factors of a plain LoRA/LoCon that fits the weight as it is,
+    else None."""
+    parts = plain_lowrank(c.module, c.dyn_dim) if original.dim() in (2, 4) else None
+    if parts is None or parts[2] is not None:
+        return None
+    up, down, _, scale = parts
+    up2, down2 = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
+    if up2.shape[1] != down2.shape[0] or up2.shape[0] != original.shape[0] or \
+            up2.shape[0] * down2.shape[1] != original.numel():
+        return None  # e.g. the inpainting conv_in pad: compute() knows how
+    device = original.device
+    return up2.to(device, torch.float32) * (scale * float(c.multiplier)), down2.to(device, torch.float32)
+
+
+_takes_orig_bias: dict[type, bool] = {}
+
+
+def module_compute(module, original: torch.Tensor, multiplier: float, dyn_dim: int | None,
+                   orig_bias: torch.Tensor | None):
+    """module.compute(), with the layer's original bias for the types that read it (OFT)."""
+    kind = type(module)
+    if kind not in _takes_orig_bias:
+        try:
+            _takes_orig_bias[kind] = "orig_bias" in inspect.signature(module.compute).parameters
+        except (TypeError, ValueError):
+            _takes_orig_bias[kind] = False
+    if _takes_orig_bias[kind]:
+        return module.compute(original, multiplier, dyn_dim, orig_bias=orig_bias)
+    return module.compute(original, multiplier, dyn_dim)
+
+
+def compute_delta(name: str, module: torch.nn.Module, original: torch.Tensor, contributions,
+                  orig_bias: torch.Tensor | None = None, record_errors: bool = True) -> _Delta:
+    """Σ ΔW (and Σ Δbias) of the contributions for a layer whose original weight is `original`.
+
+    The same inputs give the same bits (the residual restore relies on it)."""
+    result = _Delta()
+    ups, downs = [], []
+    for c in contributions:
+        try:
+            factors = _factors(c, original)
+            if factors is not None:
+                ups.append(factors[0])
+                downs.append(factors[1])
+            else:
+                dw, db = module_compute(c.module, original, c.multiplier, c.dyn_dim, orig_bias)
+                if db is not None and isinstance(module, torch.nn.MultiheadAttention):
+                    raise ValueError("bias deltas are not supported on MultiheadAttention")
+                if dw is not None:
+                    dw = dw.to(original.device, torch.float32)
+                    result.full = dw if result.full is None else result.full + dw
+                if db is not None:
+                    db = db.to(original.device, torch.float32)
+                    result.bias = db if result.bias is None else result.bias + db
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:
+            if record_errors:
+                c.network.apply_errors[name] = f"{type(e).__name__}: {e}"
+            continue
+        if record_errors:
+            c.network.apply_errors.pop(name, None)
+        result.used.append(c)
+    if ups:
+        result.up = ups[0] if len(ups) == 1 else torch.cat(ups, dim=1)
+        result.down = downs[0] if len(downs) == 1 else torch.cat(downs, dim=0)
+    return result
+
+
+@dataclass
+class _BiasBackup:
     had_bias: bool
-
-
-class CpuCloneBackup:
-    """Keeps the original weight and bias of a written layer as CPU clones, on the layer itself."""
-
-    attr = "network_backup"
-
-    def has(self, module: torch.nn.Module) -> bool:
-        return getattr(module, self.attr, None) is not None
-
-    def save(self, module: torch.nn.Module) -> bool:
-        if self.has(module):
-            return False
-        weight = getattr(module, _weight_attr(module))
-        bias = getattr(module, _bias_attr(module), None)
-        setattr(module, self.attr, OriginalWeights(
-            weight=weight.detach().to("cpu", copy=True),
-            bias=None if bias is None else bias.detach().to("cpu", copy=True),
-            had_bias=bias is not None))
-        return True
-
-    def original_weight(self, module: torch.nn.Module) -> torch.Tensor:
-        weight = getattr(module, _weight_attr(module))
-        backup = getattr(module, self.attr, None)
-        return weight.detach() if backup is None else backup.weight.to(weight.device)
-
-    def original_bias(self, module: torch.nn.Module) -> torch.Tensor | None:
-        bias = getattr(module, _bias_attr(module), None)
-        backup = getattr(module, self.attr, None)
-        if backup is None:
-            return None if bias is None else bias.detach()
-        if backup.bias is None:
-            return None
-        return backup.bias.to(bias.device if bias is not None else getattr(module, _weight_attr(module)).device)
-
-    def restore(self, module: torch.nn.Module) -> bool:
-        backup = getattr(module, self.attr, None)
-        if backup is None:
-            return False
-        weight = getattr(module, _weight_attr(module))
-        with _no_grad_for(weight):
-            weight.copy_(backup.weight)
-            bias_name = _bias_attr(module)
-            bias = getattr(module, bias_name, None)
-            if not backup.had_bias:
-                if bias is not None:
-                    setattr(module, bias_name, None)
-            elif bias is not None:
-                bias.copy_(backup.bias)
-        self.discard(module)
-        return True
-
-    def discard(self, module: torch.nn.Module) -> None:
-        if hasattr(module, self.attr):
-            setattr(module, self.attr, None)
+    original: torch.Tensor | None  # a clone of the original bias (biases are tiny next to weights)
 
 
 @dataclass
-class _Prepared:
-    name: str
-    module: torch.nn.Module
-    key: tuple
-    weight: torch.Tensor | None  # new weight in the layer's dtype, None = original
-    bias: torch.Tensor | None  # new bias, None = original
+class RestoreRecord:
+    """How a patched layer gets its original back (module.network_backup)."""
+
+    how: str | None  # SOURCE, RESIDUAL, CLONE; None when only the bias was written
+    contributions: tuple  # the contributions the layer holds (residual recomputes their delta)
+    source: OriginalWeights | None = None
+    param: tuple[str, str] | None = None  # (component, param name) in the source
+    residual: lora_residual.Residual | None = None
+    device: torch.device | None = None  # where the residual's delta was computed
+    clone: torch.Tensor | None = None
+    bias: _BiasBackup | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held for restoring this layer."""
+        n = 0
+        if self.residual is not None:
+            n += self.residual.nbytes
+        if self.clone is not None:
+            n += self.clone.numel() * self.clone.element_size()
+        if self.bias is not None and self.bias.original is not None:
+            n += self.bias.original.numel() * self.bias.original.element_size()
+        return n
+
+
+class _Sources:
+    """The job's source with its validity asked once per job."""
+
+    def __init__(self, source: OriginalWeights | None):
+        self.source = source if source is not None and callable(getattr(source, "read", None)) else None
+        self.module_paths: dict | None = None
+        self._valid: dict[int, bool] = {}
+
+    def is_valid(self, source) -> bool:
+        if source is None:
+            return False
+        key = id(source)
+        if key not in self._valid:
+            try:
+                self._valid[key] = bool(source.valid())
+            except Exception as e:
+                logger.warning("Lora: original weights source failed: %s", e)
+                self._valid[key] = False
+        return self._valid[key]
+
+
+def _read_source(source, param: tuple[str, str], like: torch.Tensor) -> torch.Tensor | None:
+    try:
+        t = source.read(*param)
+    except Exception as e:
+        logger.debug("Lora: cannot read %s/%s from the original weights: %s", *param, e)
+        return None
+    if not isinstance(t, torch.Tensor) or t.shape != like.shape or t.dtype != like.dtype:
+        return None
+    return t
+
+
+def _release(source, t: torch.Tensor) -> None:
+    release = getattr(source, "release", None)
+    if callable(release):
+        try:
+            release(t)
+        except Exception:
+            pass
+
+
+def _sample_matches(a: torch.Tensor, b: torch.Tensor, samples: int = 64) -> bool:
+    """Cheap check that a source tensor holds the layer's values: ~64 elements compared bitwise (few pages read)."""
+    step = max(1, a.numel() // samples)
+    sa = a.reshape(-1)[::step]
+    sb = b.reshape(-1)[::step].to(sa.device)
+    if a.dtype in lora_residual.SUPPORTED_DTYPES:
+        iv = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        return torch.equal(sa.contiguous().view(iv), sb.contiguous().view(iv))
+    return torch.equal(sa, sb)
+
+
+def _chunk_elements(device: torch.device) -> int:
+    return CPU_CHUNK if device.type == "cpu" else ACCELERATOR_CHUNK
+
+
+def _delta_blocks(delta: _Delta, shape: torch.Size, device: torch.device, scratch: lora_residual.Scratch):
+    """(start, end, Σ ΔW of those flat positions) in blocks of whole rows. Low-rank factors are multiplied block
+    by block into a scratch buffer, so no weight-sized fp32 delta is ever allocated for a plain LoRA; the same
+    shapes always give the same blocks (the residual restore recomputes them bit for bit)."""
+    numel = shape.numel()
+    rows = shape[0] if len(shape) else 1
+    cols = max(1, numel // max(rows, 1))
+    step = max(1, _chunk_elements(device) // cols)
+    full = delta.full.reshape(-1) if delta.full is not None else None
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        a, b = r0 * cols, r1 * cols
+        if delta.up is not None:
+            d = torch.mm(delta.up[r0:r1], delta.down,
+                         out=scratch.get("delta", torch.float32, b - a).view(r1 - r0, cols)).view(-1)
+            if full is not None:
+                d.add_(full[a:b])
+        else:
+            d = full[a:b]
+        yield a, b, d
 
 
 class Patcher:
-    def __init__(self, backup: CpuCloneBackup | None = None):
-        self.backup = backup or CpuCloneBackup()
-        self.stats: Counter = Counter()  # writes, restores, backups, foreign_changes
+    def __init__(self, prefer: tuple[str, ...] | None = None):
+        """prefer: the order of restore methods to try (default: by device, see the module docstring)."""
+        self.prefer = prefer
+        self.stats: Counter = Counter()
+        self._job_scratch: dict = {}
+        self._in_job = False  # writes, restores, source, residual, clone, foreign_changes, inexact
 
     # --- state -------------------------------------------------------------------------------------------------
     @staticmethod
     def current_state(module: torch.nn.Module) -> tuple:
         return getattr(module, "network_current_names", ())
 
+    @staticmethod
+    def record(module: torch.nn.Module) -> RestoreRecord | None:
+        rec = getattr(module, "network_backup", None)
+        return rec if isinstance(rec, RestoreRecord) else None
+
+    def held_bytes(self, layers: dict[str, torch.nn.Module]) -> int:
+        """Memory held for exact restore by the layers' records (residual streams, clones, bias copies)."""
+        return sum(rec.nbytes for m in layers.values() if (rec := self.record(m)) is not None)
+
     def _record_written(self, module: torch.nn.Module) -> None:
         module.network_written = (_version(getattr(module, _weight_attr(module))),
                                   _version(getattr(module, _bias_attr(module), None)))
 
     def _changed_outside(self, module: torch.nn.Module) -> bool:
-        if not self.current_state(module) or not self.backup.has(module):
+        if not self.current_state(module) or self.record(module) is None:
             return False
         written = getattr(module, "network_written", None)
         now = (_version(getattr(module, _weight_attr(module))), _version(getattr(module, _bias_attr(module), None)))
@@ -143,25 +380,18 @@ class Patcher:
 
     def forget(self, module: torch.nn.Module) -> None:
         """Drops the layer's bookkeeping without touching its weights (they are the new original)."""
-        self.backup.discard(module)
+        module.network_backup = None
         module.network_current_names = ()
         module.network_written = None
-
-    def restore(self, module: torch.nn.Module) -> bool:
-        """Puts the layer's original weights back; True when something was written."""
-        restored = self.backup.restore(module)
-        module.network_current_names = ()
-        module.network_written = None
-        if restored:
-            self.stats["restores"] += 1
-        return restored
 
     # --- one job -----------------------------------------------------------------------------------------------
-    def sync(self, layers: dict[str, torch.nn.Module], plan: dict[str, list[lora_plan.Contribution]]) -> int:
-        """Brings every layer of `layers` to its state in `plan` (absent = original). Returns layers written.
+    def sync(self, layers: dict[str, torch.nn.Module], plan: dict[str, list[lora_plan.Contribution]],
+             source: OriginalWeights | None = None, module_paths: dict | None = None) -> int:
+        """Brings every layer of `layers` to its state in `plan` (absent = original). Returns layers changed.
 
-        Per-layer delta errors are recorded in the network's `apply_errors` and that network is left out of the
-        layer; an error while writing raises PatchError after every patched layer got its original back."""
+        `source` is the host's original weights (optional), `module_paths` the layer map's {name: (component,
+        module path)} to find a layer's parameter in it. An error while computing or writing raises PatchError
+        after every layer got its original back."""
         todo = []
         for name, module in layers.items():
             if self._changed_outside(module):
@@ -175,90 +405,295 @@ class Patcher:
                 todo.append((name, module, contributions, key))
         if not todo:
             return 0
-
+        sources = _Sources(source)
+        sources.module_paths = module_paths
+        name = None
+        self._in_job = True
         try:
-            prepared = [self._prepare(name, module, contributions, key) for name, module, contributions, key in todo]
-        except BaseException as e:  # e.g. out of memory: nothing of this job was written
-            self._roll_back(layers, [])
-            raise PatchError(f"computing Lora weights failed: {type(e).__name__}: {e}; "
+            with _full_fp32_matmul():
+                for name, module, contributions, key in todo:
+                    self._bring(name, module, contributions, key, sources)
+        except BaseException as e:  # e.g. out of memory part-way: the model goes back to its original weights
+            self._roll_back(layers)
+            raise PatchError(f"applying Lora weights failed at {name}: {type(e).__name__}: {e}; "
                              f"the model was put back to its original weights") from e
+        finally:
+            self._in_job = False
+            self._job_scratch.clear()
+        return len(todo)
 
-        written: list[torch.nn.Module] = []
+    def restore(self, module: torch.nn.Module) -> bool:
+        """Puts the layer's original weights back; True when something was written."""
+        rec = self.record(module)
+        if rec is None:
+            self.forget(module)
+            return False
         try:
-            for item in prepared:
-                self._write(item)
-                written.append(item.module)
-        except BaseException as e:
-            self._roll_back(layers, written)
-            raise PatchError(f"writing Lora weights failed at {item.name}: {type(e).__name__}: {e}; "
-                             f"the model was put back to its original weights") from e
-        return len(written)
+            with _full_fp32_matmul():
+                self._restore_weight(module, rec, _Sources(None))
+        finally:
+            if not self._in_job:
+                self._job_scratch.clear()
+        self._restore_bias(module, rec)
+        self.forget(module)
+        self.stats["restores"] += 1
+        return True
 
-    def _prepare(self, name: str, module: torch.nn.Module, contributions: list, key: tuple) -> _Prepared:
-        if not contributions:
-            return _Prepared(name, module, key, None, None)
+    # --- one layer ---------------------------------------------------------------------------------------------
+    def _bring(self, name: str, module: torch.nn.Module, contributions: list, key: tuple, sources: _Sources):
         weight = getattr(module, _weight_attr(module), None)
-        if weight is None:
-            for c in contributions:
-                c.network.apply_errors[name] = "the layer has no weight"
-            return _Prepared(name, module, key, None, None)
-        original = self.backup.original_weight(module)
-        delta = None
-        delta_bias = None
-        for c in contributions:
-            try:
-                dw, db = c.module.compute(original, c.multiplier, c.dyn_dim)
-                if db is not None and isinstance(module, torch.nn.MultiheadAttention):
-                    raise ValueError("bias deltas are not supported on MultiheadAttention")
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as e:
-                c.network.apply_errors[name] = f"{type(e).__name__}: {e}"
-                continue
-            c.network.apply_errors.pop(name, None)
-            delta = dw if delta is None else delta + dw
-            if db is not None:
-                delta_bias = db if delta_bias is None else delta_bias + db
-        new_weight = None if delta is None else (original.float() + delta).to(weight.dtype)
-        new_bias = None
-        if delta_bias is not None:
-            original_bias = self.backup.original_bias(module)
-            base = torch.zeros_like(delta_bias) if original_bias is None else original_bias.float()
-            new_bias = (base + delta_bias.reshape(base.shape)).to(weight.device, weight.dtype)
-        return _Prepared(name, module, key, new_weight, new_bias)
-
-    def _write(self, item: _Prepared) -> None:
-        module = item.module
-        if item.weight is None and item.bias is None:
+        if not contributions or weight is None:
+            if weight is None:
+                for c in contributions:
+                    c.network.apply_errors[name] = "the layer has no weight"
             self.restore(module)
-            module.network_current_names = item.key
+            module.network_current_names = key
             return
-        if self.backup.save(module):
-            self.stats["backups"] += 1
-        weight = getattr(module, _weight_attr(module))
-        bias_name = _bias_attr(module)
-        with _no_grad_for(weight):
-            weight.copy_(item.weight if item.weight is not None else self.backup.original_weight(module))
-            bias = getattr(module, bias_name, None)
-            if item.bias is not None:
-                if bias is None:
-                    setattr(module, bias_name, torch.nn.Parameter(item.bias, requires_grad=False))
-                else:
-                    bias.copy_(item.bias)
-            elif bias is not None:
-                original_bias = self.backup.original_bias(module)
-                if original_bias is None:
-                    setattr(module, bias_name, None)
-                else:
-                    bias.copy_(original_bias)
-        module.network_current_names = item.key
+        rec = self.record(module)
+        original, in_place, read = self._original(module, rec, weight, sources)
+        delta = compute_delta(name, module, original, contributions, self._original_bias(module, rec))
+        if not delta.has_weight and delta.bias is None:  # every network failed on this layer
+            self.restore(module)
+            module.network_current_names = key
+            return
+
+        bias_backup = rec.bias if rec is not None else None
+        if delta.has_weight:
+            how, param, checked = self._choose(name, module, weight, original, delta.used, sources)
+            new_rec = RestoreRecord(how, tuple(delta.used), source=sources.source, param=param, bias=bias_backup)
+            if how == CLONE and rec is not None and rec.how == CLONE:
+                new_rec.clone = rec.clone  # the same original: no second copy
+            self._write_weight(weight, original, delta, new_rec)
+            if checked is not None:
+                _release(sources.source, checked)
+        else:  # only a bias delta: the weight holds its original
+            if not in_place:
+                with _no_grad_for(weight):
+                    weight.copy_(original)
+            new_rec = RestoreRecord(None, tuple(delta.used), bias=bias_backup)
+        if read is not None:
+            _release(rec.source, read)
+        self._write_bias(module, weight, delta.bias, new_rec)
+        module.network_backup = new_rec
+        module.network_current_names = key
         self._record_written(module)
         self.stats["writes"] += 1
 
-    def _roll_back(self, layers: dict[str, torch.nn.Module], written: list[torch.nn.Module]) -> None:
-        for module in list(written) + list(layers.values()):
+    def _original(self, module, rec: RestoreRecord | None, weight: torch.Tensor, sources: _Sources):
+        """(the layer's original weight on its device, whether that is the weight itself, the source tensor read).
+
+        A layer that holds its original is used as it is; a residual record is undone in place first."""
+        if rec is None or rec.how is None:
+            return weight.detach(), True, None
+        if rec.how == SOURCE and sources.is_valid(rec.source):
+            t = _read_source(rec.source, rec.param, weight)
+            if t is not None:
+                self.stats["source_reads"] += 1
+                return t.to(weight.device), False, t
+        if rec.how == CLONE:
+            return rec.clone.to(weight.device), False, None
+        self._restore_weight(module, rec, sources)  # residual (or a source that went away): undo in place
+        rec.how, rec.residual, rec.clone = None, None, None
+        return weight.detach(), True, None
+
+    def _choose(self, name: str, module, weight: torch.Tensor, original: torch.Tensor, used: list,
+                sources: _Sources):
+        """(how, source param, source tensor read for the check) for the layer's new record."""
+        order = self.prefer or (CPU_ORDER if weight.device.type == "cpu" else ACCELERATOR_ORDER)
+        param = source_param(name, module, sources.module_paths)
+        for how in order:
+            if how == SOURCE and param is not None and sources.source is not None and \
+                    sources.is_valid(sources.source):
+                t = _read_source(sources.source, param, weight)
+                if t is not None and _sample_matches(t, original):
+                    return SOURCE, param, t
+            elif how == RESIDUAL and weight.dtype in lora_residual.SUPPORTED_DTYPES and \
+                    not any(delta_depends_on_weight(c.module) for c in used):
+                return RESIDUAL, param, None
+            elif how == CLONE:
+                return CLONE, param, None
+        return CLONE, param, None
+
+    def _write_weight(self, weight: torch.Tensor, original: torch.Tensor, delta: _Delta, rec: RestoreRecord) -> None:
+        if not weight.is_contiguous():  # flat chunks need one block of memory
+            target = weight.detach().contiguous()
+            if original.data_ptr() == weight.data_ptr():
+                original = target.clone() if rec.how == RESIDUAL else target
+            self._write_weight(target, original, delta, rec)
+            with _no_grad_for(weight):
+                weight.copy_(target)
+            return
+        if rec.how == CLONE and rec.clone is None:
+            rec.clone = original.detach().to("cpu", copy=True)
+        self.stats[rec.how] += 1
+        with _no_grad_for(weight):
+            if rec.how != RESIDUAL and delta.full is None and weight.dtype == torch.float32 and \
+                    weight.is_contiguous() and original.is_contiguous():
+                # fp32: one GEMM adds Σ up·down to the original and writes the result (no delta buffer)
+                out = weight.view(weight.shape[0], -1)
+                if original.data_ptr() == weight.data_ptr():
+                    out.addmm_(delta.up, delta.down)
+                else:
+                    torch.addmm(original.reshape(out.shape), delta.up, delta.down, out=out)
+                return
+            scratch = self._scratch(weight.device)
+            encoder = lora_residual.Encoder(weight.dtype, weight.numel(), weight.device) \
+                if rec.how == RESIDUAL else None
+            flat_w, flat_o = weight.view(-1), original.reshape(-1)
+            done, fp = 0, 0
             try:
-                if self.backup.has(module) or self.current_state(module):
+                for start, end, d in _delta_blocks(delta, weight.shape, weight.device, scratch):
+                    if encoder is not None:
+                        encoder.merge_into(start, flat_w[start:end], flat_o[start:end], d, scratch)
+                        fp += lora_residual.fingerprint(d)
+                    else:
+                        lora_residual.merge_into(flat_w[start:end], flat_o[start:end], d, scratch)
+                    done = end
+            except BaseException:
+                self._undo_prefix(weight, done, rec, encoder, original, delta, scratch)
+                raise
+            if encoder is not None:
+                rec.residual = encoder.finish(fp)
+                rec.device = weight.device
+
+    def _scratch(self, device: torch.device) -> lora_residual.Scratch:
+        """Chunk buffers for this job (dropped when it ends, so nothing stays allocated between jobs)."""
+        scratch = self._job_scratch.get(device)
+        if scratch is None:
+            scratch = self._job_scratch[device] = lora_residual.Scratch(device, _chunk_elements(device))
+        return scratch
+
+    @staticmethod
+    def _undo_prefix(weight, done: int, rec: RestoreRecord, encoder, original, delta, scratch) -> None:
+        """A failure inside one layer's write: the part already written gets its original back."""
+        if done == 0:
+            return
+        flat_w, flat_o = weight.view(-1), original.reshape(-1)
+        if flat_o.data_ptr() != flat_w.data_ptr():
+            flat_w[:done].copy_(flat_o[:done])
+            return
+        if encoder is None:
+            flat_w[:done].copy_(rec.clone.reshape(-1)[:done])
+            return
+        partial = encoder.finish(0)
+        for start, end, d in _delta_blocks(delta, weight.shape, weight.device, scratch):
+            if start >= done:
+                break
+            lora_residual.guess_(flat_w[start:end], d, scratch)
+        lora_residual.correct_(flat_w, partial, 0, done)
+
+    def _restore_weight(self, module, rec: RestoreRecord, sources: _Sources) -> None:
+        weight = getattr(module, _weight_attr(module))
+        if rec.how is None:
+            return
+        with _no_grad_for(weight):
+            if rec.how == CLONE:
+                weight.copy_(rec.clone)
+                return
+            if rec.how == SOURCE:
+                valid = sources.is_valid(rec.source)
+                t = _read_source(rec.source, rec.param, weight) if valid else None
+                if t is not None:
+                    weight.copy_(t)
+                    _release(rec.source, t)
+                    self.stats["source_reads"] += 1
+                    return
+                self._inexact(module, "the checkpoint file changed on disk or cannot be read")
+                self._undo_delta(module, weight, rec, None)
+                return
+            self._undo_delta(module, weight, rec, rec.residual)
+
+    def _undo_delta(self, module, weight: torch.Tensor, rec: RestoreRecord, residual) -> None:
+        """W0 = guess(W1, Σ ΔW) + residual corrections; Σ ΔW recomputed where it was computed at apply time.
+
+        The delta's fingerprint is checked at the end: if it did not reproduce, a source (when there is one)
+        puts the exact original back, else the guess stays (close, not exact) and the user is told."""
+        device = rec.device or weight.device
+        work = weight.detach() if weight.device == device else weight.detach().to(device)
+        if not work.is_contiguous():
+            work = work.contiguous()
+        name = getattr(module, "network_layer_name", "?")
+        delta = compute_delta(name, module, work, rec.contributions, self._original_bias(module, rec),
+                              record_errors=False)
+        if not delta.has_weight:
+            self._inexact(module, "its Lora delta could not be recomputed")
+            return
+        scratch = self._scratch(device)
+        flat_w, fp = work.view(-1), 0
+        for start, end, d in _delta_blocks(delta, work.shape, device, scratch):
+            lora_residual.guess_(flat_w[start:end], d, scratch)
+            fp += lora_residual.fingerprint(d)
+        if residual is not None and fp != residual.delta_fingerprint:
+            if self._restore_from_current_source(module, weight, rec):
+                return
+            self._inexact(module, "its Lora delta did not reproduce bit for bit")
+            residual = None
+        if residual is not None:
+            lora_residual.correct_(flat_w, residual)
+        if work.data_ptr() != weight.data_ptr():
+            weight.copy_(work)
+
+    def _restore_from_current_source(self, module, weight, rec: RestoreRecord) -> bool:
+        source = rec.source
+        if source is None or rec.param is None or not _Sources(None).is_valid(source):
+            return False
+        t = _read_source(source, rec.param, weight)
+        if t is None:
+            return False
+        weight.copy_(t)
+        _release(source, t)
+        return True
+
+    def _inexact(self, module, why: str) -> None:
+        self.stats["inexact"] += 1
+        logger.error("Lora: %s could not be restored bit-exactly: %s; reload the checkpoint to get its exact "
+                     "weights back", getattr(module, "network_layer_name", module), why)
+
+    # --- bias --------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _original_bias(module, rec: RestoreRecord | None) -> torch.Tensor | None:
+        if rec is not None and rec.bias is not None:
+            return rec.bias.original
+        bias = getattr(module, _bias_attr(module), None)
+        return None if bias is None else bias.detach()
+
+    @staticmethod
+    def _write_bias(module, weight: torch.Tensor, delta_bias: torch.Tensor | None, rec: RestoreRecord) -> None:
+        bias_name = _bias_attr(module)
+        bias = getattr(module, bias_name, None)
+        if delta_bias is None:
+            if rec.bias is not None:  # the previous state changed the bias, this one does not
+                Patcher._restore_bias(module, rec)
+                rec.bias = None
+            return
+        if rec.bias is None:
+            rec.bias = _BiasBackup(bias is not None, None if bias is None else bias.detach().clone())
+        base = rec.bias.original
+        new = delta_bias.reshape(-1) if base is None else base.float() + delta_bias.reshape(base.shape)
+        with _no_grad_for(weight):
+            if bias is None:
+                setattr(module, bias_name, torch.nn.Parameter(new.to(weight.device, weight.dtype),
+                                                              requires_grad=False))
+            else:
+                bias.copy_(new)
+
+    @staticmethod
+    def _restore_bias(module, rec: RestoreRecord) -> None:
+        if rec.bias is None:
+            return
+        bias_name = _bias_attr(module)
+        bias = getattr(module, bias_name, None)
+        if not rec.bias.had_bias:
+            if bias is not None:
+                setattr(module, bias_name, None)
+        elif bias is not None:
+            with _no_grad_for(bias):
+                bias.copy_(rec.bias.original)
+
+    def _roll_back(self, layers: dict[str, torch.nn.Module]) -> None:
+        for module in layers.values():
+            try:
+                if self.record(module) is not None or self.current_state(module):
                     self.restore(module)
             except Exception as e:  # keep going: every other layer still gets its original back
                 logger.error("Lora: could not restore %s: %s", getattr(module, "network_layer_name", module), e)

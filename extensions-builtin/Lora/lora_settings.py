@@ -55,7 +55,8 @@ def options(with_components: bool = False) -> dict[str, shared.OptionInfo]:
     functional = shared.OptionInfo(
         False, "Lora/Networks: use old method that takes longer when you have multiple Loras active and produces "
                "same results as kohya-ss/sd-webui-additional-networks extension").info(
-        "not used: this extension always merges the weights once per change of the Lora set")
+        "adds each Lora's output in every forward instead of merging it into the weights: no weight is written "
+        "or copied (low memory), sampling is slower; works for every network type")
     functional.section = COMPATIBILITY_SECTION
     opts["lora_functional"] = functional
     return opts

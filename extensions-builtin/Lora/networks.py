@@ -6,14 +6,17 @@ list_available_networks, network_apply_weights, network_restore_weights_from_bac
 network_reset_cached_weight, assign_network_names_to_compvis_modules, Network, NetworkOnDisk, NetworkModule.
 
 Unlike A1111, weights are merged eagerly inside load_networks (not lazily in each layer's forward), only the
-layers that change are touched, and only written layers keep a backup.
+layers that change are touched, and no full backup is kept (lora_patcher). With `lora_functional` the Loras are
+added by forward hooks instead (lora_functional) and no weight is written (MultiheadAttention excepted).
 """
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import lora_discovery
+import lora_functional
 import lora_layers
 import lora_loader
 import lora_patcher
@@ -32,12 +35,13 @@ from lora_discovery import (  # noqa: F401  (A1111 names)
 from lora_loader import module_types, networks_in_memory  # noqa: F401
 from network import Network, NetworkModule, NetworkOnDisk, SdVersion  # noqa: F401
 
-from modules import devices, errors, shared
+from modules import errors, shared
 
 logger = logging.getLogger("lora")
 
 loaded_networks: list[Network] = []
 patcher = lora_patcher.Patcher()
+functional = lora_functional.FunctionalHooks()
 extra_network_lora = None  # set by scripts/lora_script.py (A1111 attribute)
 
 
@@ -50,7 +54,9 @@ class LoadReport:
     load_errors: dict[str, str] = field(default_factory=dict)  # mentioned name → message
     duplicates: list[str] = field(default_factory=list)  # names mentioned more than once (last one used)
     fatal: str | None = None  # the patcher failed; the model holds its original weights
-    layers_written: int = 0
+    layers_written: int = 0  # layers whose weights were written (merge) or whose hooks changed (functional)
+    held_bytes: int = 0  # memory kept for exact restore (merge) or by the hooks (functional)
+    seconds: float = 0.0  # time spent applying
 
 
 last_report: LoadReport | None = None
@@ -123,25 +129,56 @@ def load_networks(names: list[str], te_multipliers: list[float] | None = None,
 
     loaded_networks[:] = new_loaded
     plan = lora_plan.build_plan(layer_map.layers, loaded_networks)
+    started = time.perf_counter()
     try:
-        report.layers_written = patcher.sync(layer_map.layers, plan)
+        report.layers_written = apply_plan(layer_map, plan, sd_model)
     except lora_patcher.PatchError as e:
         errors.display(e, "applying Loras")
         report.fatal = str(e)
         loaded_networks.clear()
+        functional.clear(layer_map.layers)
+    report.seconds = time.perf_counter() - started
+    report.held_bytes = patcher.held_bytes(layer_map.layers) + functional.held_bytes(layer_map.layers)
     report.networks = list(loaded_networks)
 
-    before = len(networks_in_memory)
-    lora_loader.purge_networks_from_memory(getattr(shared.opts, "lora_in_memory_limit", 0), loaded_networks)
-    if len(networks_in_memory) < before:
-        devices.torch_gc()
+    if lora_loader.purge_networks_from_memory(getattr(shared.opts, "lora_in_memory_limit", 0), loaded_networks):
+        _release_device_cache()
     last_report = report
     return report
 
 
+def functional_mode() -> bool:
+    return bool(getattr(shared.opts, "lora_functional", False))
+
+
+def original_weights(sd_model):
+    """The host's exact originals (`sd_model.original_weights`: read(component, param) / valid()), if offered."""
+    source = getattr(sd_model, "original_weights", None)
+    return source if callable(getattr(source, "read", None)) and callable(getattr(source, "valid", None)) else None
+
+
+def apply_plan(layer_map, plan: dict, sd_model) -> int:
+    """Merges the plan (or, in functional mode, hooks it; MultiheadAttention is merged either way)."""
+    layers, source = layer_map.layers, original_weights(sd_model)
+    paths = getattr(layer_map, "module_paths", None)
+    if not functional_mode():
+        changed = functional.clear(layers)
+        return changed + patcher.sync(layers, plan, source, paths)
+    merged = {k: v for k, v in plan.items() if not functional.hookable(layers[k])}
+    changed = patcher.sync(layers, merged, source, paths)  # also un-merges what merge mode wrote
+    return changed + functional.sync(layers, {k: v for k, v in plan.items() if k not in merged})
+
+
+def _release_device_cache() -> None:
+    """What A1111's torch_gc() after a purge is for, without its gc.collect() (purged networks are freed by
+    reference counting, lora_loader.purge_networks_from_memory)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def purge_networks_from_memory() -> None:
-    lora_loader.purge_networks_from_memory(getattr(shared.opts, "lora_in_memory_limit", 0), loaded_networks)
-    devices.torch_gc()
+    if lora_loader.purge_networks_from_memory(getattr(shared.opts, "lora_in_memory_limit", 0), loaded_networks):
+        _release_device_cache()
 
 
 def network_apply_weights(self: torch.nn.Module) -> None:
@@ -149,7 +186,14 @@ def network_apply_weights(self: torch.nn.Module) -> None:
     name = getattr(self, "network_layer_name", None)
     if name is None:
         return
-    patcher.sync({name: self}, {name: lora_plan.contributions_for(name, loaded_networks)})
+    sd_model = getattr(shared, "sd_model", None)
+    layers, plan = {name: self}, {name: lora_plan.contributions_for(name, loaded_networks)}
+    if functional_mode() and functional.hookable(self):
+        patcher.sync(layers, {}, original_weights(sd_model))
+        functional.sync(layers, plan)
+    else:
+        functional.clear(layers)
+        patcher.sync(layers, plan, original_weights(sd_model))
 
 
 def network_restore_weights_from_backup(self: torch.nn.Module) -> None:
@@ -159,14 +203,16 @@ def network_restore_weights_from_backup(self: torch.nn.Module) -> None:
 def network_reset_cached_weight(self: torch.nn.Module) -> None:
     """Forgets the layer's Lora state without writing (new weights were loaded into it)."""
     patcher.forget(self)
+    functional.remove(self)
 
 
 def restore_all(sd_model=None) -> None:
-    """Puts every layer of the model back to its original weights and clears the active set."""
+    """Puts every layer of the model back to its original weights, removes the hooks, clears the active set."""
     sd_model = sd_model if sd_model is not None else shared.sd_model
     loaded_networks.clear()
     layer_map = lora_layers.get_layer_map(sd_model)
-    patcher.sync(layer_map.layers, {})
+    functional.clear(layer_map.layers)
+    patcher.sync(layer_map.layers, {}, original_weights(sd_model), getattr(layer_map, "module_paths", None))
 
 
 __all__ = [

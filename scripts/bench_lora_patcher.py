@@ -1,0 +1,563 @@
+"""Benchmark: the Lora patcher against a bare read+write loop and diffusers `load_lora_weights` + `fuse_lora`.
+
+Builds SD1.5- and SDXL-shaped models (diffusers UNet + CLIP text encoders, on meta, then filled with random
+weights, std 1/sqrt(fan_in)), writes rank-32 kohya LoRAs (fp16, like real files) for all their kohya targets
+(ΔW rms = --strength × W rms per LoRA), and times, median of --repeats:
+
+  apply 1 / apply 3   from the original weights                     switch      LoRA A → LoRA B
+  multiplier          A at 1.0 → A at 0.7                           same set    A again (must write nothing)
+  remove              A → no LoRA                                   load        read + parse one file (cold switch)
+  held                memory kept for exact restore after apply 1 / apply 3 (accounted bytes, and RSS growth)
+
+for the patcher with the host's original-weights source (a memory-mapped checkpoint of the touched weights, as
+`sd_model.original_weights` offers it) and without it (rounding residual), as ratios to
+  bare      for each layer W += up@down (fp32), or W = cast(W + up@down) (16-bit), factors ready in fp32
+  diffusers pipe.load_lora_weights + fuse_lora / unfuse_lora + unload_lora_weights on the same model and files
+Every (model, dtype) runs in its own subprocess, one after the other (clean RSS, one model in memory), SDXL fp32
+last. After the patcher's runs every weight is checked bit for bit against the original (a checksum).
+
+usage: python scripts/bench_lora_patcher.py [--models sd15,sdxl] [--dtypes fp32,bf16] [--device cpu|cuda]
+       [--dtype fp16] [--repeats N] [--rank 32] [--strength 0.03] [--threads N] [--no-diffusers] [--json FILE]
+GPU:   python scripts/bench_lora_patcher.py --device cuda --models sdxl --dtype fp16 --repeats 5
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LORA_DIR = os.path.join(ROOT, "extensions-builtin", "Lora")
+for _p in (ROOT, LORA_DIR):
+    if _p not in sys.path:
+        sys.path.append(_p)
+for _k, _v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
+               ("DIFFUSERS_VERBOSITY", "error"), ("GRADIO_ANALYTICS_ENABLED", "False")):
+    os.environ.setdefault(_k, _v)
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, block_out_channels=(320, 640, 1280, 1280),
+                 layers_per_block=2, cross_attention_dim=768, attention_head_dim=8)
+SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
+                 attention_head_dim=[5, 10, 20], transformer_layers_per_block=[1, 2, 10], use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816)
+TINY_UNET = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4, norm_num_groups=8)
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+              num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+TINY_CLIP = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=16, projection_dim=32)
+MODELS = {  # family for kohya names, unet config, [(component, projection?, clip config)]
+    "sd15": ("sd1", SD15_UNET, [("text_encoder", False, CLIP_L)]),
+    "sdxl": ("sdxl", SDXL_UNET, [("text_encoder", False, CLIP_L), ("text_encoder_2", True, CLIP_G)]),
+    "tiny": ("sd1", TINY_UNET, [("text_encoder", False, TINY_CLIP)]),  # smoke test of this script
+}
+
+
+# --- measuring ----------------------------------------------------------------------------------------------------
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def trim() -> None:
+    """Hands freed heap back to the OS so RSS shows what is held, not allocator slack."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Clock:
+    def __init__(self, device):
+        import torch
+        self.cuda = device.type == "cuda"
+        self.torch = torch
+
+    def __call__(self, fn, *args, **kwargs):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+        t = time.perf_counter()
+        result = fn(*args, **kwargs)
+        if self.cuda:
+            self.torch.cuda.synchronize()
+        return time.perf_counter() - t, result
+
+
+def device_memory(device) -> int:
+    import torch
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else rss()
+
+
+# --- the model ----------------------------------------------------------------------------------------------------
+class Model:
+    """What the extension needs of the host's model: components() (and original_weights when offered)."""
+
+    def __init__(self, components: dict):
+        self._components = components
+        self.original_weights = None
+
+    def components(self) -> dict:
+        return dict(self._components)
+
+
+def build_model(name: str, dtype, device):
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    family, unet_config, clips = MODELS[name]
+    with torch.device("meta"):
+        components = {"unet": UNet2DConditionModel(**unet_config)}
+        for comp, projection, config in clips:
+            cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+            components[comp] = cls(CLIPTextConfig(**config))
+    gen = torch.Generator(device=device).manual_seed(0)
+    for module in components.values():
+        module.to(dtype).to_empty(device=device).eval().requires_grad_(False)
+        with torch.no_grad():
+            for p in module.parameters():
+                fan_in = p[0].numel() if p.dim() >= 2 else 0
+                p.normal_(0, fan_in ** -0.5 if fan_in else 0.02, generator=gen)
+            for bname, b in module.named_buffers():
+                if bname.endswith("position_ids"):
+                    b.copy_(torch.arange(b.shape[-1], device=device).expand_as(b))
+    return family, Model(components)
+
+
+def weights_checksum(model) -> int:
+    """Order-independent exact checksum of every parameter's bits (no copy of the model needed)."""
+    import torch
+    total = 0
+    for comp in model.components().values():
+        for p in comp.parameters():
+            iv = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[p.element_size()]
+            bits = p.detach().reshape(-1).view(iv)
+            total += int(bits.sum(dtype=torch.int64)) * 3 + int((bits.long() * bits.long() % 1000003).sum())
+    return total
+
+
+# --- files --------------------------------------------------------------------------------------------------------
+def write_safetensors(path: str, tensors: dict, metadata: dict | None = None) -> None:
+    """Streams tensors to a .safetensors file (no second copy of them in memory)."""
+    import torch
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+    header, offset = {}, 0
+    for key, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    if metadata:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in tensors.values():
+            iv = {2: torch.int16, 4: torch.int32}[t.element_size()]
+            f.write(t.detach().contiguous().cpu().view(iv).numpy().tobytes())
+
+
+def write_loras(folder: str, model, family: str, targets: dict, rank: int, strength: float, names) -> dict:
+    import lora_layers
+    import torch
+
+    from scripts import make_demo_loras as demo
+    structure = lora_layers.LayerMap(model).structure
+    paths = {}
+    for i, name in enumerate(names):
+        tensors = demo.lora_tensors(targets, family, structure, rank=rank, alpha=rank / 2, seed=10 + i,
+                                    strength=strength, dtype=torch.float16)
+        paths[name] = os.path.join(folder, f"{name}.safetensors")
+        write_safetensors(paths[name], tensors, {"ss_network_dim": str(rank), "ss_output_name": name})
+    return paths
+
+
+class CheckpointSource:
+    """The host seam `sd_model.original_weights`: the touched weights in a .safetensors file, memory-mapped."""
+
+    def __init__(self, folder: str, model, layer_names):
+        from modules import safetensors_mmap
+        self.mmap = safetensors_mmap
+        by_component: dict[str, dict] = {}
+        for name in layer_names:
+            comp, _, path = name.partition(".")
+            module = model.components()[comp].get_submodule(path)
+            by_component.setdefault(comp, {})[f"{path}.weight"] = module.weight
+        self.files, self.maps = {}, {}
+        for comp, tensors in by_component.items():
+            path = os.path.join(folder, f"checkpoint-{comp}.safetensors")
+            write_safetensors(path, tensors)
+            self.files[comp] = (path, os.stat(path).st_mtime_ns)
+            self.maps[comp] = safetensors_mmap.open_safetensors_mmap(path)
+
+    def read(self, component: str, param_name: str):
+        return self.maps.get(component, {}).get(param_name)
+
+    def valid(self) -> bool:
+        return all(os.stat(p).st_mtime_ns == m for p, m in self.files.values())
+
+    def release(self, tensor) -> None:
+        self.mmap.release_pages(tensor)
+
+
+# --- the three contenders -----------------------------------------------------------------------------------------
+def bench_patcher(model, layers, paths, nets, strategy, source, repeats, clock, device) -> dict:
+    import lora_patcher
+    import lora_plan
+    prefer = {"source": (lora_patcher.SOURCE, lora_patcher.CLONE),
+              "residual": (lora_patcher.RESIDUAL, lora_patcher.CLONE)}[strategy]
+    patcher = lora_patcher.Patcher(prefer=prefer)
+    a, b, c = nets["A"], nets["B"], nets["C"]
+
+    def plan(*networks, m: float = 1.0):
+        for n in networks:
+            n.te_multiplier = n.unet_multiplier = m
+        return lora_plan.build_plan(layers, list(networks))
+
+    def sync(p):
+        return patcher.sync(layers, p, source, paths)
+
+    times: dict[str, list] = {k: [] for k in ("apply 1", "apply 3", "switch", "multiplier", "same set", "remove")}
+    held = {}
+    for _ in range(repeats):
+        trim()
+        before = device_memory(device)
+        t, n = clock(sync, plan(a))
+        times["apply 1"].append(t)
+        assert n == len(plan(a)), (n, len(plan(a)))
+        trim()
+        held.setdefault("held 1 (accounted)", []).append(patcher.held_bytes(layers))
+        held.setdefault("held 1 (memory growth)", []).append(device_memory(device) - before)
+        t, n = clock(sync, plan(a))
+        assert n == 0
+        times["same set"].append(t)
+        times["multiplier"].append(clock(sync, plan(a, m=0.7))[0])
+        sync(plan(a))
+        times["switch"].append(clock(sync, plan(b))[0])
+        sync(plan(a))
+        times["remove"].append(clock(sync, {})[0])
+        trim()
+        before = device_memory(device)
+        times["apply 3"].append(clock(sync, plan(a, b, c))[0])
+        trim()
+        held.setdefault("held 3 (accounted)", []).append(patcher.held_bytes(layers))
+        held.setdefault("held 3 (memory growth)", []).append(device_memory(device) - before)
+        sync({})
+    res = {k: statistics.median(v) for k, v in times.items()}
+    res.update({k: statistics.median(v) for k, v in held.items()})
+    res["stats"] = dict(patcher.stats)
+    return res
+
+
+def bench_bare(model, layers, nets, source, repeats, clock) -> dict:
+    """for each layer W += up@down (or W = cast(W + up@down)), factors already fp32 on the weight's device."""
+    import torch
+
+    def factors(net):
+        res = {}
+        for name, module in net.modules.items():
+            w = layers[name].weight
+            up = module.up.reshape(module.up.shape[0], -1).to(w.device, torch.float32) * module.calc_scale()
+            res[name] = (up, module.down.reshape(module.down.shape[0], -1).to(w.device, torch.float32))
+        return res
+
+    sets = {1: [factors(nets["A"])], 3: [factors(nets[k]) for k in "ABC"]}
+
+    def loop(fs, sign=1.0):
+        with torch.no_grad():
+            for name, (up, down) in fs[0].items():
+                w = layers[name].weight
+                d = torch.mm(up, down)
+                for more in fs[1:]:
+                    d.addmm_(*more[name])
+                d = d.view(w.shape)
+                if sign < 0:
+                    d.neg_()
+                if w.dtype == torch.float32:
+                    w.add_(d)
+                else:  # cast, then a same-dtype add (a mixed bf16 + fp32 add is many times slower on CPU)
+                    w.copy_(d.add_(w.float()))
+
+    def put_back(fs):
+        with torch.no_grad():
+            for name in fs[0]:
+                w = layers[name].weight
+                comp, _, path = name.partition(".")
+                src = source.read(comp, f"{path}.weight") if source is not None else None
+                if src is not None:
+                    w.copy_(src)
+                    source.release(src)
+        if source is None:
+            loop(fs, -1.0)
+
+    res = {}
+    for n, fs in sets.items():
+        times = []
+        for _ in range(repeats):
+            times.append(clock(loop, fs)[0])
+            put_back(fs)
+        res[f"apply {n}"] = statistics.median(times)
+    return res
+
+
+def bench_diffusers(model, family, paths, repeats, clock, device) -> dict:
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    comps = model.components()
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4,
+                        layers_per_block=1).to(device)
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=comps["text_encoder"],
+                                         text_encoder_2=comps["text_encoder_2"], tokenizer=None, tokenizer_2=None,
+                                         unet=comps["unet"], scheduler=DDIMScheduler())
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=comps["text_encoder"], tokenizer=None,
+                                       unet=comps["unet"], scheduler=DDIMScheduler(), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+
+    def load_fuse(*names, scale=1.0):
+        for n in names:
+            pipe.load_lora_weights(paths[n], adapter_name=n)
+        if len(names) > 1:
+            pipe.set_adapters(list(names), [1.0] * len(names))
+        pipe.fuse_lora(adapter_names=list(names), lora_scale=scale)
+
+    def remove():
+        pipe.unfuse_lora()
+        pipe.unload_lora_weights()
+
+    def refuse(scale):
+        pipe.unfuse_lora()
+        pipe.fuse_lora(adapter_names=["A"], lora_scale=scale)
+
+    def switch():
+        remove()
+        load_fuse("B")
+
+    times: dict[str, list] = {k: [] for k in ("apply 1", "apply 3", "switch", "multiplier", "remove")}
+    held = {}
+    with torch.no_grad():
+        for _ in range(repeats):
+            trim()
+            before = device_memory(device)
+            times["apply 1"].append(clock(load_fuse, "A")[0])
+            trim()
+            held.setdefault("held 1 (memory growth)", []).append(device_memory(device) - before)
+            times["multiplier"].append(clock(refuse, 0.7)[0])
+            refuse(1.0)
+            times["switch"].append(clock(switch)[0])
+            remove()
+            load_fuse("A")
+            times["remove"].append(clock(remove)[0])
+            trim()
+            before = device_memory(device)
+            times["apply 3"].append(clock(load_fuse, "A", "B", "C")[0])
+            trim()
+            held.setdefault("held 3 (memory growth)", []).append(device_memory(device) - before)
+            remove()
+    res = {k: statistics.median(v) for k, v in times.items()}
+    res.update({k: statistics.median(v) for k, v in held.items()})
+    res["same set"] = 0.0  # nothing to do: the user keeps the pipeline as it is
+    return res
+
+
+# --- one (model, dtype) -------------------------------------------------------------------------------------------
+def run_child(args) -> dict:
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the host's flag parser must not see ours
+    work = tempfile.mkdtemp(prefix="bench-lora-")
+    os.environ.setdefault("SD_WEBUI_DATA_DIR", work)
+    import torch
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import lora_layers
+    import lora_loader
+    import network
+
+    from scripts import make_demo_loras as demo
+    sys.argv = argv
+    device = torch.device(args.device)
+    dtype = getattr(torch, DTYPES[args.child_dtype])
+    clock = Clock(device)
+    result = {"model": args.child_model, "dtype": args.child_dtype, "device": args.device,
+              "threads": torch.get_num_threads()}
+
+    t = time.perf_counter()
+    family, model = build_model(args.child_model, dtype, device)
+    result["build s"] = time.perf_counter() - t
+    layer_map = lora_layers.LayerMap(model)
+    layers = layer_map.layers
+    shapes = demo.layer_shapes_from_components(model.components())
+    targets = demo.select_layers(shapes, False)
+    result["targets"] = len(targets)
+    result["touched bytes"] = sum(model.components()[n.partition(".")[0]].get_submodule(n.partition(".")[2]).weight
+                                  .nbytes for n in targets)  # targets: module paths, not canonical names
+    paths = write_loras(work, model, family, targets, args.rank, args.strength, ("A", "B", "C"))
+    result["lora file bytes"] = os.path.getsize(paths["A"])
+
+    use_source = args.child_model != "sdxl" or dtype != torch.float32 or args.device != "cpu"
+    source = CheckpointSource(work, model, list(targets)) if use_source else None
+    checksum = weights_checksum(model)
+
+    nets, load_times = {}, []
+    for name, path in paths.items():
+        for _ in range(2 if name == "A" else 1):
+            t = time.perf_counter()
+            nets[name] = lora_loader.load_network(name, network.NetworkOnDisk(name, path), layer_map)
+            load_times.append(time.perf_counter() - t)
+        assert len(nets[name].modules) == len(targets), (len(nets[name].modules), len(targets))
+    result["load"] = statistics.median(load_times)
+
+    result["ours"] = {}
+    for strategy in ("source", "residual") if source is not None else ("residual",):
+        result["ours"][strategy] = bench_patcher(model, layers, layer_map.module_paths, nets, strategy, source,
+                                                 args.repeats, clock, device)
+        result["ours"][strategy]["exact"] = weights_checksum(model) == checksum
+    result["bare"] = bench_bare(model, layers, nets, source, args.repeats, clock)
+    if source is not None:
+        result["bare"]["exact"] = weights_checksum(model) == checksum
+    del nets
+    trim()
+    if not args.no_diffusers:
+        try:
+            result["diffusers"] = bench_diffusers(model, family, paths, args.repeats, clock, device)
+        except Exception as e:  # report the rest
+            result["diffusers error"] = f"{type(e).__name__}: {e}"
+    result["peak rss"] = peak_rss()
+    if device.type == "cuda":
+        result["peak device memory"] = torch.cuda.max_memory_allocated(device)
+    return result
+
+
+# --- the table ----------------------------------------------------------------------------------------------------
+OPS = ("apply 1", "apply 3", "switch", "multiplier", "same set", "remove")
+
+
+def fmt_s(x) -> str:
+    return "-" if x is None else (f"{x * 1000:.0f} ms" if x < 10 else f"{x:.1f} s")
+
+
+def fmt_ratio(a, b) -> str:
+    if a is None or not b:
+        return "-"
+    return f"{a / b:.2f}x"
+
+
+def fmt_bytes(x) -> str:
+    return "-" if x is None else f"{x / 2 ** 20:.0f} MiB"
+
+
+def table(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        if "error" in r:
+            lines.append(f"\n{r['model']} {r['dtype']}: {r['error']}")
+            continue
+        touched = r["touched bytes"]
+        lines.append(f"\n### {r['model'].upper()} {r['dtype']} on {r['device']} ({r['threads']} threads): "
+                     f"{r['targets']} layers, {fmt_bytes(touched)} touched, LoRA file {fmt_bytes(r['lora file bytes'])}"
+                     f", read+parse {fmt_s(r['load'])}, peak RSS {r['peak rss'] / 2 ** 30:.1f} GiB")
+        strategies = list(r["ours"])
+        bare, diff = r["bare"], r.get("diffusers")
+        head = ["op"] + [f"ours ({s})" for s in strategies] + ["bare loop", "diffusers"] + \
+            [f"{s} / bare" for s in strategies] + [f"{s} / diffusers" for s in strategies]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
+        for op in OPS:
+            yard = bare["apply 3"] if op == "apply 3" else bare["apply 1"]
+            row = [op] + [fmt_s(r["ours"][s][op]) for s in strategies]
+            row += [fmt_s(bare["apply 3" if op == "apply 3" else "apply 1"]) if op in ("apply 1", "apply 3") else
+                    f"({fmt_s(yard)})", fmt_s(diff[op]) if diff else "-"]
+            row += [fmt_ratio(r["ours"][s][op], yard) for s in strategies]
+            row += [fmt_ratio(r["ours"][s][op], diff[op]) if diff and op != "same set" else "-" for s in strategies]
+            lines.append("| " + " | ".join(row) + " |")
+        for n in (1, 3):
+            row = [f"held, {n} LoRA{'s' if n > 1 else ''}"]
+            row += [f"{fmt_bytes(r['ours'][s][f'held {n} (accounted)'])} = "
+                    f"{100 * r['ours'][s][f'held {n} (accounted)'] / touched:.2f} % "
+                    f"(growth {fmt_bytes(r['ours'][s][f'held {n} (memory growth)'])})" for s in strategies]
+            row += ["0", f"growth {fmt_bytes(diff[f'held {n} (memory growth)'])}" if diff else "-"]
+            row += ["" for _ in strategies] * 2
+            lines.append("| " + " | ".join(row) + " |")
+        exact = ", ".join(f"{s}: {'bit-exact' if r['ours'][s]['exact'] else 'NOT EXACT'}" for s in strategies)
+        lines.append(f"restore after every run: {exact}; patcher stats "
+                     + "; ".join(f"{s} {r['ours'][s]['stats']}" for s in strategies))
+        if "diffusers error" in r:
+            lines.append(f"diffusers failed: {r['diffusers error']}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="sd15,sdxl")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16")
+    parser.add_argument("--dtype", default=None, help="one dtype (overrides --dtypes)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--strength", type=float, default=0.03, help="ΔW rms / W rms of each LoRA")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--no-diffusers", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--child-model", help=argparse.SUPPRESS)
+    parser.add_argument("--child-dtype", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_model:
+        print("RESULT " + json.dumps(run_child(args)), flush=True)
+        return
+
+    dtypes = [args.dtype] if args.dtype else args.dtypes.split(",")
+    jobs = [(m, d) for m in args.models.split(",") for d in dtypes]
+    jobs.sort(key=lambda j: (j[0] == "sdxl" and j[1] == "fp32"))  # the biggest alone, last
+    results = []
+    for model, dtype in jobs:
+        cmd = [sys.executable, os.path.abspath(__file__), "--child-model", model, "--child-dtype", dtype,
+               "--device", args.device, "--repeats", str(args.repeats), "--rank", str(args.rank),
+               "--strength", str(args.strength), "--threads", str(args.threads)] + \
+            (["--no-diffusers"] if args.no_diffusers else [])
+        print(f"running {model} {dtype} on {args.device} ...", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            results.append({"model": model, "dtype": dtype, "error": f"exit {proc.returncode}: "
+                            f"{proc.stderr.strip().splitlines()[-5:] if proc.stderr.strip() else ''}"})
+        else:
+            results.append(json.loads(lines[-1][len("RESULT "):]))
+        print(f"  {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+    print(f"rank {args.rank} kohya LoRAs, ΔW rms = {args.strength:g} × W rms each; median of {args.repeats}; "
+          "bare loop = for each layer W += up@down; ratios: ours / yardstick (apply 3 vs the 3-LoRA bare loop, "
+          "all else vs the 1-LoRA bare loop in brackets)")
+    print(table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
