@@ -8,6 +8,9 @@
     const OVERSCAN_ROWS = 2;
     const CARD_CACHE_LIMIT = 600;
     const TREE_FILES_LIMIT = 300;
+    const POLL_IDLE_MS = 3000; // background status (hashing progress, loaded model) while the pane is in view
+    const POLL_BUSY_MS = 500;
+    const DRAG_TYPE = "application/x-webui-extra-network";
     const sortKeyForOption = {"Path": "default", "Name": "name", "Date Created": "date_created",
         "Date Modified": "date_modified"};
 
@@ -68,6 +71,68 @@
         return node;
     }
 
+    // Per-pane preferences kept across reloads (sort order, "show all"); a failing localStorage is ignored.
+    function readPreference(key) {
+        try {
+            const text = window.localStorage.getItem(key);
+            return text === null ? null : JSON.parse(text);
+        } catch (e) {
+            return null;
+        }
+    }
+
+    function writePreference(key, value) {
+        try {
+            window.localStorage.setItem(key, JSON.stringify(value));
+        } catch (e) {
+            // private mode or full storage: the preference lasts until the page reloads
+        }
+    }
+
+    // Descriptions marked as HTML (option extra_networks_card_description_is_html) are parsed in an inert
+    // document (no script runs, no image loads) and only harmless tags survive, without attributes except a
+    // plain link's href.
+    const SAFE_TAGS = new Set(["A", "B", "BLOCKQUOTE", "BR", "CODE", "DIV", "EM", "H1", "H2", "H3", "H4", "H5",
+        "H6", "HR", "I", "LI", "OL", "P", "PRE", "S", "SMALL", "SPAN", "STRONG", "SUB", "SUP", "U", "UL"]);
+    const DROP_TAGS = new Set(["SCRIPT", "STYLE", "TEMPLATE", "IFRAME", "OBJECT", "EMBED", "SVG", "MATH", "NOSCRIPT",
+        "TITLE", "TEXTAREA", "SELECT", "FORM", "INPUT", "BUTTON", "LINK", "META", "BASE"]);
+
+    function parseInert(html) {
+        return new DOMParser().parseFromString(`<!doctype html><body>${html}`, "text/html").body;
+    }
+
+    function sanitizeInto(source, target) {
+        Array.from(source.childNodes).forEach(node => {
+            if (node.nodeType === Node.TEXT_NODE) {
+                target.appendChild(document.createTextNode(node.nodeValue));
+                return;
+            }
+            if (node.nodeType !== Node.ELEMENT_NODE) return;
+            const tag = node.tagName.toUpperCase();
+            if (DROP_TAGS.has(tag)) return;
+            if (!SAFE_TAGS.has(tag)) {
+                sanitizeInto(node, target); // unknown element: keep its text and safe children
+                return;
+            }
+            const copy = document.createElement(tag.toLowerCase());
+            if (tag === "A") {
+                const href = node.getAttribute("href") || "";
+                if (/^(https?:|\.?\/|#)/i.test(href.trim())) {
+                    copy.setAttribute("href", href.trim());
+                    copy.setAttribute("target", "_blank");
+                    copy.setAttribute("rel", "noopener noreferrer");
+                }
+            }
+            sanitizeInto(node, copy);
+            target.appendChild(copy);
+        });
+        return target;
+    }
+
+    function safeHtmlFragment(html) {
+        return sanitizeInto(parseInert(html), document.createDocumentFragment());
+    }
+
     class ExtraNetworksPane {
         constructor(root) {
             this.root = root;
@@ -83,7 +148,7 @@
             this.otherToggle.type = "button";
             this.otherToggle.hidden = true;
             this.count.after(this.otherToggle);
-            this.showOtherModels = false;
+            this.showOtherModels = !!readPreference(this.preferenceKey("show-all"));
             this.dirs = root.querySelector(".extra-network-dirs");
             this.items = [];
             this.sorted = [];
@@ -107,6 +172,17 @@
                 this.render(false);
             });
             this.resizeObserver.observe(this.scroller);
+            this.progress = el("span", "extra-network-progress");
+            this.progress.setAttribute("aria-live", "polite");
+            this.progress.hidden = true;
+            this.otherToggle.after(this.progress);
+            this.background = null;
+            this.pollTimer = null;
+            this.loadedAt = null;
+        }
+
+        preferenceKey(name) {
+            return `extra-networks:${this.root.id}:${name}`;
         }
 
         url(path) {
@@ -118,15 +194,17 @@
         // load revalidates with the server's etag, so an unchanged listing costs a 304 and no re-parsing.
         load(refresh) {
             if (this.loading && !refresh) return this.loading;
+            // The refresh POST sends the etag too: a rescan that changed nothing answers 304.
+            const headers = refresh && this.etag ? {"If-None-Match": this.etag} : {};
             const request = refresh ?
-                fetch(this.url("refresh"), {method: "POST"}) :
+                fetch(this.url("refresh"), {method: "POST", headers: headers}) :
                 fetch(this.url("cards"), {cache: "no-cache"});
             this.loading = request
                 .then(response => {
-                    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+                    if (!response.ok && response.status !== 304) throw new Error(`HTTP ${response.status}`);
                     const family = response.headers.get("X-Model-Family") || "";
                     const etag = response.headers.get("ETag");
-                    if (!refresh && etag && etag === this.etag) {
+                    if (response.status === 304 || (etag && etag === this.etag)) {
                         this.setModelFamily(family);
                         return null;
                     }
@@ -134,6 +212,7 @@
                         this.etag = etag;
                         this.modelFamily = family;
                         this.setData(data);
+                        if (this.loadedAt === null) this.loadedAt = performance.now();
                     });
                 })
                 .catch(error => {
@@ -166,9 +245,7 @@
             item.rel = item.terms[0] || item.name;
             let description = item.description;
             if (description && this.opts.extra_networks_card_description_is_html) {
-                const div = document.createElement("div");
-                div.innerHTML = description;
-                description = div.textContent;
+                description = parseInert(description).textContent;
             }
             item.searchText = [item.name, item.alias, item.title, ...item.terms, description, item.activation]
                 .filter(Boolean).join("\n").toLowerCase();
@@ -180,9 +257,18 @@
             this.roots = data.roots || [];
             this.versionFilter = data.version_filter || null;
             this.items = (data.items || []).map((item, index) => this.normalise(item, index));
+            this.lastMatch = null;
             if (this.sortKey === null) {
-                this.sortKey = sortKeyForOption[this.opts.extra_networks_card_order_field] || "default";
-                this.sortDir = this.opts.extra_networks_card_order === "Descending" ? "Descending" : "Ascending";
+                // The last sort the user chose wins over the options' initial order (A1111 forgets it).
+                const saved = readPreference(this.preferenceKey("sort"));
+                const keys = Object.values(sortKeyForOption);
+                if (saved && keys.includes(saved.key)) {
+                    this.sortKey = saved.key;
+                    this.sortDir = saved.dir === "Descending" ? "Descending" : "Ascending";
+                } else {
+                    this.sortKey = sortKeyForOption[this.opts.extra_networks_card_order_field] || "default";
+                    this.sortDir = this.opts.extra_networks_card_order === "Descending" ? "Descending" : "Ascending";
+                }
             }
             if (!this.dirsInitialised) {
                 this.dirsInitialised = true;
@@ -192,11 +278,17 @@
                 this.root.style.setProperty("--tree-width", `${width}px`);
             }
             this.applyCardStyle();
-            this.cardCache.clear();
+            this.keepUnchangedCards();
             this.updateSortButtons();
             this.sortItems();
             this.buildDirs();
             this.applyFilter();
+            this.schedulePoll(0);
+        }
+
+        filterActive() {
+            const rule = this.versionFilter;
+            return !!rule && !rule.show_all && !!this.modelFamily && this.modelFamily !== "Unknown";
         }
 
         // A1111's version rule, run here so a checkpoint switch re-filters without rebuilding the data.
@@ -226,23 +318,40 @@
             const key = this.sortKey;
             const dir = this.sortDir === "Descending" ? -1 : 1;
             const indices = this.items.map(item => item.index);
+            // "default" (Path) is the server's listing order: natural-sorted folders, then files.
+            const value = key === "default" ? (item => item.index) : (item => item.sort[key]);
             indices.sort((a, b) => {
                 const ia = this.items[a];
                 const ib = this.items[b];
-                const result = compareValues(ia.sort ? ia.sort[key] : undefined, ib.sort ? ib.sort[key] : undefined);
+                const result = compareValues(value(ia), value(ib));
                 return result !== 0 ? dir * result : ia.index - ib.index;
             });
             this.sorted = indices;
         }
 
+        // Typing narrows the last matches instead of scanning every card again: a query that extends the last
+        // one can only match a subset of what that one matched (same sort, hidden-folder threshold passed).
+        matchQuery(query) {
+            const longEnough = query.length >= 4;
+            const last = this.lastMatch;
+            const narrowing = last && last.sorted === this.sorted && query.startsWith(last.query) &&
+                (last.query.length >= 4 || !longEnough);
+            const source = narrowing ? last.indices : this.sorted;
+            const indices = query === "" && !narrowing ? source.filter(index => !this.items[index].search_only) :
+                source.filter(index => {
+                    const item = this.items[index];
+                    if (item.search_only && !longEnough) return false;
+                    return item.searchText.includes(query);
+                });
+            this.lastMatch = {query: query, sorted: this.sorted, indices: indices};
+            return indices;
+        }
+
         applyFilter() {
             const query = (this.search.value || "").toLowerCase().trim();
-            const longEnough = query.length >= 4;
             let otherModels = 0;
-            this.view = this.sorted.filter(index => {
+            this.view = this.matchQuery(query).filter(index => {
                 const item = this.items[index];
-                if (item.search_only && !longEnough) return false;
-                if (query !== "" && !item.searchText.includes(query)) return false;
                 item.otherModel = !this.compatible(item);
                 if (item.otherModel) {
                     otherModels++;
@@ -255,11 +364,13 @@
                 `${this.view.length} of ${this.items.length}` : `${this.items.length}`;
             this.count.textContent = this.items.length ? shown : "";
             // Cards for another model family are hidden, not gone: the toggle shows them greyed out (A1111 13A-10).
-            this.otherToggle.hidden = otherModels === 0;
+            // It stays in view whenever the filter is on, so it is clear why cards are missing.
+            this.otherToggle.hidden = !this.filterActive();
             this.otherToggle.textContent = this.showOtherModels ?
-                `hide ${otherModels} for other models` : `+${otherModels} for other models`;
-            this.otherToggle.title = `Cards made for another model family than ${this.modelFamily}` +
-                " (setting: Always show all networks on the Lora page)";
+                `Hide other models (${otherModels})` : `Show all (+${otherModels} for other models)`;
+            this.otherToggle.setAttribute("aria-pressed", this.showOtherModels ? "true" : "false");
+            this.otherToggle.title = `Showing cards for ${this.modelFamily}; ${otherModels} are for other model ` +
+                "families (setting: Always show all networks on the Lora page)";
             if (this.items.length === 0) {
                 this.showEmpty();
             } else if (this.view.length === 0) {
@@ -288,6 +399,7 @@
 
         setSort(key) {
             this.sortKey = key;
+            writePreference(this.preferenceKey("sort"), {key: this.sortKey, dir: this.sortDir});
             this.updateSortButtons();
             this.sortItems();
             this.applyFilter();
@@ -295,6 +407,7 @@
 
         toggleSortDir() {
             this.sortDir = this.sortDir === "Descending" ? "Ascending" : "Descending";
+            writePreference(this.preferenceKey("sort"), {key: this.sortKey, dir: this.sortDir});
             this.updateSortButtons();
             this.sortItems();
             this.applyFilter();
@@ -350,11 +463,33 @@
             this.markActiveCards();
         }
 
+        // New data (a rescan, new hashes): card elements whose content is the same are kept, so a card under
+        // the mouse keeps its hover state and nothing flickers.
+        keepUnchangedCards() {
+            const byName = new Map();
+            this.items.forEach(item => byName.set(item.name, item));
+            const kept = new Map();
+            this.cardCache.forEach(card => {
+                const item = byName.get(card.dataset.name);
+                if (item && card.cardSignature === this.cardSignature(item)) {
+                    card.dataset.index = String(item.index);
+                    kept.set(item.index, card);
+                }
+            });
+            this.cardCache = kept;
+        }
+
+        cardSignature(item) {
+            return JSON.stringify([item.title, item.preview, item.description, item.sd, item.error, item.meta,
+                item.filename, this.opts.extra_networks_card_show_desc, this.opts.extra_networks_card_description_is_html]);
+        }
+
         cardElement(index) {
             let card = this.cardCache.get(index);
             if (card) return card;
             if (this.cardCache.size > CARD_CACHE_LIMIT) this.cardCache.clear();
             card = this.buildCard(this.items[index]);
+            card.cardSignature = this.cardSignature(this.items[index]);
             this.cardCache.set(index, card);
             return card;
         }
@@ -362,6 +497,7 @@
         buildCard(item) {
             const card = el("div", "card");
             card.tabIndex = 0;
+            card.draggable = true; // drag it into a prompt: it lands where it is dropped
             card.setAttribute("role", "button");
             card.dataset.index = String(item.index);
             card.dataset.name = item.name;
@@ -378,25 +514,36 @@
             } else {
                 card.classList.add("no-preview");
             }
-            const buttons = el("div", "button-row");
-            buttons.appendChild(iconButton("copy-path-button", "copy", "Copy path to clipboard"));
-            if (item.meta) buttons.appendChild(iconButton("metadata-button", "info", "Show internal metadata"));
-            if (window.extraNetworksEditor && item.filename) {
-                buttons.appendChild(iconButton("edit-button", "edit", "Edit metadata"));
-            }
-            card.appendChild(buttons);
+            // The copy/metadata/edit buttons show on hover or focus only, so they are made then (addButtons):
+            // half the nodes per card, and a search keystroke builds a new screenful of cards.
             if (item.sd && item.sd !== "Unknown") card.appendChild(el("span", "card-badge", item.sd));
             const actions = el("div", "actions");
             actions.appendChild(el("div", "name", item.title));
             if (item.error) actions.appendChild(el("div", "card-error", item.error));
             if (item.description && this.opts.extra_networks_card_show_desc !== false) {
                 const description = el("div", "description");
-                if (this.opts.extra_networks_card_description_is_html) description.innerHTML = item.description;
-                else description.textContent = item.description;
+                if (this.opts.extra_networks_card_description_is_html) {
+                    description.appendChild(safeHtmlFragment(item.description));
+                } else {
+                    description.textContent = item.description;
+                }
                 actions.appendChild(description);
             }
             card.appendChild(actions);
             return card;
+        }
+
+        addButtons(card) {
+            if (card.querySelector(":scope > .button-row")) return;
+            const item = this.items[Number(card.dataset.index)];
+            if (!item) return;
+            const buttons = el("div", "button-row");
+            buttons.appendChild(iconButton("copy-path-button", "copy", "Copy path to clipboard"));
+            if (item.meta) buttons.appendChild(iconButton("metadata-button", "info", "Show internal metadata"));
+            if (window.extraNetworksEditor && item.filename) {
+                buttons.appendChild(iconButton("edit-button", "edit", "Edit metadata"));
+            }
+            card.insertBefore(buttons, card.firstChild);
         }
 
         // --- prompt insertion ----------------------------------------------------------------------------------------
@@ -408,13 +555,43 @@
             };
         }
 
+        separator() {
+            return this.opts.extra_networks_add_text_separator === undefined ?
+                " " : String(this.opts.extra_networks_add_text_separator);
+        }
+
+        cardTexts(item) {
+            const tools = window.extraNetworksPrompt;
+            return {text: tools.textFromParts(item.prompt, this.opts), negative: tools.textFromParts(item.negative, this.opts)};
+        }
+
+        // A card dropped on a prompt box: its text goes in at the drop point (moved there if it was already
+        // in that box); dropped on the positive prompt, its negative text is also added to the negative box.
+        cardDropped(item, textarea, offset) {
+            const tools = window.extraNetworksPrompt;
+            const {text, negative} = this.cardTexts(item);
+            const areas = this.promptAreas();
+            const separator = this.separator();
+            const intoNegative = textarea === areas.negative;
+            const inserted = intoNegative ? (negative || text) : text;
+            if (!inserted) return;
+            const result = tools.insertAtOffset(textarea.value, offset, inserted, separator);
+            textarea.value = result.prompt;
+            textarea.focus();
+            textarea.setSelectionRange(result.caret, result.caret);
+            window.updateInput(textarea);
+            if (!intoNegative && negative && areas.negative && !tools.isInPrompt(areas.negative.value, negative)) {
+                areas.negative.value = tools.addToPrompt(areas.negative.value, negative, separator);
+                window.updateInput(areas.negative);
+            }
+            this.markActiveCards();
+        }
+
         cardClicked(item) {
             const tools = window.extraNetworksPrompt;
-            const text = tools.textFromParts(item.prompt, this.opts);
-            const negative = tools.textFromParts(item.negative, this.opts);
+            const {text, negative} = this.cardTexts(item);
             if (!text && !negative) return;
-            const separator = this.opts.extra_networks_add_text_separator === undefined ?
-                " " : String(this.opts.extra_networks_add_text_separator);
+            const separator = this.separator();
             const areas = this.promptAreas();
             if (text && areas.prompt) {
                 areas.prompt.value = tools.togglePrompt(areas.prompt.value, text, separator);
@@ -480,9 +657,11 @@
         // A tree of folders (first) and files; folder children are built only when a folder is expanded.
         treeModel() {
             const rootNode = {name: "", path: "", dirs: new Map(), files: []};
+            const showHidden = this.opts.extra_networks_show_hidden_directories !== false;
             this.items.forEach(item => {
                 const parts = (item.rel || item.name).split("/");
                 const file = parts.pop();
+                if (!showHidden && parts.slice(1).some(p => p.startsWith("."))) return;
                 let node = rootNode;
                 parts.forEach((part, i) => {
                     if (!node.dirs.has(part)) {
@@ -532,6 +711,7 @@
                 const li = el("li", "tree-list-item tree-list-item--file");
                 const row = el("span", "tree-list-content tree-list-content-file", file.name);
                 row.dataset.index = String(file.index);
+                row.draggable = true;
                 li.appendChild(row);
                 ul.appendChild(li);
             });
@@ -597,6 +777,54 @@
             });
         }
 
+        // --- background work and the loaded model --------------------------------------------------------------------
+        // While the pane is in view it asks every few seconds (twice a second while work runs) what the server
+        // does in the background (hashing new files) and which model family is loaded, so the version filter
+        // follows a checkpoint switch made anywhere, and the cards pick up new hashes when hashing ends.
+        schedulePoll(delay) {
+            if (this.pollTimer !== null) return;
+            this.pollTimer = setTimeout(() => {
+                this.pollTimer = null;
+                this.poll();
+            }, delay);
+        }
+
+        visible() {
+            return this.scroller.clientWidth > 0 && document.visibilityState !== "hidden";
+        }
+
+        poll() {
+            if (!document.body.contains(this.root)) return; // the pane was replaced
+            if (!this.visible() && !(this.background && this.background.running)) {
+                this.schedulePoll(POLL_IDLE_MS);
+                return;
+            }
+            fetch(`./sd_extra_networks/background-status?page=${encodeURIComponent(this.page)}`, {cache: "no-store"})
+                .then(response => (response.ok ? response.json() : null))
+                .then(data => {
+                    if (!data) return;
+                    this.showBackground(data.status);
+                    if (data.model_family !== undefined) this.setModelFamily(data.model_family || "");
+                })
+                .catch(() => null)
+                .finally(() => this.schedulePoll(this.background && this.background.running ? POLL_BUSY_MS : POLL_IDLE_MS));
+        }
+
+        showBackground(status) {
+            const before = this.background;
+            this.background = status || null;
+            const running = !!(status && status.running);
+            this.progress.hidden = !running;
+            if (running) {
+                const label = status.label || "Working";
+                this.progress.textContent = `${label} ${status.done}/${status.total}`;
+                this.progress.title = status.current ? `${label}: ${status.current}` : label;
+                this.progress.style.setProperty("--progress", String(status.total ? status.done / status.total : 0));
+            }
+            // Work finished, or went on since the last look: the card data changed (hashes are searchable).
+            if (before && status && before.generation !== status.generation && !running) this.load(false);
+        }
+
         // --- buttons on a card ------------------------------------------------------------------------------------------
         copyPath(item) {
             const text = item.filename || "";
@@ -629,8 +857,8 @@
                 const old = this.items.findIndex(item => item.name === name);
                 if (old < 0 || !data.item) return;
                 const item = this.normalise(data.item, old);
-                item.sort = Object.assign({}, item.sort, {default: this.items[old].sort.default});
                 this.items[old] = item;
+                this.lastMatch = null;
                 this.cardCache.delete(old);
                 this.render(true);
             });
@@ -686,6 +914,7 @@
             if (button.classList.contains("extra-network-control--refresh")) return refreshPane(pane);
             if (button.classList.contains("extra-network-control--other-models")) {
                 pane.showOtherModels = !pane.showOtherModels;
+                writePreference(pane.preferenceKey("show-all"), pane.showOtherModels);
                 return pane.applyFilter();
             }
             if (button.classList.contains("extra-network-dir-button")) return pane.setSearch(button.dataset.search);
@@ -735,6 +964,71 @@
         }
     }
 
+    // --- drag a card into a prompt box -------------------------------------------------------------------------------
+    let dragged = null; // {pane, item} while a card is dragged
+
+    function promptAreaOf(target) {
+        if (!target || target.tagName !== "TEXTAREA") return null;
+        return target.closest("[id$='_prompt'], [id$='_neg_prompt']") ? target : null;
+    }
+
+    function onDragStart(event) {
+        const source = event.target.closest ? event.target.closest(".card, .tree-list-content-file") : null;
+        const pane = source ? paneFor(source) : null;
+        if (!pane || !event.dataTransfer) return;
+        const item = pane.items[Number(source.dataset.index)];
+        if (!item) return;
+        const {text} = pane.cardTexts(item);
+        dragged = {pane: pane, item: item};
+        event.dataTransfer.effectAllowed = "copy";
+        event.dataTransfer.setData("text/plain", text); // what other drop targets get
+        event.dataTransfer.setData(DRAG_TYPE, JSON.stringify({pane: pane.root.id, index: item.index}));
+    }
+
+    function draggedCard(event) {
+        if (dragged) return dragged;
+        const types = event.dataTransfer ? Array.from(event.dataTransfer.types || []) : [];
+        if (!types.includes(DRAG_TYPE)) return null;
+        try { // dragged from another window of this page
+            const data = JSON.parse(event.dataTransfer.getData(DRAG_TYPE));
+            const pane = panes.get(data.pane);
+            return pane && pane.items[data.index] ? {pane: pane, item: pane.items[data.index]} : null;
+        } catch (e) {
+            return null;
+        }
+    }
+
+    function onDragOver(event) {
+        if (!promptAreaOf(event.target)) return;
+        const types = event.dataTransfer ? Array.from(event.dataTransfer.types || []) : [];
+        if (!dragged && !types.includes(DRAG_TYPE)) return;
+        event.preventDefault();
+        event.dataTransfer.dropEffect = "copy";
+    }
+
+    function onDrop(event) {
+        const area = promptAreaOf(event.target);
+        if (!area) return;
+        const source = draggedCard(event);
+        if (!source) return;
+        event.preventDefault(); // our insertion, not the browser's plain-text one
+        const offset = window.extraNetworksPrompt.offsetFromPoint(area, event.clientX, event.clientY);
+        source.pane.cardDropped(source.item, area, offset);
+        dragged = null;
+    }
+
+    function onDragEnd() {
+        dragged = null;
+    }
+
+    // A card under the mouse or keyboard focus gets its buttons.
+    function onPointerOrFocus(event) {
+        const card = event.target.closest ? event.target.closest(".extra-network-pane .card") : null;
+        if (!card) return;
+        const pane = paneFor(card);
+        if (pane) pane.addButtons(card);
+    }
+
     function onKeyDown(event) {
         if (event.key !== "Enter" && event.key !== " ") return;
         const card = event.target.classList && event.target.classList.contains("card") ? event.target : null;
@@ -760,6 +1054,12 @@
     document.addEventListener("input", onInput);
     document.addEventListener("keydown", onKeyDown);
     document.addEventListener("scroll", onScroll, true);
+    document.addEventListener("mouseover", onPointerOrFocus);
+    document.addEventListener("focusin", onPointerOrFocus);
+    document.addEventListener("dragstart", onDragStart);
+    document.addEventListener("dragover", onDragOver);
+    document.addEventListener("drop", onDrop);
+    document.addEventListener("dragend", onDragEnd);
 
     // Called after settings are applied or the checkpoint changes: options, filters and sizes may differ.
     window.extraNetworksReloadAll = function() {

@@ -45,7 +45,8 @@
         return box;
     }
 
-    // `modelspec.a.b: v` becomes {modelspec: {a: {b: v}}}, so related keys are shown together.
+    // `modelspec.a.b: v` becomes {modelspec: {a: {b: v}}}, so related keys are shown together; `ss_*` keys stay
+    // flat, their JSON values become nested tables; cover images never reach the page (the server drops them).
     function nestDottedKeys(metadata) {
         const result = {};
         Object.keys(metadata).forEach(key => {
@@ -65,6 +66,16 @@
         return result;
     }
 
+    // Trainers store structures as JSON text (ss_tag_frequency, ss_network_args, ...): shown as tables.
+    function parseJsonText(value) {
+        if (typeof value !== "string" || !/^\s*[[{]/.test(value)) return value;
+        try {
+            return JSON.parse(value);
+        } catch (e) {
+            return value;
+        }
+    }
+
     function metadataTable(metadata, nested) {
         const table = document.createElement("table");
         table.className = "popup-metadata";
@@ -75,7 +86,7 @@
             th.textContent = key;
             row.appendChild(th);
             const td = row.insertCell();
-            const value = data[key];
+            const value = parseJsonText(data[key]);
             if (value && typeof value === "object" && !Array.isArray(value)) {
                 td.appendChild(metadataTable(value, true));
             } else {

@@ -12,6 +12,7 @@ import binascii
 import gzip
 import hashlib
 import html
+import inspect
 import json
 import os
 import re
@@ -96,11 +97,30 @@ class DirectoryLister:
 
     def __init__(self):
         self._dirs: dict[str, dict[str, tuple[float, float]]] = {}
+        self._stale: set[str] = set()  # folders written to since the listings in prime() were made
         self._lock = threading.Lock()
 
     def reset(self) -> None:
         with self._lock:
             self._dirs = {}
+            self._stale = set()
+
+    def prime(self, listings: dict[str, dict[str, tuple[float, float]]], replace: bool = True) -> None:
+        """Takes folder listings someone else already made (the Lora discovery walk stats every file once).
+        replace=True: they are fresh (a rescan just made them); False: they only fill folders not seen yet."""
+        with self._lock:
+            if replace:
+                self._stale = set()
+            for dirname, listing in listings.items():
+                if replace or (dirname not in self._dirs and dirname not in self._stale):
+                    self._dirs[dirname] = listing
+
+    def invalidate(self, dirname: str) -> None:
+        """Forgets one folder (a file was written there); the next look-up lists it again."""
+        dirname = os.path.abspath(dirname)
+        with self._lock:
+            self._dirs.pop(dirname, None)
+            self._stale.add(dirname)
 
     def _listing(self, dirname: str) -> dict[str, tuple[float, float]]:
         listing = self._dirs.get(dirname)
@@ -157,7 +177,9 @@ class ExtraNetworksPage:
         self.items: dict[str, dict] = {}
         self.lister = DirectoryLister()
         self.generation = 0  # bumped by refresh; part of the cards cache key
-        self._cards_cache: dict[tuple, bytes] = {}
+        self._cards_cache: dict[tuple, tuple[bytes, bytes, str]] = {}
+        self._card_cache: dict[str, tuple] = {}  # item name → (item, options key, card JSON bytes)
+        self._last_payload: tuple[bytes, bytes, str] | None = None
 
     # A1111 API -----------------------------------------------------------------------------------------------------
     def refresh(self) -> None:
@@ -209,15 +231,23 @@ class ExtraNetworksPage:
             "path": path.replace("\\", "/").lower(),
         }
 
-    def find_preview(self, path: str) -> str | None:
-        """`<path>.<ext>` then `<path>.preview.<ext>` for each allowed extension, in a fixed order."""
+    def find_preview_path(self, path: str) -> str | None:
+        """The preview file of `path` (the item's file without its extension): every `<stem>.preview.<ext>`
+        first, then `<stem>.<ext>`, each in the fixed extension order (png, jpg, jpeg, webp, gif, then
+        samples_format), so the choice is the same on every run (A1111 13B-15 picks by set order)."""
         dirname, stem = self.lister._split(path)
         names = self.lister.names_in(dirname)
-        for ext in allowed_preview_extensions():
-            for candidate in (f"{stem}.{ext}", f"{stem}.preview.{ext}"):
+        exts = allowed_preview_extensions()
+        for pattern in ("{}.preview.{}", "{}.{}"):
+            for ext in exts:
+                candidate = pattern.format(stem, ext)
                 if candidate in names:
-                    return self.link_preview(os.path.join(dirname, candidate))
+                    return os.path.join(dirname, candidate)
         return None
+
+    def find_preview(self, path: str) -> str | None:
+        found = self.find_preview_path(path)
+        return self.link_preview(found) if found else None
 
     def find_embedded_preview(self, path: str, name: str, metadata: dict | None) -> str | None:
         if cover_images_from_metadata(metadata):
@@ -248,11 +278,22 @@ class ExtraNetworksPage:
 
     # cards ---------------------------------------------------------------------------------------------------------
     def do_refresh(self) -> None:
-        """Rescans (page.refresh) and drops every cache derived from the old listing."""
-        self.refresh()
+        """Rescans (page.refresh) with a fresh directory lister. Card data is rebuilt from the new listing, but
+        items and cards that did not change are reused, and an unchanged result keeps its etag."""
         self.lister.reset()
+        self.refresh()
         self.generation += 1
         self._cards_cache.clear()
+
+    def forget_item(self, name: str) -> None:
+        """Drops what is cached for one item (its files were written)."""
+        self._card_cache.pop(name, None)
+        self._cards_cache.clear()
+
+    def background_status(self) -> dict | None:
+        """Work the page does in the background (the Lora page hashes new files): {"running", "done", "total",
+        ...} for the pane's progress line, or None."""
+        return None
 
     def cards_json(self, tabname: str) -> tuple[bytes, bytes, str]:
         """The card pane's data for one tab as (JSON, gzipped JSON, etag), cached until the listing or the
@@ -264,9 +305,14 @@ class ExtraNetworksPage:
             if cached is not None:
                 return cached
         with _cards_lock:
-            data = build_cards_payload(self, tabname)
-        body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf8")
-        result = (body, gzip.compress(body, compresslevel=5), '"' + hashlib.sha1(body).hexdigest()[:20] + '"')
+            head, fragments = build_cards_payload(self, tabname)
+        body = head[:-1] + b',"items":[' + b",".join(fragments) + b"]}"
+        last = self._last_payload
+        if last is not None and last[0] == body:
+            result = last
+        else:
+            result = (body, gzip.compress(body, compresslevel=3), '"' + hashlib.sha1(body).hexdigest()[:20] + '"')
+        self._last_payload = result
         if version is not None:
             self._cards_cache.clear()
             self._cards_cache[key] = result
@@ -354,13 +400,15 @@ def card_from_item(page: ExtraNetworksPage, item: dict, index: int) -> dict | No
         prompt_parts = prompt_parts_from_js(item.get("prompt"))
         if prompt_parts is None:
             prompt_parts, error = [], error or "this card's prompt expression could not be read"
-    negative_parts = [p for p in prompt_parts_from_js(item.get("negative_prompt")) or [] if p != {"text": ""}]
+    negative_parts = item.get("negative_prompt_parts")
+    if negative_parts is None:
+        negative_parts = prompt_parts_from_js(item.get("negative_prompt")) or []
+    negative_parts = [p for p in negative_parts if p != {"text": ""}]
 
     name = str(item.get("name", ""))
+    # "default" (Path) order is the listing order, i.e. the card's position in the list: not sent.
     sort_keys = {k: v for k, v in (item.get("sort_keys") or {}).items()
-                 if k != "path" and isinstance(v, (int, float, str))}
-    if sort_keys.get("default") is None:
-        sort_keys["default"] = index
+                 if k not in ("path", "default") and isinstance(v, (int, float, str))}
     user_metadata = item.get("user_metadata") or {}
     card = {
         "name": name,
@@ -414,40 +462,55 @@ def _iterate_items(page: ExtraNetworksPage) -> Iterable[tuple[int, dict]]:
         index += 1
 
 
-def build_cards_payload(page: ExtraNetworksPage, tabname: str) -> dict:
-    cards = []
+def build_cards_payload(page: ExtraNetworksPage, tabname: str) -> tuple[bytes, list[bytes]]:
+    """(the payload's JSON object without "items", [each card as JSON]) in listing order. A card whose item
+    is the same object as last time (pages reuse unchanged items) keeps its JSON: at ten thousand cards, a
+    rebuild after a rescan costs a dict look-up per card."""
+    fragments: list[bytes] = []
     page.items = {}
     page.metadata = {}
+    options_key = card_options_key()
+    old_cache, new_cache = page._card_cache, {}
     for index, item in _iterate_items(page):
         if "__error__" in item:
-            cards.append(_error_card(page, item["name"], index, item["__error__"]))
+            fragments.append(_card_bytes(_error_card(page, item["name"], index, item["__error__"])))
             continue
         name = str(item.get("name", ""))
         page.items[name] = item
         if item.get("metadata"):
             page.metadata[name] = item["metadata"]
-        try:
-            card = card_from_item(page, item, index)
-        except Exception as e:
-            errors.display(e, f"building the {page.title} card for {name}")
-            card = _error_card(page, name, index, e)
-        if card is not None:
-            cards.append(card)
+        cached = old_cache.get(name)
+        if cached is not None and cached[0] is item and cached[1] == options_key:
+            fragment = cached[2]
+        else:
+            try:
+                card = card_from_item(page, item, index)
+            except Exception as e:
+                errors.display(e, f"building the {page.title} card for {name}")
+                card = _error_card(page, name, index, e)
+            fragment = _card_bytes(card) if card is not None else None
+        new_cache[name] = (item, options_key, fragment)
+        if fragment is not None:
+            fragments.append(fragment)
+    page._card_cache = new_cache
     roots = []
     for d in page.allowed_directories_for_previews():
         if d and os.path.isdir(d):
             roots.append({"name": os.path.basename(os.path.abspath(d)), "path": os.path.abspath(d)})
-    return {
+    head = {
         "page": page.extra_networks_tabname,
         "title": page.title,
         "tabname": tabname,
         "id": f"{tabname}_{page.extra_networks_tabname}",
-        "generation": page.generation,
         "roots": roots,
         "opts": card_options(),
         "version_filter": page.version_filter(),
-        "items": cards,
     }
+    return _card_bytes(head), fragments
+
+
+def _card_bytes(data: dict) -> bytes:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf8")
 
 
 # --- registry -----------------------------------------------------------------------------------------------------
@@ -463,7 +526,9 @@ def register_page(page: ExtraNetworksPage) -> None:
 
 
 def register_default_pages() -> None:
-    """A1111 registers Textual Inversion, Hypernetworks and Checkpoints here; this host has no such pages yet."""
+    """A1111 registers Textual Inversion, Hypernetworks and Checkpoints here; this host has Hypernetworks."""
+    from modules.ui_extra_networks_hypernets import ExtraNetworksPageHypernetworks
+    register_page(ExtraNetworksPageHypernetworks())
 
 
 def pages_in_preferred_order(pages: list[ExtraNetworksPage]) -> list[ExtraNetworksPage]:
@@ -521,17 +586,27 @@ def pane_html(page: ExtraNetworksPage, tabname: str) -> str:
 </div>"""
 
 
+def _supported_kwargs(component, **kwargs) -> dict:
+    """The keyword arguments this gradio version's component accepts (gradio 6 has options 3.41 lacks)."""
+    try:
+        params = inspect.signature(component.__init__).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
 def create_ui(tabname: str) -> list[tuple[ExtraNetworksPage, Any]]:
-    """Adds one gr.Tab per registered page to the current Tabs; returns [(page, tab)]."""
+    """Adds one gr.Tab per registered page to the current Tabs; returns [(page, tab)]. Works with gradio 6 and
+    with A1111's gradio 3.41: options only gradio 6 knows are passed only when the component takes them."""
     import gradio as gr
 
     result = []
     for page in pages_in_preferred_order(extra_pages):
         tab_id = f"{tabname}_{page.extra_networks_tabname}"
-        with gr.Tab(page.title, id=tab_id, elem_id=tab_id, elem_classes=["extra-page"],
-                    render_children=True) as tab:
-            gr.HTML(pane_html(page, tabname), elem_id=f"{tab_id}_pane_html", js_on_load=None,
-                    apply_default_css=False, padding=False)
+        tab_kwargs = _supported_kwargs(gr.Tab, elem_classes=["extra-page"], render_children=True)
+        with gr.Tab(page.title, id=tab_id, elem_id=tab_id, **tab_kwargs) as tab:
+            html_kwargs = _supported_kwargs(gr.HTML, js_on_load=None, apply_default_css=False, padding=False)
+            gr.HTML(pane_html(page, tabname), elem_id=f"{tab_id}_pane_html", **html_kwargs)
         result.append((page, tab))
     return result
 
@@ -645,7 +720,12 @@ def add_pages_to_demo(app) -> None:
 
     def get_single_card(page: str = "", tabname: str = "", name: str = ""):
         found = page_or_404(page)
-        found.lister.reset()
+        known = found.items.get(name)
+        if known and known.get("filename"):
+            found.lister.invalidate(os.path.dirname(os.path.abspath(known["filename"])))
+        else:
+            found.lister.reset()
+        found.forget_item(name)
         try:
             item = found.create_item(name, enable_filter=False)
         except Exception as e:
@@ -653,14 +733,23 @@ def add_pages_to_demo(app) -> None:
             return JSONResponse({"item": _error_card(found, name, 0, e)})
         if item is None:
             raise HTTPException(status_code=404, detail="item not found")
-        found.read_user_metadata(item, use_cache=False)
         found.items[name] = item
-        found._cards_cache.clear()
-        index = (item.get("sort_keys") or {}).get("default", 0)
-        return JSONResponse({"item": card_from_item(found, item, index if isinstance(index, int) else 0)})
+        return JSONResponse({"item": card_from_item(found, item, 0)})
+
+    def background_status(page: str = ""):
+        found = page_or_404(page)
+        try:
+            status = found.background_status()
+        except Exception as e:
+            errors.display(e, f"reading the {found.title} background status")
+            status = None
+        return JSONResponse({"status": status, "model_family": loaded_model_family()},
+                            headers={"Cache-Control": "no-store"})
 
     def cards_response(request: Request, found: ExtraNetworksPage, tabname: str) -> Response:
         body, gzipped, etag = found.cards_json(tabname)
+        # A refresh that changed nothing answers 304 too (the browser sends the etag it has): no download,
+        # no parsing, no re-render.
         # The loaded model family travels in a header so the cached body does not depend on it; the browser
         # revalidates with the etag, so looking again costs a 304.
         headers = {"Cache-Control": "no-cache", "ETag": etag, "X-Model-Family": loaded_model_family(),
@@ -691,6 +780,7 @@ def add_pages_to_demo(app) -> None:
     app.add_api_route("/sd_extra_networks/get-single-card", get_single_card, methods=["GET"])
     app.add_api_route("/sd_extra_networks/cards", get_cards, methods=["GET"])
     app.add_api_route("/sd_extra_networks/refresh", refresh_cards, methods=["POST"])
+    app.add_api_route("/sd_extra_networks/background-status", background_status, methods=["GET"])
 
     from modules.ui_extra_networks_user_metadata import add_editor_routes
     add_editor_routes(app, get_page)

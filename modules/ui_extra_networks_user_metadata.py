@@ -18,6 +18,7 @@ from modules import extra_networks, shared
 from modules.atomic import write_bytes_atomic, write_text_atomic
 
 MAX_PREVIEW_BYTES = 32 * 1024 * 1024
+PREVIEW_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "gif": "GIF"}  # extension → PIL
 
 
 class EditorError(ValueError):
@@ -138,12 +139,29 @@ class UserMetadataEditor:
 
     def write_user_metadata(self, name: str, metadata: dict) -> None:
         text = json.dumps(metadata, indent=4, ensure_ascii=False)
-        self._write_next_to_item(name, ".json", lambda path: write_text_atomic(path, text))
-        self.page.lister.reset()
-        self.page._cards_cache.clear()
+        path = self._write_next_to_item(name, ".json", lambda path: write_text_atomic(path, text))
+        self._written(name, path)
+
+    def _written(self, name: str, path: str) -> None:
+        """After a write next to the item: that folder is listed again and the item rebuilt, nothing else."""
+        self.page.lister.invalidate(os.path.dirname(path))
+        self.page.forget_item(name)
+
+    def preview_target(self, name: str) -> str:
+        """Where Replace preview writes: over the local preview the card shows now, so the new picture is the
+        one shown whatever the look-up order; else `<stem>.<samples_format>`, the file A1111 writes."""
+        item = self.get_item(name)
+        stem = os.path.splitext(os.path.abspath(item["filename"]))[0]
+        find = getattr(self.page, "find_preview_path", None)
+        shown = find(stem) if find else None
+        if shown and os.path.splitext(shown)[1].lower().lstrip(".") in PREVIEW_FORMATS:
+            return shown
+        fmt = (shared.opts.samples_format or "png").lower()
+        return f"{stem}.{fmt if fmt in PREVIEW_FORMATS else 'png'}"
 
     def save_preview(self, name: str, data: bytes) -> str:
-        """Writes an uploaded image as `<stem>.<samples_format>`, keeping its infotext; returns the path."""
+        """Writes an uploaded image as the card's preview (see preview_target), keeping its infotext in PNGs;
+        returns the path."""
         from PIL import Image, PngImagePlugin
 
         if len(data) > MAX_PREVIEW_BYTES:
@@ -153,19 +171,23 @@ class UserMetadataEditor:
             image.load()
         except Exception as e:
             raise EditorError(f"not an image: {e}") from e
-        fmt = (shared.opts.samples_format or "png").lower()
+        target = self.preview_target(name)
+        stem = os.path.splitext(os.path.abspath(self.get_item(name)["filename"]))[0]
+        suffix = target[len(stem):]
+        fmt = PREVIEW_FORMATS[os.path.splitext(target)[1].lower().lstrip(".")]
         parameters = image.info.get("parameters")
         buf = io.BytesIO()
-        if fmt == "png":
+        if fmt == "PNG":
             pnginfo = PngImagePlugin.PngInfo()
             if parameters:
                 pnginfo.add_text("parameters", parameters)
             image.save(buf, format="PNG", pnginfo=pnginfo)
+        elif fmt == "GIF":
+            image.save(buf, format="GIF")
         else:
-            image.convert("RGB").save(buf, format="JPEG" if fmt in ("jpg", "jpeg") else fmt.upper())
-        path = self._write_next_to_item(name, f".{fmt}", lambda target: write_bytes_atomic(target, buf.getvalue()))
-        self.page.lister.reset()
-        self.page._cards_cache.clear()
+            image.convert("RGB").save(buf, format=fmt)
+        path = self._write_next_to_item(name, suffix, lambda target: write_bytes_atomic(target, buf.getvalue()))
+        self._written(name, path)
         return path
 
     def _write_next_to_item(self, name: str, suffix: str, write) -> str:

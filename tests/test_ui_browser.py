@@ -21,13 +21,9 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM
 
 
 @pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        instance = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield instance
-        instance.close()
+def browser(chromium):
+    """The session's one Chromium (conftest): Playwright's sync API allows one instance per process."""
+    return chromium
 
 
 @pytest.fixture(scope="module")

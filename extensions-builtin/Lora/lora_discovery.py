@@ -1,7 +1,9 @@
 """Discovery: Lora folders → NetworkOnDisk records and the name maps (A1111 names).
 
-A rescan walks the folders and stats each file; records are reused while a file's size and mtime are
-unchanged, so rescanning (on Refresh, on the API, on a missing name) costs a directory walk, not a re-read.
+A rescan (Refresh, the API) walks the folders and stats each file; records are reused while a file's size and
+mtime are unchanged, so it costs a directory walk, not a re-read. A name missing at generation time costs even
+less: one stat per folder, listing again only the folders whose mtime changed (A1111 rescans everything, up to
+twice per generation: 13B-20).
 
 Names: the first file with a stem owns it; a later same-stem file is listed under its path-qualified name
 (`sub/stem`, relative to its Lora folder), and every file also resolves by that path-qualified name.
@@ -12,6 +14,8 @@ import logging
 import os
 import re
 import threading
+import time
+from typing import Callable
 
 import lora_files
 import network
@@ -23,6 +27,10 @@ available_network_hash_lookup: dict[str, network.NetworkOnDisk] = {}
 available_network_paths: dict[str, network.NetworkOnDisk] = {}  # path-qualified name → record
 
 _records: dict[str, network.NetworkOnDisk] = {}  # absolute path → record, reused while (size, mtime) hold
+_ordered: list[network.NetworkOnDisk] = []  # the records in listing order
+stem_counts: dict[str, int] = {}  # stem → how many listed files have it
+scan_count = 0  # full rescans so far (tests check that a missing name does not cause one)
+maps_generation = 0  # bumped whenever the name maps change (cards cache what they derive from the maps)
 _lock = threading.RLock()
 logger = logging.getLogger("lora")
 
@@ -43,26 +51,100 @@ def ensure_lora_dir() -> None:
         os.makedirs(dirs[0], exist_ok=True)
 
 
-def walk_files(root: str, list_hidden: bool = True) -> list[str]:
-    """Every Lora file under root: symlinks followed (each real folder once), roots and files natural-sorted."""
-    found = []
-    seen: set[str] = set()
-    walked = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            dirnames[:] = []
+class DirState:
+    """One scanned folder: its mtime (to notice added or removed entries), its Lora files and sub-folders
+    (natural-sorted) and every entry's (mtime, creation time) for the card page's preview and sidecar look-ups."""
+    __slots__ = ("mtime_ns", "scanned_at", "files", "subdirs", "listing")
+
+    def __init__(self, mtime_ns: int, files: list[tuple[str, os.stat_result]], subdirs: list[str],
+                 listing: dict[str, tuple[float, float]]):
+        self.mtime_ns = mtime_ns
+        self.scanned_at = time.time()
+        self.files = files
+        self.subdirs = subdirs
+        self.listing = listing
+
+    def settled(self) -> bool:
+        """False while the folder's mtime is too close to the scan to prove nothing was added since: file
+        systems with coarse timestamps (FAT, some network shares) would hide a file added in the same tick."""
+        return self.scanned_at - self.mtime_ns / 1e9 > RACY_SECONDS
+
+
+RACY_SECONDS = 2.0
+_dir_index: dict[str, DirState] = {}  # absolute folder path → its last scan
+
+
+def _is_hidden(rel_dir: str) -> bool:
+    return rel_dir != "." and any(p.startswith(".") for p in rel_dir.split(os.sep))
+
+
+def _scan_dir(dirpath: str, dir_stat: os.stat_result, old: DirState | None = None) -> DirState:
+    """One os.scandir: Lora files with their stat, sub-folders, and the whole listing. An unchanged listing
+    stays the same object, so the card page can tell in O(1) that nothing in the folder changed."""
+    files, subdirs, listing = [], [], {}
+    try:
+        with os.scandir(dirpath) as it:
+            for entry in it:
+                try:
+                    if entry.is_dir():  # follows symlinks, as A1111's os.walk(followlinks=True)
+                        subdirs.append(entry.name)
+                        continue
+                    st = entry.stat()
+                except OSError:
+                    continue
+                created = getattr(st, "st_birthtime", None) or min(st.st_ctime, st.st_mtime)
+                listing[entry.name] = (st.st_mtime, created)
+                if os.path.splitext(entry.name)[1].lower() in lora_files.network_extensions:
+                    files.append((entry.name, st))
+    except OSError as e:
+        logger.warning("Lora: cannot list %s: %s", dirpath, e)
+    files.sort(key=lambda x: natural_sort_key(x[0]))
+    subdirs.sort(key=natural_sort_key)
+    if old is not None and old.listing == listing:
+        listing = old.listing
+    return DirState(dir_stat.st_mtime_ns, files, subdirs, listing)
+
+
+def _walk(root: str, list_hidden: bool, rescan: Callable[[str, os.stat_result, DirState | None], bool],
+          index: dict[str, DirState]) -> list[tuple[str, os.stat_result, bool]]:
+    """(path, stat, fresh) of every Lora file under root in natural path order. Each folder is stat'ed;
+    `rescan(path, stat, old)` decides whether it is listed again or its last scan reused. Each real folder
+    is visited once (symlink loops)."""
+    found: list[tuple[str, os.stat_result, bool]] = []
+    seen: set[tuple[int, int]] = set()
+    stack = [root]
+    ordered_dirs = []
+    while stack:
+        dirpath = stack.pop()
+        try:
+            st = os.stat(dirpath)
+        except OSError:
             continue
-        seen.add(real)
-        walked.append((dirpath, filenames))
-    for dirpath, filenames in sorted(walked, key=lambda x: natural_sort_key(x[0])):
-        rel_dir = os.path.relpath(dirpath, root)
-        if not list_hidden and rel_dir != "." and any(p.startswith(".") for p in rel_dir.split(os.sep)):
+        if (st.st_dev, st.st_ino) in seen:
             continue
-        for filename in sorted(filenames, key=natural_sort_key):
-            if os.path.splitext(filename)[1].lower() in lora_files.network_extensions:
-                found.append(os.path.join(dirpath, filename))
+        seen.add((st.st_dev, st.st_ino))
+        old = _dir_index.get(dirpath)
+        fresh = old is None or rescan(dirpath, st, old)
+        state = _scan_dir(dirpath, st, old) if fresh else old
+        index[dirpath] = state
+        ordered_dirs.append((dirpath, state, fresh))
+        for sub in reversed(state.subdirs):
+            path = os.path.join(dirpath, sub)
+            if list_hidden or not sub.startswith("."):
+                stack.append(path)
+    # A1111 order: folders natural-sorted by their full path, then the files in each.
+    ordered_dirs.sort(key=lambda x: natural_sort_key(x[0]))
+    for dirpath, state, fresh in ordered_dirs:
+        if not list_hidden and _is_hidden(os.path.relpath(dirpath, root)):
+            continue
+        for name, st in state.files:
+            found.append((os.path.join(dirpath, name), st, fresh))
     return found
+
+
+def walk_files(root: str, list_hidden: bool = True) -> list[str]:
+    """Every Lora file under root: symlinks followed (each real folder once), folders and files natural-sorted."""
+    return [path for path, _, _ in _walk(os.path.abspath(root), list_hidden, lambda *_: True, {})]
 
 
 def qualified_name_for(filename: str, root: str) -> str:
@@ -70,9 +152,10 @@ def qualified_name_for(filename: str, root: str) -> str:
     return os.path.splitext(rel)[0].replace(os.sep, "/")
 
 
-def _record(filename: str, root: str) -> network.NetworkOnDisk | None:
+def _record(filename: str, root: str, st: os.stat_result | None = None) -> network.NetworkOnDisk | None:
+    """The record for a file: the previous one while size and mtime hold (no read at all), else a new one."""
     try:
-        st = os.stat(filename)
+        st = st or os.stat(filename)
     except OSError:
         return None
     old = _records.get(filename)
@@ -87,31 +170,90 @@ def _record(filename: str, root: str) -> network.NetworkOnDisk | None:
         return None
 
 
-def list_available_networks() -> None:
-    """Rescans the Lora folders and rebuilds the name maps in place (other modules hold these dicts)."""
+def _scan(rescan: Callable[[str, os.stat_result, DirState | None], bool], stat_files: bool) -> bool:
+    """Walks the Lora folders and rebuilds the maps when the set of records changed. With stat_files, every
+    file is stat'ed (a changed size or mtime gives a new record); without, only new files are looked at."""
     from modules import shared
     list_hidden = bool(getattr(shared.opts, "list_hidden_files", True))
     ensure_lora_dir()
     with _lock:
         records: dict[str, network.NetworkOnDisk] = {}
         ordered: list[network.NetworkOnDisk] = []
+        index: dict[str, DirState] = {}
         for root in lora_dirs():
             if not os.path.isdir(root):
                 continue
-            for filename in walk_files(root, list_hidden):
-                filename = os.path.abspath(filename)
+            for filename, st, fresh in _walk(root, list_hidden, rescan, index):
                 if filename in records:
                     continue
-                entry = _record(filename, root)
+                old = _records.get(filename)
+                if old is not None and not stat_files and not fresh:
+                    entry = old
+                else:
+                    entry = _record(filename, root, st if fresh else None)
                 if entry is not None:
                     records[filename] = entry
                     ordered.append(entry)
-        _records.clear()
-        _records.update(records)
-        _rebuild_maps(ordered)
+        _dir_index.clear()
+        _dir_index.update(index)
+        changed = [id(e) for e in ordered] != [id(e) for e in _ordered]
+        if changed:
+            _records.clear()
+            _records.update(records)
+            _ordered[:] = ordered
+            _rebuild_maps(ordered)
+    if changed:
+        _notify(ordered)
+    return changed
+
+
+def list_available_networks() -> None:
+    """Rescans the Lora folders (A1111 name). Incremental: each file costs a stat, and a file whose size and
+    mtime are unchanged keeps its record, so nothing is read again. The name maps are rebuilt in place (other
+    modules hold these dicts) only when something changed."""
+    global scan_count
+    scan_count += 1
+    _scan(lambda path, st, old: True, stat_files=True)
+
+
+def rescan_changed_folders() -> bool:
+    """The cheap look for new files: one stat per folder; only folders whose mtime changed (an entry was
+    added, removed or renamed) are listed again. Files are not stat'ed. Returns whether anything changed."""
+    def rescan(path: str, st: os.stat_result, old: DirState | None) -> bool:
+        return old is None or old.mtime_ns != st.st_mtime_ns or not old.settled()
+    return _scan(rescan, stat_files=False)
+
+
+def dir_listing(dirname: str) -> dict[str, tuple[float, float]] | None:
+    """{file name: (mtime, creation time)} of a Lora folder as of the last scan; None for other folders."""
+    state = _dir_index.get(dirname)
+    return state.listing if state is not None else None
+
+
+def dir_listings() -> dict[str, dict[str, tuple[float, float]]]:
+    return {path: state.listing for path, state in list(_dir_index.items())}
+
+
+_listeners: list[Callable[[list[network.NetworkOnDisk]], None]] = []
+
+
+def on_records_changed(callback: Callable[[list[network.NetworkOnDisk]], None]) -> None:
+    """callback(all records) after a scan that changed the set of records (the background hasher listens)."""
+    if callback not in _listeners:
+        _listeners.append(callback)
+
+
+def _notify(ordered: list[network.NetworkOnDisk]) -> None:
+    for callback in list(_listeners):
+        try:
+            callback(list(ordered))
+        except Exception as e:
+            logger.warning("Lora: a listing listener failed: %s", e)
 
 
 def _rebuild_maps(ordered: list[network.NetworkOnDisk]) -> None:
+    global maps_generation
+    maps_generation += 1
     nets: dict[str, network.NetworkOnDisk] = {}
     aliases: dict[str, network.NetworkOnDisk] = {}
     forbidden: dict[str, int] = {"none": 1}
@@ -139,6 +281,11 @@ def _rebuild_maps(ordered: list[network.NetworkOnDisk]) -> None:
                            (forbidden_network_aliases, forbidden), (available_network_paths, paths)):
         target.clear()
         target.update(source)
+    counts: dict[str, int] = {}
+    for entry in ordered:
+        counts[entry.stem] = counts.get(entry.stem, 0) + 1
+    stem_counts.clear()
+    stem_counts.update(counts)
     available_network_hash_lookup.clear()
     for entry in ordered:
         if entry.shorthash:
@@ -161,22 +308,22 @@ def find_network(name: str) -> network.NetworkOnDisk | None:
 
 
 def find_networks(names: list[str]) -> tuple[dict[str, network.NetworkOnDisk], list[str]]:
-    """Resolves names, rescanning the folders at most once when some are missing. Returns (found, missing)."""
+    """Resolves names. When some are missing, the folders whose mtime changed are listed again (one stat per
+    folder, never a full rescan) and the names looked up once more. Returns (found, missing)."""
     found: dict[str, network.NetworkOnDisk] = {}
     missing: list[str] = []
     for name in names:
         entry = find_network(name)
+        if entry is None and name.strip() != name:
+            entry = find_network(name.strip())
         if entry is None:
             missing.append(name)
         else:
             found[name] = entry
-    if missing:
-        list_available_networks()
+    if missing and rescan_changed_folders():
         still_missing = []
         for name in missing:
-            entry = find_network(name)
-            if entry is None and name.strip() != name:
-                entry = find_network(name.strip())
+            entry = find_network(name) or find_network(name.strip())
             if entry is None:
                 still_missing.append(name)
             else:
@@ -185,8 +332,23 @@ def find_networks(names: list[str]) -> tuple[dict[str, network.NetworkOnDisk], l
     return found, missing
 
 
+def path_name(entry: network.NetworkOnDisk) -> str:
+    """The path-qualified name (`sub/stem`, or `Lora/sub/stem` when two folders hold the same path) that
+    resolves to this file."""
+    for candidate in (entry.qualified_name, f"{os.path.basename(entry.root or '')}/{entry.qualified_name}"):
+        if available_network_paths.get(candidate) is entry:
+            return candidate
+    return entry.name
+
+
+def shares_stem(entry: network.NetworkOnDisk) -> bool:
+    """Whether another listed file has the same stem (then cards show and insert path-qualified names)."""
+    return stem_counts.get(entry.stem, 0) > 1
+
+
 def refresh_record(entry: network.NetworkOnDisk) -> network.NetworkOnDisk:
     """The record for entry's file as it is now: a new record (in every map) when its size or mtime changed."""
+    global maps_generation
     try:
         st = os.stat(entry.filename)
     except OSError:
@@ -202,6 +364,8 @@ def refresh_record(entry: network.NetworkOnDisk) -> network.NetworkOnDisk:
             return entry
         fresh.name = entry.name
         _records[entry.filename] = fresh
+        _ordered[:] = [fresh if e is entry else e for e in _ordered]
+        maps_generation += 1
         for mapping in (available_networks, available_network_aliases, available_network_paths,
                         available_network_hash_lookup):
             for key in [k for k, v in mapping.items() if v is entry]:

@@ -1,14 +1,20 @@
-"""The Lora card page (A1111 name and methods): turns `networks.available_networks` into card items."""
+"""The Lora card page (A1111 name and methods): turns `networks.available_networks` into card items.
+
+Items are cached per file and rebuilt only when the file's record, its neighbours (preview, sidecar JSON,
+description), its hash or the name maps change, so rescanning ten thousand LoRAs rebuilds only what changed.
+"""
 from __future__ import annotations
 
 import os
 
+import lora_discovery
 import networks
 
 from modules import errors, shared, ui_extra_networks
 from modules.ui_extra_networks import quote_js
 
 _versions = ("Unknown", "SD1", "SD2", "SDXL")
+SEARCH_TAGS = 24  # training tags a card can be found by (the editor's tag cloud shows as many)
 
 
 def _version_name(value) -> str:
@@ -36,24 +42,118 @@ def _load_error(lora_on_disk) -> str | None:
     return None
 
 
+def _training_tags(metadata: dict) -> str:
+    """The most frequent training tags, for search."""
+    from ui_edit_user_metadata import build_tags
+    try:
+        return ", ".join(tag for tag, _ in build_tags(metadata)[:SEARCH_TAGS])
+    except Exception:  # odd ss_tag_frequency shapes must not lose the card
+        return ""
+
+
+class _CachedItem:
+    __slots__ = ("entry", "token", "listing", "signature", "item")
+
+    def __init__(self, entry, token, listing, signature, item):
+        self.entry, self.token, self.listing, self.signature, self.item = entry, token, listing, signature, item
+
+
 class ExtraNetworksPageLora(ui_extra_networks.ExtraNetworksPage):
     def __init__(self):
         super().__init__("Lora")
         self.allow_negative_prompt = False
+        self._item_cache: dict[str, _CachedItem] = {}
+        self._suffix_cache: tuple[tuple, tuple[str, ...]] = ((), ())
+        self._tabnames: set[str] = set()
+        try:
+            import lora_hashing
+            lora_hashing.start()  # the web UI hashes new files in the background
+            lora_hashing.on_finished(self._rebuild_cards)
+        except Exception as e:
+            errors.display(e, "starting the Lora background hashing")
 
     def refresh(self) -> None:
         networks.list_available_networks()
+        # The discovery walk already stat'ed every file: the page's look-ups use its listings.
+        self.lister.prime(lora_discovery.dir_listings())
 
     def items_version(self):
-        return len(networks.available_networks), hash(tuple(networks.available_networks))
+        import lora_hashing
+        return lora_discovery.maps_generation, len(networks.available_networks), lora_hashing.status()["generation"]
+
+    def cards_json(self, tabname: str):
+        self._tabnames.add(tabname)
+        return super().cards_json(tabname)
+
+    def _rebuild_cards(self) -> None:
+        """New hashes change many cards: rebuild the card data now (in the hashing thread), not on the next
+        look at the pane."""
+        for tabname in list(self._tabnames) or ["txt2img"]:
+            try:
+                self.cards_json(tabname)
+            except Exception as e:
+                errors.display(e, "preparing Lora cards")
+
+    def background_status(self) -> dict | None:
+        import lora_hashing
+        status = lora_hashing.status()
+        return {"task": "hashing", "label": "Hashing", **status}
+
+    # --- items ------------------------------------------------------------------------------------------------------
+    def _suffixes(self) -> tuple[str, ...]:
+        """The neighbours an item depends on: sidecar, descriptions, every possible preview."""
+        exts = tuple(ui_extra_networks.allowed_preview_extensions())
+        if self._suffix_cache[0] != exts:
+            self._suffix_cache = (exts, (".json", ".txt", ".description.txt", *(f".preview.{e}" for e in exts),
+                                         *(f".{e}" for e in exts)))
+        return self._suffix_cache[1]
+
+    def _token(self, lora_on_disk) -> tuple:
+        """What an item takes from outside its own files: its names (which depend on the other files: alias
+        collisions, shared stems) and hash, and two options. Cheap, so adding one file rebuilds one item."""
+        shared_stem = lora_discovery.shares_stem(lora_on_disk)
+        return (lora_on_disk.name, lora_on_disk.get_alias(), shared_stem,
+                lora_discovery.path_name(lora_on_disk) if shared_stem else "", lora_on_disk.hash,
+                shared.opts.samples_format)
 
     def create_item(self, name: str, index: int | None = None, enable_filter: bool = True) -> dict | None:
         lora_on_disk = networks.available_networks.get(name)
         if lora_on_disk is None:
             return None
+        item = self._cached_item(lora_on_disk)
+        if enable_filter and self._filtered_out(item["sd_version"]):
+            return None
+        return item
 
+    def _cached_item(self, lora_on_disk) -> dict:
+        """The item for a record, reused while the record, its neighbouring files and the name maps hold."""
+        dirname, base = os.path.split(lora_on_disk.filename)
+        stem = os.path.splitext(base)[0]
+        listing = self.lister.names_in(dirname)
+        token = self._token(lora_on_disk)
+        cached = self._item_cache.get(lora_on_disk.filename)
+        if cached is not None and cached.entry is lora_on_disk and cached.token == token \
+                and cached.listing is listing:  # nothing in the folder changed
+            return cached.item
+        signature = tuple(listing.get(stem + s) for s in self._suffixes())
+        if cached is not None and cached.entry is lora_on_disk and cached.token == token \
+                and cached.signature == signature:  # the folder changed, but not this file's neighbours
+            cached.listing = listing
+            return cached.item
+        item = self._build_item(lora_on_disk)
+        self._item_cache[lora_on_disk.filename] = _CachedItem(lora_on_disk, token, listing, signature, item)
+        return item
+
+    def _build_item(self, lora_on_disk) -> dict:
+        name = lora_on_disk.name
         path, _ext = os.path.splitext(lora_on_disk.filename)
         alias = lora_on_disk.get_alias()
+        title = name
+        if lora_discovery.shares_stem(lora_on_disk):
+            # Same file name in several folders: show and insert the path-qualified name (A1111 13A-12).
+            title = lora_discovery.path_name(lora_on_disk)
+            if alias == name:
+                alias = title
         search_terms = [self.search_terms_from_path(lora_on_disk.filename)]
         file_alias = getattr(lora_on_disk, "alias", None)
         if file_alias and file_alias != name:
@@ -61,8 +161,12 @@ class ExtraNetworksPageLora(ui_extra_networks.ExtraNetworksPage):
         if getattr(lora_on_disk, "hash", None):
             search_terms.append(lora_on_disk.hash)
         metadata = getattr(lora_on_disk, "metadata", None) or {}
+        tags = _training_tags(metadata)
+        if tags:
+            search_terms.append(tags)
         item = {
             "name": name,
+            "title": title,
             "alias": alias,
             "filename": lora_on_disk.filename,
             "shorthash": getattr(lora_on_disk, "shorthash", None) or "",
@@ -71,7 +175,7 @@ class ExtraNetworksPageLora(ui_extra_networks.ExtraNetworksPage):
             "search_terms": search_terms,
             "local_preview": f"{path}.{shared.opts.samples_format}",
             "metadata": metadata,
-            "sort_keys": {"default": index, **self.get_sort_keys(lora_on_disk.filename)},
+            "sort_keys": self.get_sort_keys(lora_on_disk.filename),
             "sd_version": _version_name(getattr(lora_on_disk, "sd_version", None)),
             "error": _load_error(lora_on_disk),
         }
@@ -80,19 +184,24 @@ class ExtraNetworksPageLora(ui_extra_networks.ExtraNetworksPage):
 
         activation_text = user_metadata.get("activation text")
         weight = _format_weight(user_metadata.get("preferred weight", 0.0))
+        # A1111's JS expressions (other code may read them) and the same thing as parts, which the card
+        # framework uses without parsing.
         item["prompt"] = quote_js(f"<lora:{alias}:") + " + " + (
             quote_js(weight) if weight else "opts.extra_networks_default_multiplier") + " + " + quote_js(">")
+        parts = [{"text": f"<lora:{alias}:"},
+                 {"text": weight} if weight else {"opt": "extra_networks_default_multiplier"}, {"text": ">"}]
         if activation_text:
             item["prompt"] += " + " + quote_js(" " + str(activation_text))
+            parts.append({"text": " " + str(activation_text)})
+        item["prompt_parts"] = parts
 
         negative_prompt = user_metadata.get("negative text")
         item["negative_prompt"] = quote_js(f"({negative_prompt}:1)") if negative_prompt else quote_js("")
+        item["negative_prompt_parts"] = [{"text": f"({negative_prompt}:1)"}] if negative_prompt else []
 
         sd_version = user_metadata.get("sd version")
         if sd_version in _versions:
             item["sd_version"] = sd_version
-        if enable_filter and self._filtered_out(item["sd_version"]):
-            return None
         return item
 
     def _filtered_out(self, sd_version: str) -> bool:
@@ -112,19 +221,23 @@ class ExtraNetworksPageLora(ui_extra_networks.ExtraNetworksPage):
                 "hide_unknown_for": list(getattr(shared.opts, "lora_hide_unknown_for_versions", None) or [])}
 
     def list_items(self):
+        # The discovery walk's listings fill folders the lister has not seen (the first build after start).
+        self.lister.prime(lora_discovery.dir_listings(), replace=False)
         # Copy first: a rescan from another thread may replace entries while we iterate.
-        names = list(networks.available_networks)
-        for index, name in enumerate(names):
+        entries = list(networks.available_networks.items())
+        live = set()
+        for name, lora_on_disk in entries:
+            live.add(lora_on_disk.filename)
             try:
-                item = self.create_item(name, index, enable_filter=False)
+                item = self._cached_item(lora_on_disk)
             except Exception as e:  # one unreadable file must not hide the others
                 errors.display(e, f"creating the Lora card for {name}")
-                lora_on_disk = networks.available_networks.get(name)
                 item = {"name": name, "filename": getattr(lora_on_disk, "filename", ""), "prompt": None,
-                        "search_terms": [name], "sort_keys": {"default": index, "name": name.lower()},
+                        "search_terms": [name], "sort_keys": {"name": name.lower()},
                         "error": f"{type(e).__name__}: {e}"}
-            if item is not None:
-                yield item
+            yield item
+        for filename in [f for f in self._item_cache if f not in live]:
+            del self._item_cache[filename]
 
     def allowed_directories_for_previews(self) -> list[str]:
         dirs = [getattr(shared.cmd_opts, "lora_dir", None), getattr(shared.cmd_opts, "lyco_dir_backcompat", None)]
