@@ -247,8 +247,9 @@ class LoadStateDictOnMeta(ReplaceHelper):
     """
 
     def __init__(self, state_dict: MutableMapping[str, torch.Tensor], device: Any,
-                 weight_dtype_conversion: dict | None = None) -> None:
+                 weight_dtype_conversion: dict | None = None, force: bool = False) -> None:
         super().__init__()
+        self.force = force  # act even with --disable-model-loading-ram-optimization (for a skeleton on meta)
         self.state_dict = state_dict
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.weight_dtype_conversion = weight_dtype_conversion or {}
@@ -259,7 +260,7 @@ class LoadStateDictOnMeta(ReplaceHelper):
         return self.weight_dtype_conversion.get(key.split(".", 1)[0], self.default_dtype)
 
     def __enter__(self) -> LoadStateDictOnMeta:
-        if _ram_optimization_disabled():
+        if _ram_optimization_disabled() and not self.force:
             return self
         self._thread = threading.get_ident()
         try:
@@ -286,6 +287,8 @@ class LoadStateDictOnMeta(ReplaceHelper):
                          assign: bool = False):
         if state_dict is not self.state_dict or not self._in_owner_thread() or self._active:
             return original(module, state_dict, strict=strict, assign=assign)
+        # the tensors are about to be read in the model's order, not the file's: let a prefetch finish first
+        safetensors_mmap.wait_for_prefetch(state_dict.values())
         # torch copies the dict it is given several times while recursing; give it meta stand-ins so the
         # copies cost nothing, and fetch the real tensors from the one source dict in _load_from_state_dict
         stand_ins = {k: v.to(device="meta") if isinstance(v, torch.Tensor) else v for k, v in state_dict.items()}
@@ -364,23 +367,36 @@ def _classes_overriding(method: str) -> list[type]:
     return found
 
 
-def load_state_dict_lean(module_factory: Callable[[], torch.nn.Module], state_dict: MutableMapping[str, torch.Tensor],
-                         device: Any = "cpu", dtype: torch.dtype | None = None, *, strict: bool = True,
+def build_on_meta(module_factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """`module_factory()` without random init and with its layers on meta: a skeleton for load_state_dict_lean
+    (its `state_dict()` keys and shapes are already right, so a loader can map keys without a second build)."""
+    with DisableInitialization(disable_clip=True), InitializeOnMeta():
+        return module_factory()
+
+
+def load_state_dict_lean(module_factory: Callable[[], torch.nn.Module] | torch.nn.Module,
+                         state_dict: MutableMapping[str, torch.Tensor], device: Any = "cpu",
+                         dtype: torch.dtype | None = None, *, strict: bool = True,
                          weight_dtype_conversion: dict | None = None) -> tuple[torch.nn.Module, Any]:
     """Builds `module_factory()` on meta without init and loads `state_dict` into it, draining the dict.
 
-    Returns (module, torch's IncompatibleKeys). Floating-point parameters become `dtype` (None keeps the
-    file's); a per-prefix `weight_dtype_conversion` overrides it. Entries the module took are popped from
-    `state_dict`, so what is left afterwards is exactly what it did not use. Raises RuntimeError when
-    `strict` finds missing or unexpected keys, or when any tensor would be left on meta.
+    `module_factory` may also be a skeleton from build_on_meta(), which is then filled in place. Returns
+    (module, torch's IncompatibleKeys). Floating-point parameters become `dtype` (None keeps the file's); a
+    per-prefix `weight_dtype_conversion` overrides it. Entries the module took are popped from `state_dict`, so
+    what is left afterwards is exactly what it did not use. Raises RuntimeError when `strict` finds missing or
+    unexpected keys, or when any tensor would be left on meta.
     """
     conversion = dict(weight_dtype_conversion or {})
     if dtype is not None:
         conversion.setdefault("", dtype)
 
-    if _ram_optimization_disabled():
-        with DisableInitialization(disable_clip=True):
-            module = module_factory()
+    given = module_factory if isinstance(module_factory, torch.nn.Module) else None
+    on_meta = given is not None and any(t.is_meta for t in list(given.parameters()) + list(given.buffers()))
+    if _ram_optimization_disabled() and not on_meta:  # a meta skeleton can only be filled the lean way
+        if given is None:
+            with DisableInitialization(disable_clip=True):
+                given = module_factory()
+        module = given
         result = module.load_state_dict(state_dict, strict=strict)
         for key in list(state_dict):
             if key not in result.unexpected_keys:
@@ -391,9 +407,8 @@ def load_state_dict_lean(module_factory: Callable[[], torch.nn.Module], state_di
             module.to(device=device)
         return module, result
 
-    with DisableInitialization(disable_clip=True), InitializeOnMeta():
-        module = module_factory()
-    with LoadStateDictOnMeta(state_dict, device, conversion):
+    module = given if given is not None else build_on_meta(module_factory)
+    with LoadStateDictOnMeta(state_dict, device, conversion, force=on_meta):
         result = module.load_state_dict(state_dict, strict=strict)
     left_on_meta = [name for name, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
     if left_on_meta:

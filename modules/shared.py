@@ -34,7 +34,7 @@ sd_upscalers: list = []
 
 def reload_hypernetworks() -> None:
     from modules.hypernetworks import hypernetwork
-    hypernetwork.list_hypernetworks(cmd_opts.hypernetwork_dir)
+    hypernetwork.refresh_hypernetworks()  # fills shared.hypernetworks in place
 
 
 def list_checkpoint_tiles(use_short: bool = False) -> list:

@@ -521,7 +521,16 @@ def _fixed_batch_loss(pipe, latents, embeds, noise, timesteps) -> float:
     return F.mse_loss(pred, noise).item()
 
 
-def test_training_lowers_the_loss_saves_resumes_and_reports_progress(hypernetwork_dir, tmp_path):
+@pytest.fixture
+def one_thread():
+    """The tiny model is far faster on one thread (and does not fight other processes for the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_training_lowers_the_loss_saves_resumes_and_reports_progress(hypernetwork_dir, tmp_path, one_thread):
     from modules.hypernetworks import training
     from modules.hypernetworks.dataset import HypernetworkDataset
 

@@ -258,3 +258,75 @@ def test_clip_from_pretrained_builds_from_config_without_weights(tmp_path):
     assert not torch.equal(_text_model(built).final_layer_norm.weight, expected)
     loaded = CLIPTextModel.from_pretrained(str(tmp_path))
     assert torch.equal(_text_model(loaded).final_layer_norm.weight, expected)
+
+
+def test_a_skeleton_from_build_on_meta_is_filled_in_place_without_a_second_build(monkeypatch):
+    expected = _source_state_dict()
+    built = []
+
+    def factory():
+        built.append(1)
+        return _Net()
+
+    skeleton = sdi.build_on_meta(factory)
+    assert skeleton.a.weight.is_meta and skeleton.b[0].weight.is_meta  # (BatchNorm is built normally)
+    assert sorted(skeleton.state_dict()) == sorted(expected)  # the keys a loader maps, from the skeleton itself
+    sd = {k: v.clone() for k, v in expected.items()}
+    net, result = sdi.load_state_dict_lean(skeleton, sd, "cpu", torch.float64)
+    assert net is skeleton and built == [1] and not sd and not result.missing_keys
+    assert net.a.weight.dtype == torch.float64 and torch.equal(net.a.weight, expected["a.weight"].double())
+    assert torch.equal(net.steps, expected["steps"])
+
+    # with the optimisation off a skeleton is an ordinary module, loaded by copy
+    monkeypatch.setattr(sdi, "_ram_optimization_disabled", lambda: True)
+    plain = sdi.build_on_meta(factory)
+    assert not any(p.is_meta for p in plain.parameters())
+    net, _ = sdi.load_state_dict_lean(plain, {k: v.clone() for k, v in expected.items()}, "cpu", None)
+    assert torch.equal(net.b[0].weight, expected["b.0.weight"])
+
+
+def _resident_pages(path: str) -> tuple[int, int]:
+    """(resident, total) pages of the file in the page cache, from mincore(2) on a fresh map of it."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = os.path.getsize(path)
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+    try:
+        buf = (ctypes.c_char * size).from_buffer(mm)
+        vec = (ctypes.c_ubyte * pages)()
+        assert libc.mincore(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(size), vec) == 0
+        del buf
+        return sum(v & 1 for v in vec), pages
+    finally:
+        mm.close()
+
+
+def _drop(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_the_map_prefetches_the_file_in_the_background(tmp_path):
+    path = str(tmp_path / "prefetch.safetensors")
+    save_file({"x": torch.arange(8 * 1024 * 1024, dtype=torch.float32)}, path)  # 32 MB
+    _drop(path)
+    resident, total = _resident_pages(path)
+    if resident > total // 4:
+        pytest.skip("this system does not drop a file's pages from the page cache on request")
+    sd = safetensors_mmap.open_safetensors_mmap(path, prefetch=False)
+    assert _resident_pages(path)[0] <= total // 4  # nothing read yet: a lazy map
+    del sd
+    sd = safetensors_mmap.open_safetensors_mmap(path)
+    for thread in [t for t in threading.enumerate() if t.name == "safetensors-prefetch"]:
+        thread.join(30)
+    resident, total = _resident_pages(path)
+    assert resident >= total * 0.9, (resident, total)  # read ahead in the background, before any access
+    assert float(sd["x"][-1]) == 8 * 1024 * 1024 - 1

@@ -78,6 +78,12 @@ class Api:
         self.add_api_route("/sdapi/v1/sd-models", self.get_sd_models, methods=["GET"],
                            response_model=list[models.SDModelItem])
         self.add_api_route("/sdapi/v1/refresh-checkpoints", self.refresh_checkpoints, methods=["POST"])
+        self.add_api_route("/sdapi/v1/hypernetworks", self.get_hypernetworks, methods=["GET"],
+                           response_model=list[models.HypernetworkItem])
+        self.add_api_route("/sdapi/v1/create/hypernetwork", self.create_hypernetwork, methods=["POST"],
+                           response_model=models.CreateResponse)
+        self.add_api_route("/sdapi/v1/train/hypernetwork", self.train_hypernetwork, methods=["POST"],
+                           response_model=models.TrainResponse)
 
     def auth(self, credentials: HTTPBasicCredentials = Depends(HTTPBasic())) -> bool:
         password = self.credentials.get(credentials.username)
@@ -176,3 +182,39 @@ class Api:
         with self.queue_lock:
             shared.refresh_checkpoints()
         return None
+
+    # --- hypernetworks -------------------------------------------------------------------------------------------
+    def get_hypernetworks(self):
+        from modules.hypernetworks import hypernetwork
+        found = hypernetwork.refresh_hypernetworks()  # a cheap glob: files dropped in show up without a restart
+        return [models.HypernetworkItem(name=name, path=path) for name, path in found.items()]
+
+    def create_hypernetwork(self, req: models.CreateHypernetworkRequest):
+        from modules.hypernetworks import hypernetwork
+        try:
+            filename = hypernetwork.create_hypernetwork(**req.model_dump())
+        except FileExistsError as e:
+            raise HTTPException(status_code=409, detail=f"create hypernetwork error: {e}") from None
+        except ValueError as e:
+            raise HTTPException(status_code=422, detail=f"create hypernetwork error: {e}") from None
+        return models.CreateResponse(info=f"create hypernetwork filename: {filename}")
+
+    def train_hypernetwork(self, req: models.TrainHypernetworkRequest):
+        """Trains under the queue lock, as A1111 does: the request returns when training ends (or is interrupted
+        through /sdapi/v1/interrupt); /sdapi/v1/progress follows it meanwhile."""
+        from modules.hypernetworks import hypernetwork, training
+
+        args = req.training_kwargs()
+        with self.queue_lock:
+            if args["hypernetwork_name"] not in hypernetwork.refresh_hypernetworks():
+                raise HTTPException(status_code=404, detail=f"Hypernetwork not found: {args['hypernetwork_name']}")
+            try:
+                trained, filename = training.train_hypernetwork(**args)
+            except (ValueError, FileNotFoundError) as e:
+                raise HTTPException(status_code=422, detail=f"train hypernetwork error: {e}") from None
+            except Exception as e:
+                errors.display(e, "API train hypernetwork")
+                return JSONResponse(status_code=500, content={"error": type(e).__name__, "detail": str(e)})
+        info = shared.state.textinfo or f"Training finished at step {trained.step}; saved {filename}"
+        return models.TrainResponse(info=info, filename=filename, step=trained.step)
+

@@ -68,3 +68,73 @@ class ProgressResponse(BaseModel):
     state: dict
     current_image: str | None = None
     textinfo: str | None = None
+
+
+class HypernetworkItem(BaseModel):
+    name: str
+    path: str | None = None
+
+
+class CreateResponse(BaseModel):
+    info: str = Field(title="Create info", description="Response string from create embedding or hypernetwork task.")
+
+
+class TrainResponse(BaseModel):
+    info: str = Field(title="Train info", description="Response string from train embedding or hypernetwork task.")
+    filename: str | None = None
+    step: int | None = None
+
+
+class CreateHypernetworkRequest(BaseModel):
+    """POST /sdapi/v1/create/hypernetwork (the arguments of A1111's create_hypernetwork)."""
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    enable_sizes: list[int] = Field(default_factory=lambda: [768, 320, 640, 1280])
+    overwrite_old: bool = False
+    layer_structure: list[float] | str | None = None
+    activation_func: str | None = None
+    weight_init: str | None = None
+    add_layer_norm: bool = False
+    use_dropout: bool = False
+    dropout_structure: list[float] | str | None = None
+
+
+class TrainHypernetworkRequest(BaseModel):
+    """POST /sdapi/v1/train/hypernetwork (A1111's train_hypernetwork arguments; unknown ones such as id_task,
+    varsize or use_weight are accepted and ignored). `template` is the prompt template's text (one line picked
+    per image; `[filewords]` is the caption, `[name]` the network's name)."""
+    model_config = ConfigDict(extra="ignore")
+
+    hypernetwork_name: str
+    data_root: str
+    steps: int = Field(default=100, ge=1)
+    learn_rate: float | str = "0.00001"
+    batch_size: int = Field(default=1, ge=1)
+    gradient_step: int = Field(default=1, ge=1)
+    log_directory: str | None = None
+    training_width: int = Field(default=512, ge=8)
+    training_height: int = Field(default=512, ge=8)
+    clip_grad_mode: str | None = None
+    clip_grad_value: float | str = 0.1
+    shuffle_tags: bool = False
+    tag_drop_out: float = Field(default=0.0, ge=0.0, lt=1.0)
+    latent_sampling_method: str = "once"
+    template: str = "[filewords]"
+    save_hypernetwork_every: int = Field(default=0, ge=0)
+    create_image_every: int = Field(default=0, ge=0)
+    preview_prompt: str | None = None
+    preview_negative_prompt: str = ""
+    preview_steps: int = Field(default=20, ge=1)
+    preview_cfg_scale: float = 7.0
+    preview_seed: int = -1
+    preview_width: int | None = Field(default=None, ge=8)
+    preview_height: int | None = Field(default=None, ge=8)
+    save_optimizer_state: bool = True
+    seed: int | None = None
+
+    def training_kwargs(self) -> dict[str, Any]:
+        args = self.model_dump()
+        if args["clip_grad_mode"] in ("", "disabled"):
+            args["clip_grad_mode"] = None
+        return args

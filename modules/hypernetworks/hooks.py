@@ -75,3 +75,12 @@ def remove_hypernetwork_hooks(sd_model) -> int:
             delattr(layer, _HANDLES_ATTR)
             count += 1
     return count
+
+
+def attention_context_widths(sd_model) -> list[int]:
+    """The K/V input widths of the model's attention layers: the sizes a hypernetwork for it needs."""
+    unet = _find_unet(sd_model)
+    if unet is None:
+        return []
+    return sorted({int(layer.to_k.in_features) for layer in _attention_layers(unet)
+                   if isinstance(getattr(layer.to_k, "in_features", None), int)})

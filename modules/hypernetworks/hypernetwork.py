@@ -17,7 +17,11 @@ from torch.nn.init import kaiming_normal_, kaiming_uniform_, normal_, xavier_nor
 
 from modules import devices, errors, hashes, shared
 from modules.hypernetworks import storage
-from modules.hypernetworks.hooks import install_hypernetwork_hooks, remove_hypernetwork_hooks  # noqa: F401
+from modules.hypernetworks.hooks import (  # noqa: F401  (re-exported)
+    attention_context_widths,
+    install_hypernetwork_hooks,
+    remove_hypernetwork_hooks,
+)
 
 WEIGHT_INITS = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
 METADATA_KEYS = ("step", "name", "layer_structure", "activation_func", "is_layer_norm", "weight_initialization",

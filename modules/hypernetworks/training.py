@@ -106,14 +106,15 @@ def train_hypernetwork(hypernetwork_name: str, *, data_root: str, steps: int, le
                        latent_sampling_method: str = "once", template: str = "[filewords]",
                        save_hypernetwork_every: int = 0, create_image_every: int = 0,
                        preview_prompt: str | None = None, preview_negative_prompt: str = "", preview_steps: int = 20,
-                       preview_cfg_scale: float = 7.0, preview_seed: int = -1, preview_width: int = 512,
-                       preview_height: int = 512, save_optimizer_state: bool = True, seed: int | None = None,
+                       preview_cfg_scale: float = 7.0, preview_seed: int = -1, preview_width: int | None = None,
+                       preview_height: int | None = None, save_optimizer_state: bool = True, seed: int | None = None,
                        sd_model=None) -> tuple[hn.Hypernetwork, str]:
     """Trains <hypernetwork-dir>/<name>.pt up to `steps` total steps (resuming from its saved step and, when the
     `.optim` sidecar matches the file, its optimizer state). Returns (hypernetwork, saved filename).
 
     `template` holds prompt lines, one picked at random per image (A1111's template file content).
-    Intermediate files go to <log_directory>/<name>-<step>.pt under hypernetworks/, previews under images/.
+    Intermediate files go to <log_directory>/<name>-<step>.pt under hypernetworks/, previews under images/
+    (at the training size unless preview_width/preview_height say otherwise).
     """
     if batch_size < 1 or gradient_step < 1 or steps < 1:
         raise ValueError("batch_size, gradient_step and steps must be positive")
@@ -121,7 +122,11 @@ def train_hypernetwork(hypernetwork_name: str, *, data_root: str, steps: int, le
     if path is None:
         raise FileNotFoundError(f"Hypernetwork not found: {hypernetwork_name}")
     sd_model = sd_model if sd_model is not None else shared.sd_model
+    if sd_model is None:
+        raise ValueError("no Stable Diffusion model is loaded: hypernetwork training needs one")
     p = _pipeline(sd_model)
+    preview_width = preview_width or training_width
+    preview_height = preview_height or training_height
     filename = os.path.join(shared.cmd_opts.hypernetwork_dir, f"{hypernetwork_name}.pt")
     if log_directory is None:
         log_directory = os.path.join(shared.data_path, "textual_inversion")
@@ -224,7 +229,7 @@ def train_hypernetwork(hypernetwork_name: str, *, data_root: str, steps: int, le
                 hypernetwork.step += 1
 
                 shared.state.job_no = hypernetwork.step - initial_step
-                shared.state.sampling_step = gradient_step
+                shared.state.sampling_step = 0  # job_no counts the finished steps
                 shared.state.textinfo = (f"Training hypernetwork {hypernetwork_name}: step {hypernetwork.step}/"
                                          f"{steps}, loss {step_loss:.7f}")
                 os.makedirs(log_directory, exist_ok=True)
