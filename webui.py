@@ -36,7 +36,11 @@ def _on_checkpoint_option_change() -> None:
 
 
 def load_model_in_background() -> threading.Thread:
-    from modules import shared
+    from modules import processing, sd_models_diffusers, shared  # noqa: F401
+
+    # diffusers imports its submodules lazily: two threads importing it at once can see a half-initialised
+    # module ("cannot import name 'DDIMScheduler'"), so everything the loader needs is imported here first.
+    sd_models_diffusers.pipeline_class("sd1"), sd_models_diffusers.pipeline_class("sdxl")
 
     def load():
         try:

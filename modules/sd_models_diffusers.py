@@ -276,10 +276,10 @@ def _component_dict(family: str, component: str, model_keys: list[str], tensors:
     return source, refs
 
 
-def _build(factory: Callable[[], torch.nn.Module], source: dict, device, dtype) -> torch.nn.Module:
+def _fill(skeleton: torch.nn.Module, source: dict, device, dtype) -> torch.nn.Module:
     from modules.sd_disable_initialization import load_state_dict_lean
 
-    module, result = load_state_dict_lean(factory, source, device=device, dtype=dtype, strict=False)
+    module, result = load_state_dict_lean(skeleton, source, device=device, dtype=dtype, strict=False)
     if result.missing_keys:
         raise sd_models_ldm.CheckpointFormatError(f"tensors not filled: {', '.join(result.missing_keys[:5])}")
     return module.eval()
@@ -312,14 +312,20 @@ def load_single_file(filename: str, device: torch.device, dtype: torch.dtype, ch
         cls = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
         factories[component] = (lambda cls=cls, config=config: cls(CLIPTextConfig(**config)))
 
+    from modules.sd_disable_initialization import build_on_meta
+
+    # Every skeleton first (cheap, and it overlaps the background read of the file), then fill them in the order
+    # their tensors lie in A1111-written files: text encoders and VAE before the UNet.
+    skeletons = {component: build_on_meta(factory) for component, factory in factories.items()}
+    order = sorted(skeletons, key=lambda c: c == "unet")
     components: dict[str, torch.nn.Module] = {}
     refs: dict[tuple[str, str], tuple[str, str, sd_models_ldm.LdmRef | None]] = {}
     dtypes: dict[tuple[str, str], torch.dtype] = {}
-    for component, factory in factories.items():
-        with torch.device("meta"):
-            keys = list(factory().state_dict().keys())
+    for component in order:
+        skeleton = skeletons[component]
+        keys = list(skeleton.state_dict().keys())
         source, component_refs = _component_dict(family, component, keys, tensors, levels, vae_levels, filename)
-        module = _build(factory, source, device, dtype)
+        module = _fill(skeleton, source, device, dtype)
         components[component] = module
         for key, ref in component_refs.items():
             refs[(component, key)] = (filename, ref.key, ref)

@@ -10,6 +10,7 @@ from modules import (
     call_queue,
     errors,
     extensions_preload,
+    infotext_paste,
     paths_internal,
     progress,
     samplers,
@@ -19,6 +20,7 @@ from modules import (
     ui_common,
     ui_extra_networks,
     ui_settings,
+    ui_train,
 )
 
 ASSETS_ROUTE = "/webui-assets"
@@ -187,6 +189,7 @@ def _create_txt2img_tab() -> None:
         with gr.Column(scale=1, min_width=180, elem_id=f"{tabname}_actions_column"):
             generate = gr.Button("Generate", variant="primary", elem_id=f"{tabname}_generate")
             interrupt = gr.Button("Interrupt", variant="stop", elem_id=f"{tabname}_interrupt")
+            paste = gr.Button("\u2199 Paste parameters", elem_id=f"{tabname}_paste", size="sm")
 
     with gr.Row(elem_id=f"{tabname}_main_row", equal_height=False):
         with gr.Column(scale=3, min_width=360, elem_id=f"{tabname}_left"):
@@ -230,6 +233,16 @@ def _create_txt2img_tab() -> None:
     interrupt.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[], queue=False,
                     api_name="interrupt")
     random_seed.click(fn=lambda: -1, inputs=[], outputs=[seed], show_progress="hidden", queue=False)
+    paste_fields = [prompt, negative_prompt, steps, sampler_name, cfg_scale, seed, width, height]
+    paste.click(fn=_paste_parameters, inputs=paste_fields, outputs=paste_fields, show_progress="hidden",
+                api_visibility="private")
+
+
+def _paste_parameters(*values):
+    """The paste button: infotext in the prompt box fills the fields (after extensions' paste callbacks)."""
+    current = dict(zip(infotext_paste.FIELDS, values, strict=True))
+    result = infotext_paste.field_values(current["prompt"] or "", current)
+    return [result[k] for k in infotext_paste.FIELDS]
 
 
 # --- the page -----------------------------------------------------------------------------------------------------
@@ -251,6 +264,8 @@ def create_ui() -> gr.Blocks:
         with gr.Tabs(elem_id="tabs"):
             with gr.Tab("txt2img", id="txt2img", elem_id="tab_txt2img"):
                 _create_txt2img_tab()
+            with gr.Tab("Train", id="train", elem_id="tab_train"):
+                ui_train.create_ui()
             for interface, label, ifid in script_callbacks.ui_tabs_callback():
                 with gr.Tab(label, id=ifid, elem_id=f"tab_{ifid}"):
                     interface.render()

@@ -282,3 +282,301 @@ def write_lora(lora_dir):
 def _plain_safetensors(tensors: dict) -> bytes:
     from safetensors.torch import save
     return save(tensors)
+
+
+# --- lora compvis-layout fixtures (key formats and module layouts) ---
+# Tiny models in A1111's compvis layout: the original `ldm` UNetModel (PyPI stable-diffusion-sdkit, installed
+# with --no-deps), CLIP under `cond_stage_model.wrapped.transformer` / `conditioner.embedders[0].wrapped.transformer`
+# and an OpenCLIP-named text tower (open_clip's module names: `transformer.resblocks.N.attn` is a
+# torch.nn.MultiheadAttention with a fused in_proj_weight) under `.wrapped.model`. Each comes with a diffusers-layout
+# twin holding the same weights, converted by diffusers' own single-file converters (an independent reference
+# for which ldm tensor is which diffusers one).
+from collections import OrderedDict  # noqa: E402
+
+
+class OpenClipResidualBlock(torch.nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.ln_1 = torch.nn.LayerNorm(width)
+        self.attn = torch.nn.MultiheadAttention(width, heads)
+        self.ln_2 = torch.nn.LayerNorm(width)
+        self.mlp = torch.nn.Sequential(OrderedDict([("c_fc", torch.nn.Linear(width, width * 4)),
+                                                    ("gelu", torch.nn.GELU()),
+                                                    ("c_proj", torch.nn.Linear(width * 4, width))]))
+
+
+class OpenClipTransformer(torch.nn.Module):
+    def __init__(self, width: int, layers: int, heads: int):
+        super().__init__()
+        self.resblocks = torch.nn.ModuleList([OpenClipResidualBlock(width, heads) for _ in range(layers)])
+
+
+class OpenClipText(torch.nn.Module):
+    """The text half of open_clip's CLIP under open_clip's names (what FrozenOpenCLIPEmbedder keeps as `.model`)."""
+
+    def __init__(self, width: int = 32, layers: int = 2, heads: int = 2, vocab: int = 1000, context: int = 16,
+                 projection: int = 32):
+        super().__init__()
+        self.token_embedding = torch.nn.Embedding(vocab, width)
+        self.positional_embedding = torch.nn.Parameter(torch.randn(context, width) * 0.01)
+        self.transformer = OpenClipTransformer(width, layers, heads)
+        self.ln_final = torch.nn.LayerNorm(width)
+        self.text_projection = torch.nn.Parameter(torch.randn(width, projection) * width ** -0.5)
+        with torch.no_grad():  # non-trivial norms and biases, so a mix-up of tensors shows
+            for module in self.modules():
+                if isinstance(module, (torch.nn.LayerNorm, torch.nn.MultiheadAttention, torch.nn.Linear)):
+                    for name, p in module.named_parameters(recurse=False):
+                        if "bias" in name or isinstance(module, torch.nn.LayerNorm):
+                            p.add_(torch.randn_like(p) * 0.1)
+
+
+class Holder(torch.nn.Module):
+    """An attribute path (`wrapped`, `transformer`, `model`, `text_model`) as A1111's wrappers have it."""
+
+    def __init__(self, **children):
+        super().__init__()
+        for name, child in children.items():
+            setattr(self, name, child)
+
+
+class TinyLdmModel:
+    """Stands in for A1111's LatentDiffusion / DiffusionEngine: `model.diffusion_model`, `cond_stage_model` or
+    `conditioner.embedders`, and the is_sd1/is_sd2/is_sdxl flags."""
+
+    def __init__(self, family: str, unet, cond_stage_model=None, embedders=None):
+        self.model = Holder(diffusion_model=unet)
+        if cond_stage_model is not None:
+            self.cond_stage_model = cond_stage_model
+        if embedders is not None:
+            self.conditioner = Holder(embedders=torch.nn.ModuleList(embedders))
+        self.is_sd1 = family == "sd1"
+        self.is_sd2 = family == "sd2"
+        self.is_sdxl = family == "sdxl"
+
+    def ldm_state_dict(self) -> dict:
+        """The single-file checkpoint layout (`model.diffusion_model.*`, `cond_stage_model.*`,
+        `conditioner.embedders.N.*`) as A1111 saves it: without the `wrapped.` level of its hijack."""
+        res = {f"model.diffusion_model.{k}": v for k, v in self.model.diffusion_model.state_dict().items()}
+        if hasattr(self, "cond_stage_model"):
+            res.update({f"cond_stage_model.{k}": v for k, v in self.cond_stage_model.wrapped.state_dict().items()})
+        if hasattr(self, "conditioner"):
+            for i, embedder in enumerate(self.conditioner.embedders):
+                inner = getattr(embedder, "wrapped", embedder)
+                res.update({f"conditioner.embedders.{i}.{k}": v for k, v in inner.state_dict().items()})
+        return res
+
+
+LDM_UNET_CONFIGS = {
+    # ldm UNetModel kwargs, diffusers UNet2DConditionModel kwargs
+    "sd1": (dict(image_size=8, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=2,
+                 attention_resolutions=[1], channel_mult=(1, 2), num_head_channels=16, use_spatial_transformer=True,
+                 transformer_depth=1, context_dim=16, legacy=False),
+            dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=2, cross_attention_dim=16,
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4), norm_num_groups=32)),
+    "sd2": (dict(image_size=8, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=2,
+                 attention_resolutions=[1], channel_mult=(1, 2), num_head_channels=16, use_spatial_transformer=True,
+                 transformer_depth=1, context_dim=32, legacy=False, use_linear_in_transformer=True),
+            dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=2, cross_attention_dim=32,
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4), norm_num_groups=32,
+                 use_linear_projection=True)),
+    "sdxl": (dict(image_size=8, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=2,
+                  attention_resolutions=[2, 4], channel_mult=(1, 2, 2), num_head_channels=16,
+                  use_spatial_transformer=True, transformer_depth=2, context_dim=[48, 48], legacy=False,
+                  use_linear_in_transformer=True),
+             dict(sample_size=8, block_out_channels=(32, 64, 64), layers_per_block=2, cross_attention_dim=48,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  attention_head_dim=(2, 4, 4), norm_num_groups=32, use_linear_projection=True,
+                  transformer_layers_per_block=2, addition_embed_type="text_time", addition_time_embed_dim=4,
+                  projection_class_embeddings_input_dim=56)),
+}
+
+
+def _randomize_norms(module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None:
+                m.weight.add_(torch.randn_like(m.weight) * 0.1)
+                m.bias.add_(torch.randn_like(m.bias) * 0.1)
+
+
+def _clip_twin(hidden: int, with_projection: bool, hidden_act: str = "quick_gelu"):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    config = CLIPTextConfig(hidden_size=hidden, intermediate_size=hidden * 4, num_attention_heads=2,
+                            num_hidden_layers=2, vocab_size=1000, projection_dim=32, bos_token_id=0,
+                            eos_token_id=2, pad_token_id=1, max_position_embeddings=16, hidden_act=hidden_act)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
+
+
+def _load_converted(model: torch.nn.Module, converted: dict, ignore: tuple = ()) -> None:
+    """Loads diffusers-converted text encoder weights (named with `text_model.`) into either transformers naming."""
+    own = model.state_dict()
+    fixed = {}
+    for key, value in converted.items():
+        name = key if key in own else key[len("text_model."):] if key.startswith("text_model.") else key
+        if name.startswith(ignore):
+            continue
+        fixed[name] = value
+    missing, unexpected = model.load_state_dict(fixed, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    assert not missing and not unexpected, (missing, unexpected)
+
+
+def build_tiny_ldm_pair(family: str) -> tuple[TinyLdmModel, TinyDiffusersModel]:
+    """A compvis-layout tiny model and its diffusers-layout twin with the same weights."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_open_clip_checkpoint
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    torch.manual_seed({"sd1": 11, "sd2": 12, "sdxl": 13}[family])
+    ldm_kwargs, diffusers_kwargs = LDM_UNET_CONFIGS[family]
+    unet = UNetModel(**ldm_kwargs)
+    if family == "sdxl":  # sgm's `num_classes="sequential"` embedding (the SD2-era ldm code has no such option)
+        width = 4 * ldm_kwargs["model_channels"]
+        unet.label_emb = torch.nn.Sequential(torch.nn.Sequential(
+            torch.nn.Linear(diffusers_kwargs["projection_class_embeddings_input_dim"], width), torch.nn.SiLU(),
+            torch.nn.Linear(width, width)))
+    _randomize_norms(unet)
+    unet.eval()
+    twin_unet = UNet2DConditionModel(**diffusers_kwargs).eval()
+    converted = convert_ldm_unet_checkpoint({f"model.diffusion_model.{k}": v.clone() for k, v in
+                                             unet.state_dict().items()}, dict(twin_unet.config))
+    twin_unet.load_state_dict(converted, strict=True)
+
+    if family == "sd1":
+        clip = _clip_twin(16, False)
+        _randomize_norms(clip)
+        # transformers 4 names (`text_model.encoder...`), as A1111's environment has them
+        ldm = TinyLdmModel(family, unet, cond_stage_model=Holder(wrapped=Holder(transformer=Holder(
+            text_model=copy.deepcopy(clip)))))
+        return ldm, TinyDiffusersModel(family, twin_unet, clip)
+    if family == "sd2":
+        openclip = OpenClipText(width=32)
+        ldm = TinyLdmModel(family, unet, cond_stage_model=Holder(wrapped=Holder(model=openclip)))
+        twin_te = _clip_twin(32, False, "gelu")
+        prefix = "cond_stage_model.model."
+        _load_converted(twin_te, convert_open_clip_checkpoint(twin_te, {prefix + k: v.clone() for k, v in
+                                                                        openclip.state_dict().items()}, prefix),
+                        ignore=("text_projection",))
+        return ldm, TinyDiffusersModel(family, twin_unet, twin_te)
+    clip = _clip_twin(16, False)
+    _randomize_norms(clip)
+    openclip = OpenClipText(width=32, projection=32)
+    embedders = [Holder(wrapped=Holder(transformer=copy.deepcopy(clip))),  # transformers 5 names
+                 Holder(wrapped=Holder(model=openclip)),
+                 Holder()]  # a conditioning embedder without a text tower (sgm's size/crop embedders)
+    ldm = TinyLdmModel(family, unet, embedders=embedders)
+    twin_te2 = _clip_twin(32, True, "gelu")
+    prefix = "conditioner.embedders.1.model."
+    _load_converted(twin_te2, convert_open_clip_checkpoint(twin_te2, {prefix + k: v.clone() for k, v in
+                                                                      openclip.state_dict().items()}, prefix))
+    return ldm, TinyDiffusersModel(family, twin_unet, clip, twin_te2)
+
+
+@pytest.fixture(scope="session")
+def _tiny_ldm_pairs() -> dict:
+    return {}
+
+
+@pytest.fixture
+def tiny_ldm_pair(_tiny_ldm_pairs):
+    """tiny_ldm_pair(family) → (compvis-layout model, diffusers-layout twin), fresh copies per call."""
+    def get(family: str):
+        if family not in _tiny_ldm_pairs:
+            _tiny_ldm_pairs[family] = build_tiny_ldm_pair(family)
+        return copy.deepcopy(_tiny_ldm_pairs[family])
+    return get
+
+
+# --- card pane browser fixtures (Lora cards tab) ---
+# A session-wide headless Debian Chromium and, per test module, one page on the test server (loading gradio
+# once per module keeps the browser tests fast). Helpers for LoRA files the card tests create live here too.
+CHROMIUM_PATH = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    if not os.path.exists(CHROMIUM_PATH):
+        pytest.skip(f"{CHROMIUM_PATH} is not installed")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM_PATH, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def cards_page(chromium, webui_server, sd1_checkpoint):
+    """A page on the test server with the prompt box ready; `page.page_errors` collects uncaught errors and
+    `page.dialogs` every alert/confirm that opened (none should)."""
+    context = chromium.new_context(viewport={"width": 1400, "height": 1000})
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=webui_server.url)
+    page = context.new_page()
+    page.page_errors = []
+    page.dialogs = []
+    page.on("pageerror", lambda e: page.page_errors.append(str(e)))
+
+    def on_dialog(dialog):
+        page.dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    page.on("dialog", on_dialog)
+    page.goto(webui_server.url + "/")
+    page.wait_for_selector("#txt2img_prompt textarea", timeout=90000)
+    yield page
+    context.close()
+
+
+def tiny_lora_bytes(metadata: dict | None = None, seed: int = 0, width: int = 16) -> bytes:
+    """A small valid kohya-style safetensors file (one SD1-shaped layer pair, rank 1) with `metadata`."""
+    import json as _json
+    import struct
+
+    gen = torch.Generator().manual_seed(seed)
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    tensors = {f"{key}.lora_down.weight": torch.randn(1, width, generator=gen),
+               f"{key}.lora_up.weight": torch.randn(8, 1, generator=gen)}
+    header: dict = {"__metadata__": {k: str(v) for k, v in (metadata or {}).items()}} if metadata else {}
+    blobs, offset = [], 0
+    for name, t in tensors.items():
+        data = t.contiguous().numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        blobs.append(data)
+    text = _json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
+
+
+@pytest.fixture
+def server_files(webui_server, sdapi):
+    """server_files(relpath, data) writes a file under the server's Lora folder; every file (and folder) it made
+    is removed afterwards and the server rescanned."""
+    made: list[str] = []
+
+    def write(relpath: str, data: bytes | str) -> str:
+        path = os.path.join(webui_server.lora_dir, *relpath.split("/"))
+        folder = os.path.dirname(path)
+        missing = []
+        while not os.path.isdir(folder):
+            missing.append(folder)
+            folder = os.path.dirname(folder)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data.encode("utf8") if isinstance(data, str) else data)
+        made.append(path)
+        made.extend(missing)
+        return path
+
+    yield write
+    for path in made:
+        if os.path.isfile(path):
+            os.remove(path)
+    for path in sorted((p for p in made if os.path.isdir(p)), key=len, reverse=True):
+        shutil.rmtree(path, ignore_errors=True)
+    sdapi.post("/sdapi/v1/refresh-loras")
