@@ -241,6 +241,7 @@ def process_images_inner(p: StableDiffusionProcessing) -> Processed:
     if ignored_tags:
         p.comment("Extra networks in the negative prompt are ignored: " + ", ".join(ignored_tags))
 
+    sd_hijack.model_hijack.refresh_embeddings(sd_model)  # before activation: bundled embeddings check against it
     shared.state.begin(job="txt2img")
     shared.state.job_count = p.n_iter
     output_images: list = []

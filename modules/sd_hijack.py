@@ -85,8 +85,8 @@ class StableDiffusionModelHijack:
     # --- per job -----------------------------------------------------------------------------------------------
     def apply_embeddings(self, sd_model, prompts: list[str], negative_prompts: list[str], p=None
                          ) -> tuple[list[str], list[str]]:
-        """Rewrites embedding words to placeholder tokens and arms the hooks; records `TI hashes`."""
-        self.refresh_embeddings(sd_model)
+        """Rewrites embedding words to placeholder tokens and arms the hooks; records `TI hashes`.
+        The job calls refresh_embeddings() first."""
         words = self.embedding_db.word_embeddings
         if not words:
             return prompts, negative_prompts

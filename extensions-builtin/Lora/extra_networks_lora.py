@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 
+import lora_bundled
 import lora_coverage
 import lora_discovery
 import lora_layers
@@ -85,6 +86,8 @@ class ExtraNetworkLora(extra_networks.ExtraNetwork):
                                         [t.dyn for t in tags.values()], sd_model=getattr(p, "sd_model", None))
         self._report(p, report)
         self._add_hashes(p, report)
+        for message in lora_bundled.register(report.networks, getattr(p, "sd_model", None)):
+            p.comment(message)
 
     def _add_sd_lora(self, p, params_list: list) -> None:
         """Option "Add network to prompt": the network is appended once to every prompt that lacks it."""
