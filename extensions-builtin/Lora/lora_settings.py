@@ -43,8 +43,9 @@ def options(with_components: bool = False) -> dict[str, shared.OptionInfo]:
             [], "Hide networks of unknown versions for model versions", gr.CheckboxGroup if gr else None,
             {"choices": ["SD1", "SD2", "SDXL"]}),
         "lora_in_memory_limit": shared.OptionInfo(
-            0, "Number of Lora networks to keep cached in memory", gr.Number if gr else None, {"precision": 0},
-            onchange=_purge),
+            2, "Number of Lora networks to keep cached in memory", gr.Number if gr else None, {"precision": 0},
+            onchange=_purge).info("besides the current job's; A1111's default is 0, which re-reads a file on every "
+                                  "switch back to it"),
         "lora_not_found_warning_console": shared.OptionInfo(
             False, "Lora not found warning in console"),
         "lora_not_found_gradio_warning": shared.OptionInfo(
