@@ -127,36 +127,65 @@ def _available_memory() -> int:
 
 
 class _Prefetcher:
-    """Reads a file through the page cache in file order from a daemon thread, with plain read()s into a scratch
-    buffer (a read releases the GIL), and publishes how far it got. Not posix_fadvise(WILLNEED): the kernel caps
-    it at one readahead window per call. Not sendfile() to /dev/null: that leaves pages whose first access is
-    slow later. A failure only costs speed."""
+    """Reads a file through the page cache from daemon threads, with plain read()s into scratch buffers (a read
+    releases the GIL), and publishes how far the file is read without a gap. Blocks are handed out in file order
+    to `threads` readers: two requests in flight read a cold file about twice as fast on the disks seen here as one
+    does. Not posix_fadvise(WILLNEED): the kernel caps it at one readahead window per call. Not sendfile() to
+    /dev/null: that leaves pages whose first access is slow later. A failure only costs speed."""
 
-    def __init__(self, filename: str, start: int, end: int, chunk: int = 4 * 1024 * 1024):
-        self.filename, self.end, self.chunk = filename, end, chunk
-        self.done = start - start % _PAGE  # everything before this offset has been read
+    def __init__(self, filename: str, start: int, end: int, block: int = 16 * 1024 * 1024, threads: int = 2):
+        self.filename, self.end, self.block = filename, end, block
+        self.start = start - start % _PAGE
+        self.blocks = max(1, -(-(end - self.start) // block))
+        self.next_block = 0
+        self.completed: set[int] = set()
+        self.done = self.start  # everything before this offset has been read
+        self.running = threads
         self.finished = False
         self.cond = threading.Condition()
-        self.thread = threading.Thread(target=self._run, name="safetensors-prefetch", daemon=True)
-        self.thread.start()
+        self.threads = [threading.Thread(target=self._run, name="safetensors-prefetch", daemon=True)
+                        for _ in range(threads)]
+        for thread in self.threads:
+            thread.start()
+
+    def _take(self) -> int | None:
+        with self.cond:
+            if self.next_block >= self.blocks:
+                return None
+            self.next_block += 1
+            return self.next_block - 1
+
+    def _completed(self, index: int) -> None:
+        with self.cond:
+            self.completed.add(index)
+            first_missing = (self.done - self.start) // self.block
+            while first_missing in self.completed:
+                self.completed.discard(first_missing)
+                first_missing += 1
+            self.done = min(self.end, self.start + first_missing * self.block)
+            self.cond.notify_all()
 
     def _run(self) -> None:
         try:
             with open(self.filename, "rb", buffering=0) as f:
-                f.seek(self.done)
-                buf = bytearray(self.chunk)
-                while self.done < self.end:
-                    n = f.readinto(buf)
-                    if not n:
-                        break
-                    with self.cond:
-                        self.done += n
-                        self.cond.notify_all()
+                buf = bytearray(min(self.block, 4 * 1024 * 1024))
+                while (index := self._take()) is not None:
+                    pos = self.start + index * self.block
+                    stop = min(self.end, pos + self.block)
+                    f.seek(pos)
+                    while pos < stop:
+                        n = f.readinto(memoryview(buf)[:min(len(buf), stop - pos)])
+                        if not n:
+                            break
+                        pos += n
+                    self._completed(index)
         except OSError:
             pass
         finally:
             with self.cond:
-                self.finished = True
+                self.running -= 1
+                if self.running == 0:
+                    self.finished = True
                 self.cond.notify_all()
 
     def wait_until(self, offset: int, timeout: float | None = None) -> None:
