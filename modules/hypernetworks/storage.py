@@ -1,13 +1,14 @@
 """Reading and writing hypernetwork .pt files: weights-only unpickling in, atomic replacement out."""
 from __future__ import annotations
 
-import os
+import io
 import pickle
 import re
-import tempfile
 from typing import Any
 
 import torch
+
+from modules.atomic import write_bytes_atomic
 
 
 class UnsafeFileError(Exception):
@@ -27,20 +28,7 @@ def read_weights_only(filename: str) -> Any:
 
 
 def save_atomic(obj: Any, filename: str) -> None:
-    """torch.save into a temporary file next to the target, fsync, then rename over it."""
-    folder = os.path.dirname(os.path.abspath(filename))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a saved network should read like any other file
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, filename)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """torch.save, written atomically (a temporary file next to the target, fsync, rename)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes_atomic(filename, buf.getvalue())
