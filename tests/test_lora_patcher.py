@@ -681,3 +681,17 @@ def test_cuda_half_models_cycle_and_restore_bit_exactly(tiny_sdxl, write_lora, u
     for k, v in now.items():
         assert torch.equal(v.view(INT_VIEW[dtype]) if v.dtype == dtype else v,
                            original[k].view(INT_VIEW[dtype]) if v.dtype == dtype else original[k]), k
+
+
+@pytest.mark.parametrize("prefer", [("residual",), ("clone",)])
+def test_model_cast_while_patched_still_restores_exactly(tiny_sd1, write_lora, prefer, monkeypatch):
+    """A model cast to a wider dtype while a Lora is merged gets the original back, cast (no residue)."""
+    write_lora("cast", tiny_sd1, seed=4)
+    monkeypatch.setattr(networks.patcher, "prefer", prefer)
+    original = {k: v.clone() for k, v in tiny_sd1.unet.state_dict().items()}
+    networks.load_networks(["cast"], [1.0], [1.0], [None], sd_model=tiny_sd1)
+    assert any(not torch.equal(v, original[k]) for k, v in tiny_sd1.unet.state_dict().items())
+    tiny_sd1.unet.to(torch.float64)
+    networks.load_networks([], sd_model=tiny_sd1)
+    for key, value in tiny_sd1.unet.state_dict().items():
+        assert value.dtype == torch.float64 and torch.equal(value, original[key].double()), key

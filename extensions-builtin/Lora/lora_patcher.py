@@ -253,6 +253,7 @@ class RestoreRecord:
     device: torch.device | None = None  # where the residual's delta was computed
     clone: torch.Tensor | None = None
     bias: _BiasBackup | None = None
+    dtype: torch.dtype | None = None  # the weight's dtype when the record was made
 
     @property
     def nbytes(self) -> int:
@@ -430,7 +431,8 @@ class Patcher:
             return False
         try:
             with _full_fp32_matmul():
-                self._restore_weight(module, rec, _Sources(None))
+                if not self._settle_dtype_change(module, rec, _Sources(None)):
+                    self._restore_weight(module, rec, _Sources(None))
         finally:
             if not self._in_job:
                 self._job_scratch.clear()
@@ -450,6 +452,7 @@ class Patcher:
             module.network_current_names = key
             return
         rec = self.record(module)
+        self._settle_dtype_change(module, rec, sources)
         original, in_place, read = self._original(module, rec, weight, sources)
         delta = compute_delta(name, module, original, contributions, self._original_bias(module, rec))
         if not delta.has_weight and delta.bias is None:  # every network failed on this layer
@@ -474,6 +477,7 @@ class Patcher:
         if read is not None:
             _release(rec.source, read)
         self._write_bias(module, weight, delta.bias, new_rec)
+        new_rec.dtype = weight.dtype
         module.network_backup = new_rec
         module.network_current_names = key
         self._record_written(module)
@@ -582,8 +586,28 @@ class Patcher:
             lora_residual.guess_(flat_w[start:end], d, scratch)
         lora_residual.correct_(flat_w, partial, 0, done)
 
-    def _restore_weight(self, module, rec: RestoreRecord, sources: _Sources) -> None:
-        weight = getattr(module, _weight_attr(module))
+    def _settle_dtype_change(self, module, rec: RestoreRecord | None, sources: _Sources) -> bool:
+        """The model was cast (e.g. `.to(torch.float64)`) while the layer was patched: its record is in the old
+        dtype, so the original comes back in that dtype and is then cast. Exact when the cast widened (the patched
+        values survived it) or when the source or a clone holds the original. Returns True when it ran."""
+        weight = getattr(module, _weight_attr(module), None)
+        if rec is None or rec.how is None or rec.dtype is None or weight is None or weight.dtype == rec.dtype:
+            return False
+        widened = weight.dtype.is_floating_point and rec.dtype.is_floating_point and \
+            torch.finfo(weight.dtype).bits > torch.finfo(rec.dtype).bits
+        target = weight.detach().to(rec.dtype)
+        if not widened and rec.how == RESIDUAL:
+            self._inexact(module, f"the model was cast from {rec.dtype} to {weight.dtype} while a Lora was merged")
+        self._restore_weight(module, rec, sources, target)
+        with _no_grad_for(weight):
+            weight.copy_(target)
+        rec.how, rec.residual, rec.clone, rec.dtype = None, None, None, weight.dtype
+        return True
+
+    def _restore_weight(self, module, rec: RestoreRecord, sources: _Sources, weight: torch.Tensor | None = None
+                        ) -> None:
+        """Writes the layer's original weight into `weight` (default: the layer's own)."""
+        weight = getattr(module, _weight_attr(module)) if weight is None else weight
         if rec.how is None:
             return
         with _no_grad_for(weight):
