@@ -431,3 +431,19 @@ def test_inpainting_conv_in_pads_a_four_channel_delta():
     assert dw.shape == (6, 9, 3, 3)
     close(dw[:, :4], torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down))
     assert not dw[:, 4:].any()
+
+
+def test_a1111_forward_api_matches_the_merged_layer(tiny_sd1, write_lora):
+    """NetworkModule.forward(x, y) (what A1111 extensions call on its functional path) equals the merged layer."""
+    import networks
+
+    write_lora("fwd", tiny_sd1, seed=6)
+    net = networks.load_networks(["fwd"], [0.7], [0.7], [None], sd_model=tiny_sd1).networks[0]
+    module = next(m for m in net.modules.values() if isinstance(m.sd_module, torch.nn.Linear))
+    networks.load_networks([], sd_model=tiny_sd1)  # the layer holds its original again
+    layer = module.sd_module
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = layer(x)
+        merged = torch.nn.functional.linear(x, layer.weight + module.calc_updown(layer.weight)[0], layer.bias)
+        torch.testing.assert_close(module.forward(x, y), merged, rtol=1e-5, atol=1e-5)

@@ -322,5 +322,24 @@ class NetworkModule:
         return self.compute(orig_weight, self.multiplier(), self.network.dyn_dim)
 
     def forward(self, x, y):
-        raise NotImplementedError("this host merges weights; there is no per-forward Lora path")
+        """A1111 API (its functional path): `y` plus the layer's own op applied to `x` with (ΔW, Δbias), which is
+        the same as running the layer with W + ΔW because every supported op is linear in its weight and bias.
+        The extension's own functional mode (lora_functional) uses cheaper low-rank branches where it can."""
+        layer = self.sd_module
+        weight = getattr(layer, "weight", None)
+        if weight is None:
+            raise TypeError(f"{self.sd_key}: the layer has no weight")
+        dw, db = self.calc_updown(weight.detach())
+        dw = dw.to(x.device, x.dtype)
+        db = None if db is None else db.to(x.device, x.dtype)
+        functional = torch.nn.functional
+        if isinstance(layer, torch.nn.Linear):
+            return y + functional.linear(x, dw, db)
+        if isinstance(layer, torch.nn.Conv2d):
+            return y + functional.conv2d(x, dw, db, layer.stride, layer.padding, layer.dilation, layer.groups)
+        if isinstance(layer, torch.nn.LayerNorm):
+            return y + functional.layer_norm(x, layer.normalized_shape, dw, db, layer.eps)
+        if isinstance(layer, torch.nn.GroupNorm):
+            return y + functional.group_norm(x, layer.num_groups, dw, db, layer.eps)
+        raise TypeError(f"{self.sd_key}: no functional path for {type(layer).__name__}")
 
