@@ -19,8 +19,6 @@ from modules.hypernetworks import hypernetwork as hn
 SIZES = [32, 64]
 GEN = {"steps": 3, "width": 64, "height": 64, "seed": 4321, "cfg_scale": 7, "sampler_name": "Euler a"}
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 ARTIFACTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "test-artifacts")
 
 

@@ -10,8 +10,6 @@ import pytest
 
 ARTIFACTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "test-artifacts")
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 PROMPT = "#txt2img_prompt textarea"
 NEGATIVE = "#txt2img_neg_prompt textarea"
 CARDS = "#txt2img_lora_cards"
