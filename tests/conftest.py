@@ -580,3 +580,20 @@ def server_files(webui_server, sdapi):
     for path in sorted((p for p in made if os.path.isdir(p)), key=len, reverse=True):
         shutil.rmtree(path, ignore_errors=True)
     sdapi.post("/sdapi/v1/refresh-loras")
+
+
+# --- hypernetwork fixtures ---
+@pytest.fixture
+def hypernetwork_dir(tmp_path, monkeypatch):
+    """An empty --hypernetwork-dir for the test, with the loaded and listed hypernetworks reset around it."""
+    from modules import shared
+    from modules.hypernetworks import hypernetwork as hn
+
+    folder = tmp_path / "hypernetworks"
+    folder.mkdir()
+    monkeypatch.setattr(shared.cmd_opts, "hypernetwork_dir", str(folder))
+    for state in (shared.hypernetworks, shared.loaded_hypernetworks, hn._cache):
+        state.clear()
+    yield folder
+    for state in (shared.hypernetworks, shared.loaded_hypernetworks, hn._cache):
+        state.clear()

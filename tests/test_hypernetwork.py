@@ -13,19 +13,7 @@ from modules.extra_networks_hypernet import ExtraNetworkHypernet
 from modules.hypernetworks import hypernetwork as hn
 from modules.hypernetworks import learn_schedule, storage
 
-
-@pytest.fixture(autouse=True)
-def hypernetwork_dir(tmp_path, monkeypatch):
-    folder = tmp_path / "hypernetworks"
-    folder.mkdir()
-    monkeypatch.setattr(shared.cmd_opts, "hypernetwork_dir", str(folder))
-    shared.hypernetworks.clear()
-    shared.loaded_hypernetworks.clear()
-    hn._cache.clear()
-    yield folder
-    shared.hypernetworks.clear()
-    shared.loaded_hypernetworks.clear()
-    hn._cache.clear()
+pytestmark = pytest.mark.usefixtures("hypernetwork_dir")  # conftest: a private folder, state reset
 
 
 def _mlp_types(module: hn.HypernetworkModule) -> list[str]:

@@ -12,19 +12,7 @@ from modules import extra_networks, hashes, infotext_utils, script_callbacks, sh
 from modules.extra_networks_hypernet import ExtraNetworkHypernet, infotext_pasted
 from modules.hypernetworks import hypernetwork as hn
 
-
-@pytest.fixture(autouse=True)
-def hypernetwork_dir(tmp_path, monkeypatch):
-    folder = tmp_path / "hypernetworks"
-    folder.mkdir()
-    monkeypatch.setattr(shared.cmd_opts, "hypernetwork_dir", str(folder))
-    shared.hypernetworks.clear()
-    shared.loaded_hypernetworks.clear()
-    hn._cache.clear()
-    yield folder
-    shared.hypernetworks.clear()
-    shared.loaded_hypernetworks.clear()
-    hn._cache.clear()
+pytestmark = pytest.mark.usefixtures("hypernetwork_dir")  # conftest: a private folder, state reset
 
 
 def _job(prompt: str, sd_model=None):

@@ -168,16 +168,8 @@ pytestmark_browser = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{
 
 
 @pytest.fixture(scope="module")
-def page(chromium, webui_server, sd1_checkpoint):
-    context = chromium.new_context(viewport={"width": 1400, "height": 1000})
-    pg = context.new_page()
-    errors = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    pg.goto(webui_server.url + "/")
-    pg.wait_for_selector("#txt2img_prompt textarea", timeout=60000)
-    pg.page_errors = errors
-    yield pg
-    context.close()
+def page(cards_page):
+    return cards_page
 
 
 def _shot(page, name: str) -> None:

@@ -19,23 +19,9 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM
 
 
 @pytest.fixture(scope="module")
-def browser(chromium):
-    """The session's one Chromium (conftest): Playwright's sync API allows one instance per process."""
-    return chromium
-
-
-@pytest.fixture(scope="module")
-def page(browser, webui_server, sd1_checkpoint):
-    """One page for the module: loading gradio once keeps the tests fast."""
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    pg = context.new_page()
-    errors = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    pg.goto(webui_server.url + "/")
-    pg.wait_for_selector(PROMPT, timeout=60000)
-    pg.page_errors = errors
-    yield pg
-    context.close()
+def page(cards_page):
+    """One page for the module (conftest's): loading gradio once keeps the tests fast."""
+    return cards_page
 
 
 def shot(page, name: str) -> None:
