@@ -115,7 +115,7 @@ def encode_batch(sd_model, prompts: list[str], device) -> tuple[list[torch.Tenso
     return [torch.cat(parts, dim=-1) for parts in per_prompt], pooled
 
 
-def _flatten(chunks: torch.Tensor, count: int, empty: torch.Tensor) -> torch.Tensor:
+def _flatten(chunks: torch.Tensor, count: int, empty: torch.Tensor | None) -> torch.Tensor:
     """(chunks, 77, C) → (1, 77·count, C), padded with the empty prompt's chunk (A1111 pads uncond the same way)."""
     if chunks.shape[0] < count:
         chunks = torch.cat([chunks, empty.expand(count - chunks.shape[0], -1, -1)])
@@ -127,11 +127,12 @@ def encode(sd_model, prompts: list[str], negative_prompts: list[str]) -> dict[st
     device = sd_model.unet.device
     cond, pooled = encode_batch(sd_model, list(prompts), device)
     uncond, negative_pooled = encode_batch(sd_model, list(negative_prompts), device)
-    empty, _ = encode_batch(sd_model, [""], device)
     count = max(z.shape[0] for z in cond + uncond)
+    # the empty prompt's chunk pads shorter prompts; encoded only when some prompt needs it
+    empty = encode_batch(sd_model, [""], device)[0][0] if any(z.shape[0] < count for z in cond + uncond) else None
     res = {
-        "prompt_embeds": torch.cat([_flatten(z, count, empty[0]) for z in cond]),
-        "negative_prompt_embeds": torch.cat([_flatten(z, count, empty[0]) for z in uncond]),
+        "prompt_embeds": torch.cat([_flatten(z, count, empty) for z in cond]),
+        "negative_prompt_embeds": torch.cat([_flatten(z, count, empty) for z in uncond]),
     }
     if pooled is not None:
         res["pooled_prompt_embeds"] = pooled
