@@ -196,32 +196,24 @@ def write_loras(folder: str, model, family: str, targets: dict, rank: int, stren
     return paths
 
 
-class CheckpointSource:
-    """The host seam `sd_model.original_weights`: the touched weights in a .safetensors file, memory-mapped."""
+def checkpoint_source(folder: str, model, layer_names):
+    """The host's own `sd_model.original_weights` (modules.sd_models_diffusers.OriginalWeights) over a .safetensors
+    file per component holding the touched weights, so the benchmark measures the path a generation takes."""
+    from modules.sd_models_diffusers import OriginalWeights
 
-    def __init__(self, folder: str, model, layer_names):
-        from modules import safetensors_mmap
-        self.mmap = safetensors_mmap
-        by_component: dict[str, dict] = {}
-        for name in layer_names:
-            comp, _, path = name.partition(".")
-            module = model.components()[comp].get_submodule(path)
-            by_component.setdefault(comp, {})[f"{path}.weight"] = module.weight
-        self.files, self.maps = {}, {}
-        for comp, tensors in by_component.items():
-            path = os.path.join(folder, f"checkpoint-{comp}.safetensors")
-            write_safetensors(path, tensors)
-            self.files[comp] = (path, os.stat(path).st_mtime_ns)
-            self.maps[comp] = safetensors_mmap.open_safetensors_mmap(path)
-
-    def read(self, component: str, param_name: str):
-        return self.maps.get(component, {}).get(param_name)
-
-    def valid(self) -> bool:
-        return all(os.stat(p).st_mtime_ns == m for p, m in self.files.values())
-
-    def release(self, tensor) -> None:
-        self.mmap.release_pages(tensor)
+    by_component: dict[str, dict] = {}
+    for name in layer_names:
+        comp, _, path = name.partition(".")
+        module = model.components()[comp].get_submodule(path)
+        by_component.setdefault(comp, {})[f"{path}.weight"] = module.weight
+    refs, dtypes = {}, {}
+    for comp, tensors in by_component.items():
+        path = os.path.join(folder, f"checkpoint-{comp}.safetensors")
+        write_safetensors(path, tensors)
+        for key, tensor in tensors.items():
+            refs[(comp, key)] = (path, key, None)
+            dtypes[(comp, key)] = tensor.dtype
+    return OriginalWeights(refs, dtypes)
 
 
 # --- the three contenders -----------------------------------------------------------------------------------------
@@ -310,7 +302,8 @@ def bench_bare(model, layers, nets, source, repeats, clock) -> dict:
                 src = source.read(comp, f"{path}.weight") if source is not None else None
                 if src is not None:
                     w.copy_(src)
-                    source.release(src)
+                    if hasattr(source, "release"):  # optional in the seam
+                        source.release(src)
         if source is None:
             loop(fs, -1.0)
 
@@ -421,7 +414,7 @@ def run_child(args) -> dict:
     result["lora file bytes"] = os.path.getsize(paths["A"])
 
     use_source = args.child_model != "sdxl" or dtype != torch.float32 or args.device != "cpu"
-    source = CheckpointSource(work, model, list(targets)) if use_source else None
+    source = checkpoint_source(work, model, list(targets)) if use_source else None
     checksum = weights_checksum(model)
 
     nets, load_times = {}, []
