@@ -69,6 +69,15 @@ def _entry(key: str, info, data_start: int, size: int, filename: str) -> tuple[t
     return dtype, shape, data_start + begin, nbytes
 
 
+def read_index(f, filename: str) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
+    """{key: (dtype, shape, file offset, byte count)} from the header of an open safetensors file."""
+    size = os.fstat(f.fileno()).st_size
+    f.seek(0)
+    header, data_start = _read_header(f, size, filename)
+    header.pop("__metadata__", None)
+    return {key: _entry(key, info, data_start, size, filename) for key, info in header.items()}
+
+
 def open_safetensors_mmap(filename: str, populate: bool = False, prefetch: bool = True) -> MmapStateDict:
     """Maps the file copy-on-write and returns its tensors as views (nothing is read until touched).
 

@@ -4,7 +4,8 @@
   and transformers' from_pretrained paths neither download nor load weights.
 - InitializeOnMeta: the skeleton's parameters live on the meta device and cost no memory.
 - LoadStateDictOnMeta: fills such a skeleton from one state dict that drains as the model fills, converting
-  dtypes per key, so peak memory stays near one copy of the model.
+  dtypes per key, so peak memory stays near one copy of the model. Tensors from a memory-mapped file are read
+  out of the file (modules/mapped_memory.py): no parameter shares memory with the file.
 - load_state_dict_lean(): the three together, for the checkpoint loader.
 
 Every patch is undone on exit, also after an exception, and only acts in the thread that entered it
@@ -20,7 +21,7 @@ from typing import Any, Callable, MutableMapping
 
 import torch
 
-from modules import safetensors_mmap
+from modules import mapped_memory, safetensors_mmap
 
 
 def _ram_optimization_disabled() -> bool:
@@ -243,7 +244,8 @@ class LoadStateDictOnMeta(ReplaceHelper):
     weight_dtype_conversion maps the first key component to a dtype ("" is the default; A1111 passes
     {"first_stage_model": None, "alphas_cumprod": None, "": torch.float16}). Only floating-point parameters
     are converted; buffers keep their dtype. A meta parameter receives its converted tensor by assignment
-    (no zero-fill and copy); when file dtype and device already match, that is the file's own tensor.
+    (no zero-fill and copy). A tensor that is a view of a file map (a memory-mapped checkpoint) is read out of the
+    file into process memory first, also when its dtype already matches: the model never lives on the file.
     """
 
     def __init__(self, state_dict: MutableMapping[str, torch.Tensor], device: Any,
@@ -255,6 +257,24 @@ class LoadStateDictOnMeta(ReplaceHelper):
         self.weight_dtype_conversion = weight_dtype_conversion or {}
         self.default_dtype = self.weight_dtype_conversion.get("")
         self._active = False
+        self._mapped: mapped_memory.MappedFiles | None = None
+
+    def __exit__(self, exc_type, exc_val, exc_tb) -> None:
+        super().__exit__(exc_type, exc_val, exc_tb)
+        if self._mapped is not None:
+            self._mapped.close()
+            self._mapped = None
+
+    def _stage(self, source: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        """`source` as the model will hold it: on the device, converted, contiguous, and in process memory.
+
+        A view of a file map is read out of the file (mapped_memory.copy_out), never assigned: a parameter that is
+        the file's page would change when the file is rewritten and raise SIGBUS when it is truncated."""
+        mapping = self._mapped.find(source) if self._mapped is not None else None
+        if mapping is not None:
+            source = self._mapped.copy_out(source, mapping)
+        staged = source.to(device=self.device, dtype=dtype)
+        return staged if staged.is_contiguous() else staged.contiguous()
 
     def get_weight_dtype(self, key: str) -> torch.dtype | None:
         return self.weight_dtype_conversion.get(key.split(".", 1)[0], self.default_dtype)
@@ -263,6 +283,8 @@ class LoadStateDictOnMeta(ReplaceHelper):
         if _ram_optimization_disabled() and not self.force:
             return self
         self._thread = threading.get_ident()
+        # the file maps the state dict's tensors live in: their tensors are read out of the file, never assigned
+        self._mapped = mapped_memory.MappedFiles()
         try:
             original_load = torch.nn.Module.load_state_dict
             self.replace(torch.nn.Module, "load_state_dict",
@@ -318,7 +340,7 @@ class LoadStateDictOnMeta(ReplaceHelper):
                 source = self.state_dict.pop(key, None)
                 if isinstance(source, torch.Tensor):
                     dtype = self.get_weight_dtype(key) if convert and source.is_floating_point() else None
-                    staged = source.to(device=self.device, dtype=dtype)
+                    staged = self._stage(source, dtype)
                     state_dict[key] = staged
                     used.append(key)
                     consumed.append((source, staged))

@@ -20,7 +20,8 @@ from typing import Any, Callable
 
 import torch
 
-from modules import sd_models_ldm
+from modules import mapped_memory, original_weights, sd_models_ldm
+from modules.original_weights import OriginalWeights
 
 SCHEDULER_CONFIG = {
     "_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
@@ -37,62 +38,6 @@ class ModelType(enum.Enum):  # A1111's sd_models.ModelType
     SDXL = 3
     SSD = 4
     SD3 = 5
-
-
-class OriginalWeights:
-    """Reads a parameter exactly as it was loaded, from the checkpoint file (nothing is held in memory).
-
-    refs: {(component, parameter name): (file, key, LdmRef or None)}; dtypes: the loaded dtype of each.
-    valid() is False once a file changed on disk (its size or mtime), and read() then returns None."""
-
-    def __init__(self, refs: dict[tuple[str, str], tuple[str, str, sd_models_ldm.LdmRef | None]],
-                 dtypes: dict[tuple[str, str], torch.dtype]):
-        self.refs = refs
-        self.dtypes = dtypes
-        self._handles: dict[str, object] = {}
-        self.stamps = {}
-        for filename, _, _ in refs.values():
-            if filename not in self.stamps:
-                st = os.stat(filename)
-                self.stamps[filename] = (st.st_size, st.st_mtime_ns)
-
-    def valid(self) -> bool:
-        for filename, stamp in self.stamps.items():
-            try:
-                st = os.stat(filename)
-            except OSError:
-                return False
-            if (st.st_size, st.st_mtime_ns) != stamp:
-                self._handles.clear()
-                return False
-        return True
-
-    def has(self, component: str, name: str) -> bool:
-        return (component, name) in self.refs
-
-    def _handle(self, filename: str):
-        """One open file per checkpoint, kept (opening parses the whole header: ~6 ms for SD1.5, per layer)."""
-        handle = self._handles.get(filename)
-        if handle is None:
-            from safetensors import safe_open
-            handle = self._handles[filename] = safe_open(filename, framework="pt", device="cpu")
-        return handle
-
-    def read(self, component: str, name: str) -> torch.Tensor | None:
-        entry = self.refs.get((component, name))
-        if entry is None or not self.valid():
-            return None
-        filename, key, ref = entry
-        f = self._handle(filename)
-        if ref is not None and ref.transform == "rows":
-            rows = f.get_slice(key).get_shape()[0] // ref.parts
-            tensor = f.get_slice(key)[ref.index * rows:(ref.index + 1) * rows]
-        else:
-            tensor = f.get_tensor(key)  # backed by the file: the patcher copies from it, never writes to it
-            if ref is not None:
-                tensor = sd_models_ldm.read_ref(ref, {key: tensor})
-        dtype = self.dtypes.get((component, name))
-        return tensor.to(dtype) if dtype is not None else tensor
 
 
 class DiffusersSdModel:
@@ -202,19 +147,40 @@ def _folder_refs(folder: str, components: dict[str, torch.nn.Module]):
     return refs, dtypes
 
 
+def _folder_stamps(folder: str) -> dict[str, original_weights.FileStamp]:
+    """The stamps of every weight file a folder load may read (taken before it reads them)."""
+    stamps = {}
+    for component in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        for path in set(_component_weight_files(os.path.join(folder, component)).values()):
+            stamps[path] = original_weights.file_stamp(path)
+    return stamps
+
+
 def load_diffusers_folder(folder: str, device: torch.device, dtype: torch.dtype, checkpoint_info=None
                           ) -> DiffusersSdModel:
     family = folder_family(folder)
+    stamps = _folder_stamps(folder)
     kwargs = dict(torch_dtype=dtype, local_files_only=True, use_safetensors=True)
     if family != "sdxl":
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = pipeline_class(family).from_pretrained(folder, **kwargs)
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
     components = {k: getattr(pipe, k) for k in ("unet", "text_encoder", "text_encoder_2", "vae")
                   if getattr(pipe, k, None) is not None}
+    pipe.to(device)
+    # diffusers assigns the safetensors maps' own tensors when the dtype matches: copy them into memory
+    mapped_memory.copy_out_of_files(components)
+    pipe.set_progress_bar_config(disable=True)
+    _refuse_changed(stamps, folder)
     refs, dtypes = _folder_refs(folder, components)
-    return DiffusersSdModel(pipe, family, checkpoint_info, OriginalWeights(refs, dtypes) if refs else None)
+    source = OriginalWeights(refs, dtypes, stamps) if refs else None
+    return DiffusersSdModel(pipe, family, checkpoint_info, source)
+
+
+def _refuse_changed(stamps: dict, what: str) -> None:
+    changed = original_weights.changed_files(stamps)
+    if changed:
+        raise sd_models_ldm.CheckpointFormatError(
+            f"{what}: {', '.join(changed)} changed on disk while it was loading (being copied?); load it again")
 
 
 # --- single files -------------------------------------------------------------------------------------------------
@@ -264,23 +230,31 @@ def _sidecar_prediction_type(filename: str, family: str) -> str:
     return "v_prediction" if m and m.group(1) == "v" else "epsilon"
 
 
-def _component_dict(family: str, component: str, model_keys: list[str], tensors: dict, levels, vae_levels: int,
-                    filename: str) -> tuple[dict[str, torch.Tensor], dict[str, sd_models_ldm.LdmRef]]:
+def _component_dict(family: str, component: str, expected: dict[str, torch.Size], tensors: dict, levels,
+                    vae_levels: int, filename: str) -> tuple[dict[str, torch.Tensor], dict[str, sd_models_ldm.LdmRef]]:
+    """{model key: view of the file's tensor} for one component; every tensor present and of the model's shape."""
     source: dict[str, torch.Tensor] = {}
     refs: dict[str, sd_models_ldm.LdmRef] = {}
-    missing = []
-    for key in model_keys:
+    missing, wrong = [], []
+    for key, shape in expected.items():
         ref = sd_models_ldm.ldm_ref(family, component, key, levels, vae_levels)
         if ref is None or ref.key not in tensors:
             missing.append(ref.key if ref is not None else key)
             continue
+        # left a view (not made contiguous here, which would read it through the map): the loader copies every
+        # tensor out of the file contiguously (a non-contiguous parameter's matmuls would round differently)
         view = sd_models_ldm.read_ref(ref, tensors)
-        # a transposed view would make the parameter non-contiguous and its matmuls round differently
-        source[key] = view.contiguous() if ref.transform == "transpose" else view
+        if tuple(view.shape) != tuple(shape):
+            wrong.append(f"{ref.key} is {list(view.shape)}, the model needs {list(shape)}")
+            continue
+        source[key] = view
         refs[key] = ref
     if missing:
         raise sd_models_ldm.CheckpointFormatError(
             f"{filename}: {len(missing)} {component} tensors missing, e.g. {', '.join(missing[:3])}")
+    if wrong:
+        raise sd_models_ldm.CheckpointFormatError(
+            f"{filename}: {len(wrong)} {component} tensors have the wrong shape: {'; '.join(wrong[:3])}")
     return source, refs
 
 
@@ -293,22 +267,48 @@ def _fill(skeleton: torch.nn.Module, source: dict, device, dtype) -> torch.nn.Mo
     return module.eval()
 
 
-def load_single_file(filename: str, device: torch.device, dtype: torch.dtype, checkpoint_info=None
-                     ) -> DiffusersSdModel:
+class PreparedLoad:
+    """A checkpoint checked as far as it can be without reading its weights (format, family, every tensor
+    present with the right shape): `fill()` then reads the weights. Lets a model switch find a bad file before it
+    gives up the loaded model."""
+
+    def __init__(self, filename: str, fill: Callable[[], DiffusersSdModel]):
+        self.filename = filename
+        self._fill = fill
+
+    def fill(self) -> DiffusersSdModel:
+        fill, self._fill = self._fill, None  # once: it drains the file's views
+        if fill is None:
+            raise RuntimeError(f"{self.filename}: already loaded")
+        return fill()
+
+
+def _prepare_single_file(filename: str, device: torch.device, dtype: torch.dtype, checkpoint_info=None
+                         ) -> PreparedLoad:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    from modules.sd_disable_initialization import build_on_meta
+
+    stamps = {filename: original_weights.file_stamp(filename)}  # before anything is read
     tensors = read_checkpoint_tensors(filename)
     family = sd_models_ldm.detect_family(tensors.keys())
     if family == "sd1":
         _normalise_sd1_clip_keys(tensors)
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    is_safetensors = filename.lower().endswith(".safetensors")
 
-    text_configs = {c: sd_models_ldm.infer_text_config(shapes, family, c) for c in sd_models_ldm.TEXT_PREFIXES[family]}
-    te2_projection = text_configs.get("text_encoder_2", {}).get("projection_dim")
-    unet_config = sd_models_ldm.infer_unet_config(shapes, family, te2_projection)
-    vae_config = sd_models_ldm.infer_vae_config(shapes, family)
+    try:
+        text_configs = {c: sd_models_ldm.infer_text_config(shapes, family, c)
+                        for c in sd_models_ldm.TEXT_PREFIXES[family]}
+        te2_projection = text_configs.get("text_encoder_2", {}).get("projection_dim")
+        unet_config = sd_models_ldm.infer_unet_config(shapes, family, te2_projection)
+        vae_config = sd_models_ldm.infer_vae_config(shapes, family)
+    except sd_models_ldm.CheckpointFormatError:
+        raise
+    except (KeyError, IndexError, ValueError, TypeError, ZeroDivisionError) as e:
+        raise sd_models_ldm.CheckpointFormatError(
+            f"{filename}: its tensor shapes do not describe an {family.upper()} model ({type(e).__name__}: {e})"
+        ) from None
     levels = sd_models_ldm.UnetLevels.from_config(unet_config)
     vae_levels = len(vae_config["block_out_channels"])
 
@@ -320,34 +320,52 @@ def load_single_file(filename: str, device: torch.device, dtype: torch.dtype, ch
         cls = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
         factories[component] = (lambda cls=cls, config=config: cls(CLIPTextConfig(**config)))
 
-    from modules.sd_disable_initialization import build_on_meta
-
     # Every skeleton first (cheap, and it overlaps the background read of the file), then fill them in the order
     # their tensors lie in A1111-written files: text encoders and VAE before the UNet.
     skeletons = {component: build_on_meta(factory) for component, factory in factories.items()}
-    order = sorted(skeletons, key=lambda c: c == "unet")
-    components: dict[str, torch.nn.Module] = {}
-    refs: dict[tuple[str, str], tuple[str, str, sd_models_ldm.LdmRef | None]] = {}
-    dtypes: dict[tuple[str, str], torch.dtype] = {}
-    for component in order:
-        skeleton = skeletons[component]
-        keys = list(skeleton.state_dict().keys())
-        source, component_refs = _component_dict(family, component, keys, tensors, levels, vae_levels, filename)
-        module = _fill(skeleton, source, device, dtype)
-        components[component] = module
-        for key, ref in component_refs.items():
-            refs[(component, key)] = (filename, ref.key, ref)
-        for key, tensor in module.state_dict().items():
-            dtypes[(component, key)] = tensor.dtype
-    del tensors
+    sources = {}
+    for component in sorted(skeletons, key=lambda c: c == "unet"):
+        expected = {k: v.shape for k, v in skeletons[component].state_dict().items()}
+        sources[component] = _component_dict(family, component, expected, tensors, levels, vae_levels, filename)
+    del tensors  # what is not in `sources` is not needed
 
-    scheduler_config = dict(SCHEDULER_CONFIG, prediction_type=_sidecar_prediction_type(filename, family))
-    pipe = assemble_pipeline(family, components, scheduler_config)
-    pipe.set_progress_bar_config(disable=True)
-    return DiffusersSdModel(pipe, family, checkpoint_info, OriginalWeights(refs, dtypes) if is_safetensors else None)
+    def fill() -> DiffusersSdModel:
+        components: dict[str, torch.nn.Module] = {}
+        refs: dict[tuple[str, str], tuple[str, str, sd_models_ldm.LdmRef | None]] = {}
+        dtypes: dict[tuple[str, str], torch.dtype] = {}
+        for component in list(sources):
+            source, component_refs = sources.pop(component)
+            module = _fill(skeletons.pop(component), source, device, dtype)
+            components[component] = module
+            for key, ref in component_refs.items():
+                refs[(component, key)] = (filename, ref.key, ref)
+            for key, tensor in module.state_dict().items():
+                dtypes[(component, key)] = tensor.dtype
+        _refuse_changed(stamps, filename)
+        scheduler_config = dict(SCHEDULER_CONFIG, prediction_type=_sidecar_prediction_type(filename, family))
+        pipe = assemble_pipeline(family, components, scheduler_config)
+        pipe.set_progress_bar_config(disable=True)
+        is_safetensors = filename.lower().endswith(".safetensors")
+        source = OriginalWeights(refs, dtypes, stamps) if is_safetensors else None
+        return DiffusersSdModel(pipe, family, checkpoint_info, source)
+
+    return PreparedLoad(filename, fill)
+
+
+def load_single_file(filename: str, device: torch.device, dtype: torch.dtype, checkpoint_info=None
+                     ) -> DiffusersSdModel:
+    return _prepare_single_file(filename, device, dtype, checkpoint_info).fill()
+
+
+def prepare(filename: str, device: torch.device, dtype: torch.dtype, checkpoint_info=None) -> PreparedLoad:
+    """Checks a checkpoint without reading its weights (raises CheckpointFormatError saying what is wrong)."""
+    if os.path.isdir(filename):
+        folder_family(filename)
+        return PreparedLoad(filename, lambda: load_diffusers_folder(filename, device, dtype, checkpoint_info))
+    if not os.path.isfile(filename):
+        raise sd_models_ldm.CheckpointFormatError(f"{filename}: no such file")
+    return _prepare_single_file(filename, device, dtype, checkpoint_info)
 
 
 def load(filename: str, device: torch.device, dtype: torch.dtype, checkpoint_info=None) -> DiffusersSdModel:
-    if os.path.isdir(filename):
-        return load_diffusers_folder(filename, device, dtype, checkpoint_info)
-    return load_single_file(filename, device, dtype, checkpoint_info)
+    return prepare(filename, device, dtype, checkpoint_info).fill()

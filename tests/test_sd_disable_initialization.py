@@ -7,7 +7,7 @@ import torch
 import transformers  # noqa: F401  (imported so the transformers patches are exercised)
 from safetensors.torch import load_file, save_file
 
-from modules import safetensors_mmap
+from modules import mapped_memory, safetensors_mmap
 from modules import sd_disable_initialization as sdi
 
 
@@ -162,7 +162,7 @@ def test_missing_keys_become_zeros_and_strict_reports_them():
         sdi.load_state_dict_lean(_Net, sd)
 
 
-def test_safetensors_mmap_matches_safetensors_and_loads_zero_copy(tmp_path):
+def test_safetensors_mmap_matches_safetensors_and_loads_into_process_memory(tmp_path):
     path = str(tmp_path / "net.safetensors")
     save_file(_source_state_dict(), path, metadata={"format": "pt"})
     reference = load_file(path)
@@ -175,8 +175,12 @@ def test_safetensors_mmap_matches_safetensors_and_loads_zero_copy(tmp_path):
 
     net, result = sdi.load_state_dict_lean(_Net, sd, "cpu", None)
     assert len(sd) == 0 and not result.missing_keys
-    assert net.a.weight.data_ptr() == pointers["a.weight"]  # same dtype: the file's own pages, no copy
-    net.a.weight.data.add_(1)  # copy-on-write: the file is untouched
+    # same dtype, yet read out of the file: no parameter is the file's page (a rewrite or truncation of the file
+    # would change it or raise SIGBUS)
+    assert net.a.weight.data_ptr() != pointers["a.weight"]
+    assert mapped_memory.file_backed_tensors({"net": net}) == []
+    assert all(torch.equal(v, reference[k]) for k, v in net.state_dict().items())
+    net.a.weight.data.add_(1)
     assert torch.equal(load_file(path)["a.weight"], reference["a.weight"])
 
 

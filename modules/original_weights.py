@@ -1,0 +1,101 @@
+"""The loaded model's exact original weights, re-read from its checkpoint files (`sd_model.original_weights`).
+
+The Lora patcher restores a layer from here instead of keeping a copy of it. Bytes are only trusted while the file
+is the one the model was loaded from: each read checks the file's identity and change times (device, inode,
+size, mtime, ctime; ctime cannot be set back by tools that preserve mtime, such as `rsync --inplace -t`) before
+and after reading, and returns None otherwise, so the patcher uses its residual or clone path instead. Reads are
+plain pread()s, never a memory map: a file truncated meanwhile gives a short read, not SIGBUS.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from modules import mapped_memory, safetensors_mmap, sd_models_ldm
+
+FileStamp = tuple[int, int, int, int, int]
+
+
+def _stamp(st: os.stat_result) -> FileStamp:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def file_stamp(filename: str) -> FileStamp:
+    """What identifies a file's current contents (raises OSError when it is gone)."""
+    return _stamp(os.stat(filename))
+
+
+def changed_files(stamps: dict[str, FileStamp]) -> list[str]:
+    """The files whose stamp differs now (or that are gone)."""
+    res = []
+    for filename, stamp in stamps.items():
+        try:
+            if file_stamp(filename) != stamp:
+                res.append(filename)
+        except OSError:
+            res.append(filename)
+    return res
+
+
+class OriginalWeights:
+    """Reads a parameter exactly as it was loaded, from the checkpoint file (nothing is held in memory).
+
+    refs: {(component, parameter name): (file, key, LdmRef or None)}; dtypes: the loaded dtype of each;
+    stamps: each file's file_stamp() from before the load read it (taken now when not given).
+    valid() is False once any file changed on disk, and read() returns None for a changed file."""
+
+    def __init__(self, refs: dict[tuple[str, str], tuple[str, str, sd_models_ldm.LdmRef | None]],
+                 dtypes: dict[tuple[str, str], torch.dtype], stamps: dict[str, FileStamp] | None = None):
+        self.refs = refs
+        self.dtypes = dtypes
+        self.stamps: dict[str, FileStamp] = {}
+        for filename, _, _ in refs.values():
+            if filename not in self.stamps:
+                self.stamps[filename] = (stamps or {}).get(filename) or file_stamp(filename)
+        self._index: dict[str, dict] = {}  # file -> its header index, parsed once (~6 ms for SD1.5)
+
+    def valid(self) -> bool:
+        return not changed_files(self.stamps)
+
+    def has(self, component: str, name: str) -> bool:
+        return (component, name) in self.refs
+
+    def read(self, component: str, name: str) -> torch.Tensor | None:
+        """The parameter as loaded (a new tensor in memory), or None when its file changed or cannot be read."""
+        entry = self.refs.get((component, name))
+        if entry is None:
+            return None
+        filename, key, ref = entry
+        try:
+            tensor = self._read_unchanged(filename, key, ref)
+        except (OSError, ValueError, KeyError):
+            return None
+        if tensor is None:
+            return None
+        if ref is not None and ref.transform in ("conv1x1", "transpose"):
+            tensor = sd_models_ldm.read_ref(ref, {key: tensor}).contiguous()
+        dtype = self.dtypes.get((component, name))
+        return tensor.to(dtype) if dtype is not None else tensor
+
+    def _read_unchanged(self, filename: str, key: str, ref) -> torch.Tensor | None:
+        with open(filename, "rb", buffering=0) as f:
+            stamp = self.stamps[filename]
+            if _stamp(os.fstat(f.fileno())) != stamp:
+                return None
+            index = self._index.get(filename)
+            if index is None:
+                index = self._index[filename] = safetensors_mmap.read_index(f, filename)
+            dtype, shape, offset, nbytes = index[key]
+            if ref is not None and ref.transform == "rows" and shape:
+                # one of `parts` equal row blocks (OpenCLIP's fused q/k/v): read only those rows
+                rows = shape[0] // ref.parts
+                row_bytes = nbytes // shape[0] if shape[0] else 0
+                offset, nbytes = offset + ref.index * rows * row_bytes, rows * row_bytes
+                shape = [rows, *shape[1:]]
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+            if nbytes:
+                mapped_memory.pread_into(f.fileno(), buffer, offset, filename)
+            if _stamp(os.fstat(f.fileno())) != stamp:  # written while we read: the bytes may be mixed
+                return None
+        return buffer.view(dtype).view(shape)
