@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 
@@ -59,7 +60,7 @@ def create_app():
     import gradio as gr
     from fastapi import FastAPI
 
-    from modules import call_queue, script_callbacks, shared
+    from modules import call_queue, http_security, script_callbacks, shared
     from modules.api.api import Api
 
     app = FastAPI(title="Lora web UI")
@@ -70,20 +71,30 @@ def create_app():
         demo = ui.create_ui()
         shared.demo = demo
         app = gr.mount_gradio_app(app, demo, path="/", head=ui.head_html(), css=ui.css(),
-                                  allowed_paths=ui.allowed_paths(), footer_links=[])
+                                  allowed_paths=ui.allowed_paths(), footer_links=[],
+                                  auth=http_security.gradio_auth(shared.cmd_opts))
     script_callbacks.app_started_callback(demo, app)
+    http_security.install(app, shared.cmd_opts)  # origin policy and login around every route, gradio's too
     return app
 
 
 def webui() -> None:
     import uvicorn
 
-    from modules import shared
+    from modules import http_security, shared
 
+    try:  # before anything slow: a bad auth or CORS flag must stop the start, not leave the server open
+        http_security.check_flags(shared.cmd_opts)
+    except http_security.SecurityConfigError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        sys.exit(2)
     initialize()
     load_model_in_background()
     app = create_app()
     host = shared.cmd_opts.server_name or ("0.0.0.0" if shared.cmd_opts.listen else "127.0.0.1")
+    warning = http_security.exposure_warning(shared.cmd_opts, host)
+    if warning:
+        print(warning, file=sys.stderr)
     print(f"Running on http://{host}:{shared.cmd_opts.port} (started in {time.time() - startup_started:.1f}s)")
     uvicorn.run(app, host=host, port=shared.cmd_opts.port, log_level="warning", timeout_graceful_shutdown=1)
 

@@ -18,6 +18,14 @@ parser.add_argument("--listen", action="store_true", help="bind to 0.0.0.0 inste
 parser.add_argument("--server-name", type=str, default=None, help="address to bind to (default 127.0.0.1)")
 parser.add_argument("--api", action="store_true", help="kept for A1111 compatibility: the API is always on")
 parser.add_argument("--api-auth", type=str, default=None, help="user:password[,user2:password2] for /sdapi/v1/*")
+parser.add_argument("--gradio-auth", type=str, default=None,
+                    help="user:password[,user2:password2]: login for the whole UI (and /sdapi/v1/* without --api-auth)")
+parser.add_argument("--gradio-auth-path", type=str, default=None,
+                    help="file with user:password entries, comma- or newline-separated (added to --gradio-auth)")
+parser.add_argument("--cors-allow-origins", type=str, default=None,
+                    help="other origins allowed to use the server, comma-separated (e.g. http://127.0.0.1:8000)")
+parser.add_argument("--cors-allow-origins-regex", type=str, default=None,
+                    help="a regular expression for other origins allowed to use the server")
 parser.add_argument("--nowebui", action="store_true", help="serve only the HTTP API")
 parser.add_argument("--device", type=str, default=None, help="torch device (default: cuda when available, else cpu)")
 parser.add_argument("--precision", type=str, default=None, choices=["fp32", "fp16", "bf16"],

@@ -597,3 +597,90 @@ def hypernetwork_dir(tmp_path, monkeypatch):
     yield folder
     for state in (shared.hypernetworks, shared.loaded_hypernetworks, hn._cache):
         state.clear()
+
+
+# --- network security fixtures (origins and login) ---
+# A Chromium that resolves the test's made-up host names (`webui.lan`, `evil.test`, ...) to 127.0.0.1, a small page
+# server for "another site" on its own port, and one extra webui server with --gradio-auth, --gradio-auth-path,
+# --api-auth and allowed CORS origins. No traffic leaves the loopback range.
+import threading  # noqa: E402
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+
+MAPPED_HOSTS_RULES = "MAP *.lan 127.0.0.1, MAP *.test 127.0.0.1"
+SECURED_UI_USERS = {"alice": "pw1", "bob": "pw:2", "carol": "pw3", "dave": "pw4", "erin": "pw5"}
+SECURED_API_AUTH = ("apiuser", "apikey")
+
+
+@pytest.fixture(scope="session")
+def chromium_mapped():
+    """A headless Chromium whose resolver maps every *.lan and *.test name to 127.0.0.1."""
+    if not os.path.exists(CHROMIUM_PATH):
+        pytest.skip(f"{CHROMIUM_PATH} is not installed")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM_PATH,
+                                    args=[*CHROMIUM_ARGS, f"--host-resolver-rules={MAPPED_HOSTS_RULES}"])
+        yield browser
+        browser.close()
+
+
+class _ForeignPageHandler(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        body = b"<!doctype html><title>another site</title><p>another site</p>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="session")
+def foreign_page_port():
+    """The port of a plain page served on 127.0.0.1 under any host name: "another site" for cross-origin tests."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ForeignPageHandler)
+    thread = threading.Thread(target=server.serve_forever, name="foreign-page", daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="session")
+def secured_server(tmp_path_factory, default_models_dir, foreign_page_port):
+    """A second webui with a login: alice and bob from --gradio-auth, carol, dave and erin from --gradio-auth-path;
+    --api-auth apiuser:apikey; http://allowed.test:<foreign port> and http://trusted-<letters>.test:<port> allowed
+    as CORS origins. `server.ui_users` holds the UI logins."""
+    data_dir = str(tmp_path_factory.mktemp("secured-server-data"))
+    build_server_data(data_dir, default_models_dir)
+    users_file = os.path.join(data_dir, "users.txt")
+    with open(users_file, "w", encoding="utf8") as f:
+        f.write("carol:pw3\n\n  dave:pw4, erin:pw5\n")
+    port = _free_port()
+    log_path = os.path.join(data_dir, "server.log")
+    env = {k: v for k, v in os.environ.items() if k not in ("SD_WEBUI_DATA_DIR", "SD_WEBUI_ARGS")}
+    cmd = [sys.executable, os.path.join(ROOT, "webui.py"), "--data-dir", data_dir, "--port", str(port),
+           "--lora-dir", os.path.join(data_dir, "models", "Lora"),
+           "--gradio-auth", "alice:pw1,bob:pw:2", "--gradio-auth-path", users_file,
+           "--api-auth", ":".join(SECURED_API_AUTH),
+           "--cors-allow-origins", f"http://allowed.test:{foreign_page_port}",
+           "--cors-allow-origins-regex", r"http://trusted-[a-z]+\.test:\d+"]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = WebuiServer(f"http://127.0.0.1:{port}", data_dir, process, log_path)
+    server.auth = SECURED_API_AUTH
+    server.port = port
+    server.ui_users = dict(SECURED_UI_USERS)
+    try:
+        _wait_until_ready(server, timeout=180)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

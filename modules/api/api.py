@@ -12,8 +12,10 @@ from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
-from modules import errors, processing, progress, samplers, script_callbacks, shared, txt2img
+from modules import errors, http_credentials, processing, progress, samplers, script_callbacks, shared, txt2img
 from modules.api import models
+
+SECRET_FLAGS = ("api_auth", "gradio_auth")  # never shown by /sdapi/v1/cmd-flags
 
 
 def encode_pil_to_base64(image) -> str:
@@ -60,7 +62,7 @@ class Api:
     def __init__(self, app: FastAPI, queue_lock: threading.Lock):
         self.app = app
         self.queue_lock = queue_lock
-        self.credentials = parse_credentials(shared.cmd_opts.api_auth)
+        self.credentials = http_credentials.api_credentials(shared.cmd_opts)  # strict: a typo must not open it
         if shared.cmd_opts.nowebui:
             script_callbacks.ui_settings_callback()  # with the UI, create_ui() does this
 
@@ -160,7 +162,7 @@ class Api:
         return None
 
     def get_cmd_flags(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(shared.cmd_opts).items() if k != "api_auth"}
+        return {k: v for k, v in vars(shared.cmd_opts).items() if k not in SECRET_FLAGS}
 
     def get_samplers(self):
         return [models.SamplerItem(name=name, aliases=[], options={}) for name in samplers.all_samplers]
