@@ -1,12 +1,11 @@
 """Extra-network tags in prompts: parsing and dispatch to handlers (A1111 names and semantics, minus its defects)."""
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import defaultdict
 
-from modules import errors
+from modules import errors, json_finite
 
 extra_network_registry: dict = {}
 extra_network_aliases: dict = {}
@@ -149,7 +148,7 @@ def get_user_metadata(filename: str | None, lister=None) -> dict:
         exists = lister.exists(metadata_filename) if lister else os.path.exists(metadata_filename)
         if exists:
             with open(metadata_filename, "r", encoding="utf8") as file:
-                loaded = json.load(file)
+                loaded = json_finite.loads_lenient(file.read())  # a NaN from an older save stays as text
             if isinstance(loaded, dict):
                 metadata = loaded
     except Exception as e:

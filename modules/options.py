@@ -12,7 +12,8 @@ class OptionInfo:
     def __init__(self, default: Any = None, label: str = "", component: Any = None,
                  component_args: Any = None, onchange: Callable | None = None, section: tuple | None = None,
                  refresh: Callable | None = None, comment_before: str = "", comment_after: str = "",
-                 infotext: str | None = None, restrict_api: bool = False, category_id: str | None = None):
+                 infotext: str | None = None, restrict_api: bool = False, category_id: str | None = None,
+                 validate: Callable[[Any], Any] | None = None):
         self.default = default
         self.label = label
         self.component = component
@@ -26,6 +27,7 @@ class OptionInfo:
         self.comment_after = comment_after
         self.infotext = infotext
         self.restrict_api = restrict_api
+        self.validate = validate  # value → the value to store, or ValueError saying what is wrong with it
 
     def link(self, label: str, url: str) -> "OptionInfo":
         self.comment_before += f"[<a href='{url}' target='_blank'>{label}</a>]"
@@ -94,8 +96,15 @@ class Options:
             return self.data_labels[item].default
         raise AttributeError(f"no option named {item!r}")
 
+    def check(self, key: str, value: Any) -> Any:
+        """The value `key` would store: the option's own check may normalise it, or refuse it with ValueError."""
+        validate = getattr(self.data_labels.get(key), "validate", None)
+        return value if validate is None else validate(value)
+
     def set(self, key: str, value: Any, is_api: bool = False, run_callbacks: bool = True) -> bool:
-        """Sets an option and calls its onchange callback; returns False for unknown keys or unchanged values."""
+        """Sets an option and calls its onchange callback; returns False for unknown keys or unchanged values,
+        raises ValueError for a value the option refuses."""
+        value = self.check(key, value)
         oldval = self.data.get(key, None)
         if oldval == value:
             return False
@@ -136,6 +145,13 @@ class Options:
             return
         if isinstance(loaded, dict):
             self.data.update(loaded)
+        for key in list(self.data):
+            try:
+                self.data[key] = self.check(key, self.data[key])
+            except ValueError as e:
+                default = self.get_default(key)
+                print(f"*** Setting {key} in {filename}: {e}; using {default!r} (the file is left as it is)")
+                self.data[key] = default
 
     def onchange(self, key: str, func: Callable, call: bool = True) -> None:
         item = self.data_labels.get(key)

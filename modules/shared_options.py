@@ -1,10 +1,12 @@
 """The host's own options (A1111 keys and defaults). Extensions add theirs through on_ui_settings."""
 from modules.options import OptionInfo, options_section
+from modules.served_files import IMAGE_EXTENSIONS, check_image_format
 
 options_templates: dict = {}
 
 options_templates.update(options_section(("saving-images", "Saving images"), {
-    "samples_format": OptionInfo("png", "File format for images"),
+    "samples_format": OptionInfo("png", "File format for images", validate=check_image_format
+                                 ).info(", ".join(IMAGE_EXTENSIONS)),
     "samples_save": OptionInfo(True, "Always save all generated images"),
     "outdir_txt2img_samples": OptionInfo("", "Output folder for txt2img images (empty: outputs/txt2img-images)"),
     "enable_pnginfo": OptionInfo(True, "Save text information about generation parameters as chunks to png files"),

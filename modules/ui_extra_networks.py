@@ -23,7 +23,7 @@ from typing import Any, Iterable
 from fastapi import HTTPException, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 
-from modules import errors, extra_networks, shared
+from modules import atomic, errors, extra_networks, json_finite, served_files, shared
 
 extra_pages: list["ExtraNetworksPage"] = []
 allowed_dirs: set[str] = set()
@@ -98,12 +98,29 @@ class DirectoryLister:
     def __init__(self):
         self._dirs: dict[str, dict[str, tuple[float, float]]] = {}
         self._stale: set[str] = set()  # folders written to since the listings in prime() were made
+        self._real_dirs: dict[str, str] = {}  # folder → its realpath, for reading thousands of neighbours
         self._lock = threading.Lock()
 
     def reset(self) -> None:
         with self._lock:
             self._dirs = {}
             self._stale = set()
+            self._real_dirs = {}
+
+    def real_dir(self, dirname: str) -> str:
+        real = self._real_dirs.get(dirname)
+        if real is None:
+            real = self._real_dirs[dirname] = os.path.realpath(dirname)
+        return real
+
+    @staticmethod
+    def _without_stale_temps(dirname: str, listing: dict) -> dict:
+        """A scan is where a save killed mid-write gets cleaned up: its old `.tmp-*` file is removed."""
+        temps = [name for name in listing if atomic.is_temp_name(name)]
+        removed = set(atomic.remove_stale_temp_files(dirname, temps)) if temps else ()
+        if not removed:
+            return listing
+        return {k: v for k, v in listing.items() if os.path.join(dirname, k) not in removed}
 
     def prime(self, listings: dict[str, dict[str, tuple[float, float]]], replace: bool = True) -> None:
         """Takes folder listings someone else already made (the Lora discovery walk stats every file once).
@@ -111,7 +128,11 @@ class DirectoryLister:
         with self._lock:
             if replace:
                 self._stale = set()
-            for dirname, listing in listings.items():
+            taken = [(d, listing) for d, listing in listings.items()
+                     if replace or (d not in self._dirs and d not in self._stale)]
+        for dirname, listing in taken:
+            listing = self._without_stale_temps(dirname, listing)
+            with self._lock:
                 if replace or (dirname not in self._dirs and dirname not in self._stale):
                     self._dirs[dirname] = listing
 
@@ -120,6 +141,7 @@ class DirectoryLister:
         dirname = os.path.abspath(dirname)
         with self._lock:
             self._dirs.pop(dirname, None)
+            self._real_dirs.pop(dirname, None)
             self._stale.add(dirname)
 
     def _listing(self, dirname: str) -> dict[str, tuple[float, float]]:
@@ -138,6 +160,7 @@ class DirectoryLister:
                     listing[entry.name] = (st.st_mtime, created)
         except OSError:
             pass
+        listing = self._without_stale_temps(dirname, listing)
         with self._lock:
             self._dirs[dirname] = listing
         return listing
@@ -200,6 +223,8 @@ class ExtraNetworksPage:
 
     def read_user_metadata(self, item: dict, use_cache: bool = True) -> None:
         filename = item.get("filename", None)
+        if filename and not served_files.readable_in_page(self, os.path.splitext(filename)[0] + ".json"):
+            filename = None  # a sidecar that is a link out of the page's folders is not read
         metadata = extra_networks.get_user_metadata(filename, lister=self.lister if use_cache else None)
         desc = metadata.get("description", None)
         if desc is not None:
@@ -241,7 +266,7 @@ class ExtraNetworksPage:
         for pattern in ("{}.preview.{}", "{}.{}"):
             for ext in exts:
                 candidate = pattern.format(stem, ext)
-                if candidate in names:
+                if candidate in names and served_files.readable_in_page(self, os.path.join(dirname, candidate)):
                     return os.path.join(dirname, candidate)
         return None
 
@@ -257,7 +282,7 @@ class ExtraNetworksPage:
 
     def find_description(self, path: str) -> str | None:
         for candidate in (f"{path}.txt", f"{path}.description.txt"):
-            if not self.lister.exists(candidate):
+            if not self.lister.exists(candidate) or not served_files.readable_in_page(self, candidate):
                 continue
             try:
                 with open(candidate, "r", encoding="utf-8", errors="replace") as f:
@@ -612,40 +637,9 @@ def create_ui(tabname: str) -> list[tuple[ExtraNetworksPage, Any]]:
 
 
 # --- routes -------------------------------------------------------------------------------------------------------
-def _all_preview_dirs() -> list[str]:
-    dirs = set(allowed_dirs)
-    for page in extra_pages:
-        dirs.update(os.path.abspath(x) for x in page.allowed_directories_for_previews() if x)
-    return sorted(dirs)
-
-
 def is_servable_preview(filename: str) -> bool:
-    """True when filename lies inside a page's preview folder and has an allowed image extension."""
-    if not filename:
-        return False
-    path = os.path.abspath(filename)
-    ext = os.path.splitext(path)[1].lower()[1:]
-    if ext not in allowed_preview_extensions():
-        return False
-    for d in _all_preview_dirs():
-        try:
-            if os.path.commonpath([d, path]) == d and path != d:
-                return True
-        except ValueError:  # different drives on Windows
-            continue
-    return False
-
-
-def _image_media_type(data: bytes) -> str:
-    if data.startswith(b"\x89PNG"):
-        return "image/png"
-    if data.startswith(b"\xff\xd8"):
-        return "image/jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    if data[:3] == b"GIF":
-        return "image/gif"
-    return "application/octet-stream"
+    """True when filename, symlinks resolved, is an image inside a page's folders (see modules/served_files.py)."""
+    return served_files.servable_image(extra_pages, filename) is not None
 
 
 def _item_for(page: ExtraNetworksPage, name: str) -> dict | None:
@@ -684,11 +678,14 @@ def add_pages_to_demo(app) -> None:
         return page
 
     def fetch_file(filename: str = "", mtime: str = ""):
-        if not is_servable_preview(filename):
+        real = served_files.servable_image(extra_pages, filename)
+        if real is None:
             raise HTTPException(status_code=403, detail="not an allowed preview file")
-        if not os.path.isfile(filename):
+        if not os.path.isfile(real):
             raise HTTPException(status_code=404, detail="file not found")
-        return FileResponse(filename, headers={"Accept-Ranges": "bytes", "Cache-Control": "max-age=604800"})
+        return FileResponse(real, media_type=served_files.IMAGE_MEDIA_TYPES[served_files.image_extension(real)],
+                            headers={"Accept-Ranges": "bytes", "Cache-Control": "max-age=604800",
+                                     "X-Content-Type-Options": "nosniff"})
 
     def fetch_cover_images(page: str = "", item: str = "", index: int = 0):
         found = page_or_404(page)
@@ -703,10 +700,11 @@ def add_pages_to_demo(app) -> None:
             data = base64.b64decode(encoded, validate=False)
         except (binascii.Error, ValueError) as e:
             raise HTTPException(status_code=404, detail="cover image is not valid base64") from e
-        media_type = _image_media_type(data)
-        if media_type == "application/octet-stream":
+        media_type = served_files.sniff_image_media_type(data)
+        if media_type is None:
             raise HTTPException(status_code=404, detail="cover image is not an image")
-        return Response(content=data, media_type=media_type, headers={"Cache-Control": "max-age=3600"})
+        return Response(content=data, media_type=media_type,
+                        headers={"Cache-Control": "max-age=3600", "X-Content-Type-Options": "nosniff"})
 
     def get_metadata(page: str = "", item: str = ""):
         found = page_or_404(page)
@@ -715,7 +713,7 @@ def add_pages_to_demo(app) -> None:
             metadata = (_item_for(found, item) or {}).get("metadata")
         if not metadata:
             return JSONResponse({})
-        shown = {k: v for k, v in metadata.items() if k != "ssmd_cover_images"}
+        shown = json_finite.finite({k: v for k, v in metadata.items() if k != "ssmd_cover_images"})
         return JSONResponse({"metadata": json.dumps(shown, indent=4, ensure_ascii=False, default=str)})
 
     def get_single_card(page: str = "", tabname: str = "", name: str = ""):

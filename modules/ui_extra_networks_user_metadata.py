@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import datetime
 import io
-import json
+import math
 import os
 
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
 
-from modules import extra_networks, shared
+from modules import extra_networks, json_finite, served_files, shared
 from modules.atomic import write_bytes_atomic, write_text_atomic
 
 MAX_PREVIEW_BYTES = 32 * 1024 * 1024
-PREVIEW_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "gif": "GIF"}  # extension → PIL
+PREVIEW_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "gif": "GIF",
+                   "avif": "AVIF"}  # extension → PIL
 
 
 class EditorError(ValueError):
@@ -53,7 +54,9 @@ class UserMetadataEditor:
     def get_user_metadata(self, name: str) -> dict:
         """The sidecar JSON as it is on disk now (never a cached copy: we are about to overwrite it)."""
         item = self.get_item(name)
-        user_metadata = extra_networks.get_user_metadata(item["filename"])
+        sidecar = os.path.splitext(item["filename"])[0] + ".json"
+        readable = served_files.readable_in_page(self.page, sidecar)  # a link out is replaced on save, never read
+        user_metadata = extra_networks.get_user_metadata(item["filename"]) if readable else {}
         item["user_metadata"] = user_metadata
         return user_metadata
 
@@ -117,11 +120,7 @@ class UserMetadataEditor:
                 continue
             value = values[key]
             if field["type"] == "slider":
-                try:
-                    value = float(value)
-                except (TypeError, ValueError) as e:
-                    raise EditorError(f"{field['label']}: not a number") from e
-                value = min(max(value, field.get("min", value)), field.get("max", value))
+                value = self.clean_number(field, value)
             elif field["type"] == "select":
                 if value not in field.get("choices", []):
                     raise EditorError(f"{field['label']}: {value!r} is not one of {field.get('choices')}")
@@ -129,6 +128,23 @@ class UserMetadataEditor:
                 value = "" if value is None else str(value)
             cleaned[key] = value
         return cleaned
+
+    @staticmethod
+    def clean_number(field: dict, value) -> float:
+        """A slider's value: a finite number inside the field's range, else EditorError saying why."""
+        label = field["label"]
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise EditorError(f"{label}: {value!r} is not a number")
+        try:
+            number = float(value)
+        except (ValueError, OverflowError) as e:
+            raise EditorError(f"{label}: {value!r} is not a number") from e
+        if not math.isfinite(number):
+            raise EditorError(f"{label}: {value!r} is not a finite number")
+        low, high = field.get("min", -math.inf), field.get("max", math.inf)
+        if not low <= number <= high:
+            raise EditorError(f"{label}: {value!r} is out of range ({low:g} to {high:g})")
+        return number
 
     def save_user_metadata(self, name: str, values: dict) -> dict:
         """Merges the submitted fields into the sidecar JSON (other keys are kept) and writes it."""
@@ -138,7 +154,10 @@ class UserMetadataEditor:
         return user_metadata
 
     def write_user_metadata(self, name: str, metadata: dict) -> None:
-        text = json.dumps(metadata, indent=4, ensure_ascii=False)
+        try:  # strict JSON: a NaN in the file would make it unreadable for every other JSON reader
+            text = json_finite.dumps_strict(metadata, indent=4, ensure_ascii=False)
+        except (TypeError, ValueError) as e:
+            raise EditorError(f"the metadata of {name} cannot be written as JSON: {e}") from e
         path = self._write_next_to_item(name, ".json", lambda path: write_text_atomic(path, text))
         self._written(name, path)
 
@@ -195,7 +214,8 @@ class UserMetadataEditor:
         filename = os.path.abspath(self.get_item(name)["filename"])
         target = os.path.splitext(filename)[0] + suffix
         folders = [os.path.abspath(d) for d in self.page.allowed_directories_for_previews() if d]
-        if not any(os.path.commonpath([folder, target]) == folder for folder in folders):
+        if (not any(os.path.commonpath([folder, target]) == folder for folder in folders)
+                or not served_files.writable_in_page(self.page, target)):
             raise EditorError(f"{target} is outside the {self.page.title} folders")
         write(target)
         return target
@@ -222,8 +242,8 @@ def add_editor_routes(app, get_page) -> None:
             raise HTTPException(status_code=403, detail="missing X-Webui-Request header")
 
     def get_user_metadata(page: str = "", tabname: str = "txt2img", name: str = ""):
-        try:
-            return JSONResponse(editor_for(page, tabname).editor_data(name))
+        try:  # finite(): one NaN anywhere in a card's data must not make the editor unopenable
+            return JSONResponse(json_finite.finite(editor_for(page, tabname).editor_data(name)))
         except EditorError as e:
             return fail(e)
 

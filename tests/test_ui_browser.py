@@ -237,3 +237,29 @@ def test_ctrl_up_changes_tag_weight(page):
     area.press("Control+ArrowDown")
     assert area.input_value() == "a <lora:x:0.45> b"
     set_prompt(page, "")
+
+
+def test_settings_refuse_a_samples_format_that_is_not_an_image(page, webui_server):
+    """samples_format is the extension the image routes and saves use: the settings form refuses `safetensors`
+    with a message, and config.json keeps its value."""
+    import json
+
+    config_path = os.path.join(webui_server.data_dir, "config.json")
+    page.get_by_role("tab", name="Settings").click()
+    page.get_by_role("tab", name="Saving images").click()
+    box = page.locator("#setting_samples_format").locator("textarea, input").first
+    box.wait_for(timeout=10000)
+    before = box.input_value()
+    box.fill("safetensors")
+    try:
+        page.evaluate("() => { document.querySelector('#settings_result').textContent = ''; }")
+        page.locator("#settings_submit").click()
+        page.wait_for_function("() => /changed|Failed/.test(document.querySelector('#settings_result').textContent)",
+                               timeout=60000)
+        result = page.locator("#settings_result").inner_text()
+        assert "samples_format" in result and "not an image format" in result, result
+        with open(config_path, encoding="utf8") as f:
+            assert json.load(f).get("samples_format", "png") != "safetensors"
+    finally:
+        box.fill(before)  # later Apply clicks submit the whole form
+        page.get_by_role("tab", name="txt2img").click()

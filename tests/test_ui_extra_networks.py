@@ -261,11 +261,11 @@ def test_editor_save_keeps_other_keys_and_refuses_other_folders(lora_page, lora_
     lora_page.do_refresh()
     _items(lora_page)
     editor = LoraUserMetadataEditor(None, "txt2img", lora_page)
-    editor.save_user_metadata("e", {"activation text": "hi", "preferred weight": "3", "notes": "ü",
+    editor.save_user_metadata("e", {"activation text": "hi", "preferred weight": "1.5", "notes": "ü",
                                     "unknown field": "ignored"})
     with open(sidecar, encoding="utf8") as f:
         saved = json.load(f)
-    assert saved == {"sd version": "SD1", "civitai": {"id": 7}, "activation text": "hi", "preferred weight": 2.0,
+    assert saved == {"sd version": "SD1", "civitai": {"id": 7}, "activation text": "hi", "preferred weight": 1.5,
                      "notes": "ü"}
     assert [n for n in os.listdir(os.path.dirname(path)) if n.startswith(".") or n.endswith(".tmp")] == []
     with pytest.raises(EditorError):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import re
 
 from modules import ui_extra_networks_user_metadata
@@ -10,6 +11,19 @@ re_word = re.compile(r"[-_\w']+")
 sd_versions = ["SD1", "SD2", "SDXL", "Unknown"]
 TAG_COUNT = 24
 RANDOM_PROMPT_TAGS = 1000  # keeps the dialog's data small for captions with thousands of words
+MAX_COUNT = 2 ** 53 - 1  # the largest count the page's JavaScript numbers hold exactly
+
+
+def metadata_count(value) -> int | None:
+    """A count from training metadata as an int within ±MAX_COUNT (`1e999` is clamped, not an OverflowError);
+    None for something that is not a number."""
+    try:
+        number = value if isinstance(value, int) else float(value)
+    except (TypeError, ValueError):
+        return None
+    if isinstance(number, float) and math.isnan(number):
+        return None
+    return int(max(-MAX_COUNT, min(MAX_COUNT, number)))
 
 
 def is_non_comma_tagset(tags: dict) -> bool:
@@ -28,16 +42,15 @@ def build_tags(metadata: dict) -> list[tuple[str, int]]:
                 continue
             for tag, tag_count in tags_dict.items():
                 tag = str(tag).strip()
-                try:
-                    tags[tag] = tags.get(tag, 0) + int(tag_count)
-                except (TypeError, ValueError):
-                    continue
+                count = metadata_count(tag_count)
+                if count is not None:
+                    tags[tag] = min(MAX_COUNT, tags.get(tag, 0) + count)
     if tags and is_non_comma_tagset(tags):
         words: dict[str, int] = {}
         for text, text_count in tags.items():
             for word in re.findall(re_word, text):
                 if len(word) >= 3:
-                    words[word] = words.get(word, 0) + text_count
+                    words[word] = min(MAX_COUNT, words.get(word, 0) + text_count)
         tags = words
     ordered = sorted(tags.keys(), key=tags.get, reverse=True)
     return [(tag, tags[tag]) for tag in ordered]
@@ -51,9 +64,11 @@ def _resolutions(bucket_info) -> tuple[str, str] | None:
         try:
             res = bucket["resolution"]
             key = f"{res[1]}x{res[0]}"
-            counts[key] = counts.get(key, 0) + int(bucket["count"])
-        except (KeyError, IndexError, TypeError, ValueError):
+            count = metadata_count(bucket["count"])
+        except (KeyError, IndexError, TypeError):
             continue
+        if count is not None:
+            counts[key] = min(MAX_COUNT, counts.get(key, 0) + count)
     ordered = sorted(counts.keys(), key=counts.get, reverse=True)
     if not ordered:
         return None
@@ -87,10 +102,8 @@ class LoraUserMetadataEditor(ui_extra_networks_user_metadata.UserMetadataEditor)
         dataset_dirs = metadata.get("ss_dataset_dirs")
         if isinstance(dataset_dirs, dict):
             for params in dataset_dirs.values():
-                try:
-                    image_count += int(params.get("img_count", 0))
-                except (AttributeError, TypeError, ValueError):
-                    continue
+                count = metadata_count(params.get("img_count", 0)) if isinstance(params, dict) else None
+                image_count = min(MAX_COUNT, image_count + (count or 0))
         if image_count:
             table.append(("Dataset size:", str(image_count)))
         return table
@@ -100,7 +113,9 @@ class LoraUserMetadataEditor(ui_extra_networks_user_metadata.UserMetadataEditor)
         sd_version = user_metadata.get("sd version") or item.get("sd_version") or "Unknown"
         try:
             weight = float(user_metadata.get("preferred weight", 0.0) or 0.0)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
+            weight = 0.0
+        if not math.isfinite(weight):  # "NaN" kept as text from an older save
             weight = 0.0
         description, notes = super().editor_fields(name, user_metadata)
         return [

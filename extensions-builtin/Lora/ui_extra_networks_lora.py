@@ -5,6 +5,7 @@ description), its hash or the name maps change, so rescanning ten thousand LoRAs
 """
 from __future__ import annotations
 
+import math
 import os
 
 import lora_discovery
@@ -29,7 +30,7 @@ def _format_weight(value) -> str | None:
         weight = float(value)
     except (TypeError, ValueError):
         return None
-    if weight == 0:
+    if weight == 0 or not math.isfinite(weight):  # "NaN" kept as text from an older editor save
         return None
     return str(int(weight)) if weight.is_integer() else repr(weight)
 

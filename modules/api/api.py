@@ -18,6 +18,14 @@ from modules.api import models
 SECRET_FLAGS = ("api_auth", "gradio_auth")  # never shown by /sdapi/v1/cmd-flags
 
 
+def _check_option(key: str, value: Any) -> None:
+    """422 naming the option when its own check refuses the value (samples_format: image formats only)."""
+    try:
+        shared.opts.check(key, value)
+    except ValueError as e:
+        raise HTTPException(status_code=422, detail=f"{key}: {e}") from e
+
+
 def encode_pil_to_base64(image) -> str:
     """PNG bytes in base64, with the infotext in the `parameters` chunk as A1111 writes it."""
     from PIL import PngImagePlugin
@@ -106,6 +114,8 @@ class Api:
         if sampler not in samplers.all_samplers:
             raise HTTPException(status_code=404, detail=f"Sampler not found: {sampler}")
         override = dict(txt2imgreq.override_settings or {})
+        for key, value in override.items():
+            _check_option(key, value)
         checkpoint = override.get("sd_model_checkpoint")
         if checkpoint is not None and not _checkpoint_exists(checkpoint):
             raise HTTPException(status_code=404, detail=f"model {checkpoint!r} not found")
@@ -154,6 +164,7 @@ class Api:
             if not shared.opts.same_type(value, info.default):
                 raise HTTPException(status_code=422, detail=f"{key}: expected {type(info.default).__name__}, "
                                                             f"got {type(value).__name__}")
+            _check_option(key, value)
         for key, value in req.items():
             if key in shared.opts.data_labels:
                 # sd_model_checkpoint's onchange (set by webui.initialize) reloads under the queue lock.
