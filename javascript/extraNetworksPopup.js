@@ -47,8 +47,12 @@
 
     // `modelspec.a.b: v` becomes {modelspec: {a: {b: v}}}, so related keys are shown together; `ss_*` keys stay
     // flat, their JSON values become nested tables; cover images never reach the page (the server drops them).
+    // The keys come from the file: every object built here has no prototype and is only read through own
+    // properties, so `modelspec.__proto__.x` or `constructor.prototype` is a plain key, shown as such, and never
+    // reaches Object.prototype (which every card of the page reads through).
     function nestDottedKeys(metadata) {
-        const result = {};
+        const result = Object.create(null);
+        const own = (node, key) => Object.prototype.hasOwnProperty.call(node, key) ? node[key] : undefined;
         Object.keys(metadata).forEach(key => {
             const value = metadata[key];
             if (!key.startsWith("modelspec.")) {
@@ -58,7 +62,9 @@
             let node = result;
             const parts = key.split(".");
             parts.slice(0, -1).forEach(part => {
-                if (typeof node[part] !== "object" || node[part] === null) node[part] = {};
+                const next = own(node, part);
+                if (typeof next !== "object" || next === null || Array.isArray(next)) node[part] = Object.create(null);
+                else if (Object.getPrototypeOf(next) !== null) node[part] = Object.assign(Object.create(null), next);
                 node = node[part];
             });
             node[parts[parts.length - 1]] = value;

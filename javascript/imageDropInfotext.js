@@ -5,7 +5,7 @@
     "use strict";
 
     function readChunks(bytes) {
-        const texts = {};
+        const texts = Object.create(null);  // chunk keywords come from the file: no prototype to write through
         const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
         const signature = [137, 80, 78, 71, 13, 10, 26, 10];
         if (bytes.length < 8 || signature.some((b, i) => bytes[i] !== b)) return texts;

@@ -129,3 +129,49 @@ def test_payloads_in_files_and_metadata_never_run(cards_page, sdapi, server_file
         page.locator("#txt2img_lora_extra_refresh").click()
     assert_clean(page)
     assert not page.page_errors, page.page_errors
+
+
+def test_metadata_keys_cannot_pollute_the_page_prototypes(cards_page, sdapi, server_files):
+    """`modelspec.__proto__.x` in a file's metadata stays a key of that file's popup: no other card changes and
+    card clicks keep working (before, the popup wrote it onto Object.prototype)."""
+    page = cards_page
+    marker = "PROTO_POLLUTED"
+    server_files("proto/proto_bad.safetensors", tiny_lora_bytes({
+        "modelspec.__proto__.description": marker + "_description",
+        "modelspec.__proto__.error": marker + "_error",
+        "modelspec.constructor.prototype.activation": marker + "_activation",
+        "modelspec.title": "proto title",
+    }, seed=32))
+    server_files("proto/proto_good.safetensors", tiny_lora_bytes(seed=33))
+    page.locator("#txt2img_prompt textarea").fill("")
+    page.get_by_role("tab", name="Lora").click()
+    page.wait_for_selector(f"{CARDS} .card", timeout=30000)
+    page.locator("#txt2img_lora_extra_refresh").click()
+    page.wait_for_function(f"() => !{PANE}.loading && {PANE}.items.some(i => i.name === 'proto_good')",
+                           timeout=30000)
+    page.locator(SEARCH).fill("proto_bad")
+    bad = page.locator(f"{CARDS} .card[data-name='proto_bad']")
+    bad.hover()
+    bad.locator(".metadata-button").click()
+    page.wait_for_selector(".global-popup table.popup-metadata", timeout=10000)
+    shown = page.locator(".global-popup").inner_text()
+    page.keyboard.press("Escape")
+
+    polluted = page.evaluate("""() => {
+        const probe = {};
+        return ["description", "error", "activation"].filter(k => probe[k] !== undefined)
+            .concat(Object.getOwnPropertyNames(Object.prototype).filter(k => /POLLUTED/.test(String(
+                Object.getOwnPropertyDescriptor(Object.prototype, k).value))));
+    }""")
+    assert polluted == []
+    assert "__proto__" in shown and marker + "_description" in shown  # shown as the file's keys, nothing lost
+    page.locator(SEARCH).fill("proto_good")
+    good = page.locator(f"{CARDS} .card[data-name='proto_good']")
+    good.wait_for(timeout=10000)
+    assert marker not in good.inner_text() and "card-has-error" not in (good.get_attribute("class") or "")
+    good.click()
+    assert "<lora:proto_good:" in page.locator("#txt2img_prompt textarea").input_value()
+    good.click()
+    assert page.locator("#txt2img_prompt textarea").input_value() == ""
+    page.locator(SEARCH).fill("")
+    assert not page.page_errors, page.page_errors
