@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from modules import devices, errors, hashes, script_callbacks, sd_models_diffusers, shared
+from modules import devices, errors, hashes, original_weights, script_callbacks, sd_models_diffusers, shared
 from modules.sd_models_diffusers import ModelType  # noqa: F401  (A1111 name)
 from modules.sd_models_ldm import CheckpointFormatError
 
@@ -284,29 +284,100 @@ def unload_model_weights(sd_model=None, info=None) -> None:
     devices.torch_gc()
 
 
+class CheckpointLoadError(RuntimeError):
+    """A checkpoint could not be loaded. The message names the file and the reason, and which model stays loaded
+    (`filename`, `reason`, `loaded`: the title of the model still loaded, or None)."""
+
+    def __init__(self, filename: str, reason: str, loaded: str | None, bad_file: bool):
+        self.filename, self.reason, self.loaded, self.bad_file = filename, reason, loaded, bad_file
+        stays = f"; {loaded} stays loaded" if loaded else "; no model is loaded"
+        super().__init__(f"Could not load checkpoint {reason}{stays}")
+
+
+def _reason(filename: str, e: BaseException) -> str:
+    text = str(e) if isinstance(e, CheckpointFormatError) else f"{type(e).__name__}: {e}"
+    return text if filename in text else f"{filename}: {text}"
+
+
+def _loaded_title() -> str | None:
+    info = getattr(model_data.sd_model, "sd_checkpoint_info", None)
+    return getattr(info, "title", None)
+
+
+def _failed(checkpoint_info: CheckpointInfo, e: BaseException) -> CheckpointLoadError:
+    """The error for a failed load; the loaded model (if any) is selected again."""
+    loaded = _loaded_title()
+    if loaded is not None:
+        shared.opts.data["sd_model_checkpoint"] = loaded
+    return CheckpointLoadError(checkpoint_info.filename, _reason(checkpoint_info.filename, e), loaded,
+                               isinstance(e, CheckpointFormatError))
+
+
+def _can_load_again(sd_model) -> bool:
+    """Whether the files `sd_model` came from are still as they were, so it could be loaded again."""
+    stamps = getattr(sd_model, "file_stamps", None)
+    return bool(stamps) and not original_weights.changed_files(stamps)
+
+
+def _activate(checkpoint_info: CheckpointInfo, sd_model, started: float):
+    model_data.set_sd_model(sd_model)
+    model_data.was_loaded_at_least_once = True
+    shared.opts.data["sd_model_checkpoint"] = checkpoint_info.title
+    script_callbacks.model_loaded_callback(sd_model)
+    print(f"Model {checkpoint_info.title} loaded in {time.time() - started:.1f}s "
+          f"({sd_model.family}, {devices.device}, {devices.dtype})", flush=True)
+    return sd_model
+
+
 def load_model(checkpoint_info: CheckpointInfo | None = None, already_loaded_state_dict=None):
-    """Loads a checkpoint (the selected one by default), replacing the current model."""
+    """Loads a checkpoint (the selected one by default), replacing the current model, all or nothing.
+
+    The file is checked before the loaded model is touched (format, unpickling, every tensor present, shapes);
+    a file that fails leaves the loaded model loaded and selected and raises CheckpointLoadError naming the file
+    and why. The loaded model is then freed before the new weights are read (peak memory: one model) and loaded
+    again from its file if reading the new one fails; when its file changed since, it is kept in memory until
+    the new one is in instead."""
     with model_data.lock:
         checkpoint_info = checkpoint_info or select_checkpoint()
         started = time.time()
-        if model_data.sd_model is not None:
-            unload_model_weights()
         try:
             checkpoint_info.calculate_shorthash()
         except OSError as e:
             errors.display(e, f"hashing {checkpoint_info.filename}")
         try:
-            sd_model = sd_models_diffusers.load(checkpoint_info.filename, devices.device, devices.dtype,
-                                                checkpoint_info)
-        except CheckpointFormatError as e:
-            raise CheckpointFormatError(f"cannot load {checkpoint_info.filename}: {e}") from None
-        model_data.set_sd_model(sd_model)
-        model_data.was_loaded_at_least_once = True
-        shared.opts.data["sd_model_checkpoint"] = checkpoint_info.title
-        script_callbacks.model_loaded_callback(sd_model)
-        print(f"Model {checkpoint_info.title} loaded in {time.time() - started:.1f}s "
-              f"({sd_model.family}, {devices.device}, {devices.dtype})", flush=True)
-        return sd_model
+            prepared = sd_models_diffusers.prepare(checkpoint_info.filename, devices.device, devices.dtype,
+                                                   checkpoint_info)
+        except Exception as e:
+            raise _failed(checkpoint_info, e) from e
+
+        previous = model_data.sd_model
+        previous_info = getattr(previous, "sd_checkpoint_info", None)
+        keep = previous is not None and not (previous_info is not None and _can_load_again(previous))
+        if previous is not None and not keep:
+            previous = None
+            unload_model_weights()
+        try:
+            sd_model = prepared.fill()
+        except Exception as e:
+            if previous is None and previous_info is not None:
+                _load_back(previous_info, e)
+            raise _failed(checkpoint_info, e) from e
+        finally:
+            del prepared
+        del previous
+        return _activate(checkpoint_info, sd_model, started)
+
+
+def _load_back(previous_info: CheckpointInfo, cause: BaseException) -> None:
+    """After a failed switch: loads the model that was unloaded for it again (its file is unchanged)."""
+    started = time.time()
+    print(f"Loading {previous_info.title} back after: {cause}", flush=True)
+    try:
+        sd_model = sd_models_diffusers.load(previous_info.filename, devices.device, devices.dtype, previous_info)
+    except Exception as e:
+        errors.display(e, f"loading {previous_info.title} back")
+        return
+    _activate(previous_info, sd_model, started)
 
 
 def reload_model_weights(sd_model=None, info: CheckpointInfo | None = None, forced_reload: bool = False):

@@ -62,6 +62,7 @@ class DiffusersSdModel:
         self.sd_model_checkpoint = getattr(checkpoint_info, "filename", None)
         self.sd_model_hash = getattr(checkpoint_info, "shorthash", None)
         self.original_weights = original_weights
+        self.file_stamps: dict[str, tuple] = {}  # the files it was read from, as they were
         self.base_scheduler_config = dict(pipe.scheduler.config)
         self.device = pipe.unet.device
         self.dtype = pipe.unet.dtype
@@ -173,7 +174,9 @@ def load_diffusers_folder(folder: str, device: torch.device, dtype: torch.dtype,
     _refuse_changed(stamps, folder)
     refs, dtypes = _folder_refs(folder, components)
     source = OriginalWeights(refs, dtypes, stamps) if refs else None
-    return DiffusersSdModel(pipe, family, checkpoint_info, source)
+    model = DiffusersSdModel(pipe, family, checkpoint_info, source)
+    model.file_stamps = stamps
+    return model
 
 
 def _refuse_changed(stamps: dict, what: str) -> None:
@@ -198,13 +201,22 @@ def read_checkpoint_tensors(filename: str) -> dict[str, torch.Tensor]:
         data = torch.load(filename, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise sd_models_ldm.CheckpointFormatError(
-            f"{filename}: cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {e}); "
-            f"convert it to .safetensors") from None
+            f"{filename}: cannot be read with torch.load(weights_only=True) ({_torch_load_reason(e)}); it is never "
+            f"unpickled in full (that could run code from the file): convert it to .safetensors") from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict):
         raise sd_models_ldm.CheckpointFormatError(f"{filename}: not a dict of tensors")
     return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+
+
+def _torch_load_reason(e: Exception) -> str:
+    """The line of torch's long weights_only message that says what the file holds (e.g. `Unsupported global:
+    GLOBAL datetime.date ...`), without its advice and terminal colours."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: Please use|$)", text, re.MULTILINE)
+    line = found.group(1) if found else text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
 def _normalise_sd1_clip_keys(tensors: dict) -> None:
@@ -347,7 +359,9 @@ def _prepare_single_file(filename: str, device: torch.device, dtype: torch.dtype
         pipe.set_progress_bar_config(disable=True)
         is_safetensors = filename.lower().endswith(".safetensors")
         source = OriginalWeights(refs, dtypes, stamps) if is_safetensors else None
-        return DiffusersSdModel(pipe, family, checkpoint_info, source)
+        model = DiffusersSdModel(pipe, family, checkpoint_info, source)
+        model.file_stamps = stamps
+        return model
 
     return PreparedLoad(filename, fill)
 
