@@ -83,6 +83,10 @@ def webui() -> None:
 
     from modules import http_security, shared
 
+    host = shared.cmd_opts.server_name or ("0.0.0.0" if shared.cmd_opts.listen else "127.0.0.1")
+    warning = http_security.exposure_warning(shared.cmd_opts, host)
+    if warning:
+        print(warning, file=sys.stderr)
     try:  # before anything slow: a bad auth or CORS flag must stop the start, not leave the server open
         http_security.check_flags(shared.cmd_opts)
     except http_security.SecurityConfigError as e:
@@ -91,10 +95,6 @@ def webui() -> None:
     initialize()
     load_model_in_background()
     app = create_app()
-    host = shared.cmd_opts.server_name or ("0.0.0.0" if shared.cmd_opts.listen else "127.0.0.1")
-    warning = http_security.exposure_warning(shared.cmd_opts, host)
-    if warning:
-        print(warning, file=sys.stderr)
     print(f"Running on http://{host}:{shared.cmd_opts.port} (started in {time.time() - startup_started:.1f}s)")
     uvicorn.run(app, host=host, port=shared.cmd_opts.port, log_level="warning", timeout_graceful_shutdown=1)
 

@@ -612,17 +612,13 @@ SECURED_API_AUTH = ("apiuser", "apikey")
 
 
 @pytest.fixture(scope="session")
-def chromium_mapped():
-    """A headless Chromium whose resolver maps every *.lan and *.test name to 127.0.0.1."""
-    if not os.path.exists(CHROMIUM_PATH):
-        pytest.skip(f"{CHROMIUM_PATH} is not installed")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM_PATH,
-                                    args=[*CHROMIUM_ARGS, f"--host-resolver-rules={MAPPED_HOSTS_RULES}"])
-        yield browser
-        browser.close()
+def chromium_mapped(chromium):
+    """A second headless Chromium whose resolver maps every *.lan and *.test name to 127.0.0.1 (launched through
+    the session browser's Playwright: one sync Playwright may run at a time)."""
+    browser = chromium.browser_type.launch(executable_path=CHROMIUM_PATH,
+                                           args=[*CHROMIUM_ARGS, f"--host-resolver-rules={MAPPED_HOSTS_RULES}"])
+    yield browser
+    browser.close()
 
 
 class _ForeignPageHandler(BaseHTTPRequestHandler):
