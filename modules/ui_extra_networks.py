@@ -223,7 +223,9 @@ class ExtraNetworksPage:
 
     def read_user_metadata(self, item: dict, use_cache: bool = True) -> None:
         filename = item.get("filename", None)
-        if filename and not served_files.readable_in_page(self, os.path.splitext(filename)[0] + ".json"):
+        sidecar = os.path.splitext(filename)[0] + ".json" if filename else ""
+        if sidecar and (not use_cache or self.lister.exists(sidecar)) and not served_files.readable_in_page(
+                self, sidecar):
             filename = None  # a sidecar that is a link out of the page's folders is not read
         metadata = extra_networks.get_user_metadata(filename, lister=self.lister if use_cache else None)
         desc = metadata.get("description", None)
