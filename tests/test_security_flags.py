@@ -100,3 +100,63 @@ def test_webui_warns_on_listen_without_login(tmp_path):
     assert "--cors-allow-origins-regex" in result.stderr
     quiet = run_webui(tmp_path, "--listen", "--port", "9", "--gradio-auth", "a:b", "--cors-allow-origins-regex", "(")
     assert quiet.returncode == 2 and "WARNING" not in quiet.stderr, quiet.stderr
+
+
+# --- the middlewares in process, on a real gradio mount (no server process) -------------------------------------
+@pytest.fixture(scope="module")
+def ui_only_app():
+    """An app as webui.create_app builds it, with --gradio-auth and no --api-auth: a route under /sdapi/, a page
+    route, a WebSocket route, and a gradio Blocks mounted at / with gradio's login."""
+    import gradio as gr
+    from fastapi import FastAPI, WebSocket
+
+    flags = opts(gradio_auth="alice:pw1")
+    app = FastAPI()
+    app.add_api_route("/sdapi/v1/thing", lambda: {"ok": True}, methods=["GET", "POST"])
+    app.add_api_route("/sd_extra_networks/thing", lambda: {"ok": True}, methods=["GET"])
+
+    async def socket(websocket: WebSocket):
+        await websocket.accept()
+        await websocket.send_text("hello")
+        await websocket.close()
+
+    app.add_api_websocket_route("/internal/socket", socket)
+    with gr.Blocks() as demo:
+        gr.Textbox(elem_id="secret_box")
+    app = gr.mount_gradio_app(app, demo, path="/", auth=http_security.gradio_auth(flags), footer_links=[])
+    http_security.install(app, flags)
+    return app
+
+
+def test_without_api_auth_the_api_takes_the_ui_login(ui_only_app):
+    from starlette.testclient import TestClient
+
+    with TestClient(ui_only_app, base_url="http://127.0.0.1:7860") as client:
+        assert client.get("/sdapi/v1/thing").status_code == 401
+        assert client.get("/sdapi/v1/thing", auth=("alice", "nope")).status_code == 401
+        assert client.get("/sdapi/v1/thing", auth=("alice", "pw1")).status_code == 200
+        assert client.get("/sd_extra_networks/thing").status_code == 401
+        assert client.post("/login", data={"username": "alice", "password": "pw1"}).status_code == 200
+        # the browser session (gradio's cookie, checked against gradio's token store) opens both
+        assert client.get("/sdapi/v1/thing").status_code == 200
+        assert client.get("/sd_extra_networks/thing").status_code == 200
+        assert "secret_box" in client.get("/config").text
+
+
+OWN_WS_ORIGIN = "http://testserver"  # the Host starlette's test client sends on WebSocket handshakes
+
+
+def test_websocket_handshakes_follow_origin_and_login(ui_only_app):
+    from starlette.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+
+    with TestClient(ui_only_app) as client:
+        with pytest.raises(WebSocketDisconnect):  # no login
+            with client.websocket_connect("/internal/socket", headers={"Origin": OWN_WS_ORIGIN}) as ws:
+                ws.receive_text()
+        login = {"Authorization": "Basic " + base64.b64encode(b"alice:pw1").decode()}
+        with pytest.raises(WebSocketDisconnect):  # logged in, but from another site
+            with client.websocket_connect("/internal/socket", headers={**login, "Origin": "http://evil.test"}) as ws:
+                ws.receive_text()
+        with client.websocket_connect("/internal/socket", headers={**login, "Origin": OWN_WS_ORIGIN}) as ws:
+            assert ws.receive_text() == "hello"
