@@ -147,7 +147,14 @@ def _checkpoint_update() -> dict:
     choices = _checkpoint_choices()
     value = _current_checkpoint()
     if value is not None and value not in choices:
-        choices = [value] + choices
+        from modules import sd_models
+
+        # a title from before the file was hashed names a listed checkpoint: show that entry, not a second one
+        match = sd_models.get_closet_checkpoint_match(value)
+        if match is not None and match.title in choices:
+            value = match.title
+        else:
+            choices = [value] + choices
     return gr.update(choices=choices, value=value)
 
 
@@ -155,19 +162,22 @@ def change_checkpoint(title: str):
     """Switches the model (under the queue lock, so never in the middle of a job) and saves the choice."""
     if not title or title == shared.opts.sd_model_checkpoint:
         return gr.update()
+    from modules import sd_models
+
     previous = shared.opts.sd_model_checkpoint
     try:
-        from modules import sd_models
         with call_queue.queue_lock:
             shared.opts.set("sd_model_checkpoint", title, run_callbacks=False)
             sd_models.reload_model_weights()
         shared.opts.save(shared.config_filename)
     except Exception as e:
         errors.display(e, f"loading checkpoint {title}")
-        shared.opts.set("sd_model_checkpoint", previous, run_callbacks=False)
-        gr.Warning(f"Could not load {title}: {type(e).__name__}: {e}")
-        return gr.update(value=previous)
-    return gr.update()
+        if shared.opts.sd_model_checkpoint == title:  # load_model puts the loaded one back; anything else too
+            shared.opts.set("sd_model_checkpoint", previous, run_callbacks=False)
+        gr.Warning(str(e) if isinstance(e, sd_models.CheckpointLoadError) else
+                   f"Could not load {title}: {type(e).__name__}: {e}")
+    # fresh choices: loading hashes the file, which renames its entry (the old name would be listed twice)
+    return _checkpoint_update()
 
 
 def refresh_checkpoints():

@@ -57,6 +57,14 @@ def _processing_parameters() -> set[str]:
     return names
 
 
+def _checkpoint_failed(e: Exception) -> JSONResponse:
+    """A checkpoint that did not load: 422 for a bad file, else 500; the detail names the file, the reason and the
+    model that stays loaded."""
+    errors.display(e, "API: switching checkpoint")
+    return JSONResponse(status_code=422 if getattr(e, "bad_file", False) else 500,
+                        content={"error": type(e).__name__, "detail": str(e)})
+
+
 def _checkpoint_exists(title: str) -> bool:
     from modules import sd_models
     match = getattr(sd_models, "get_closet_checkpoint_match", None)
@@ -165,10 +173,16 @@ class Api:
                 raise HTTPException(status_code=422, detail=f"{key}: expected {type(info.default).__name__}, "
                                                             f"got {type(value).__name__}")
             _check_option(key, value)
-        for key, value in req.items():
+        # the checkpoint first: it is the one that can fail, and then no other option is changed either
+        for key in sorted(req, key=lambda k: k != "sd_model_checkpoint"):
             if key in shared.opts.data_labels:
-                # sd_model_checkpoint's onchange (set by webui.initialize) reloads under the queue lock.
-                shared.opts.set(key, value, is_api=True)
+                try:
+                    # sd_model_checkpoint's onchange (set by webui.initialize) reloads under the queue lock.
+                    shared.opts.set(key, req[key], is_api=True)
+                except Exception as e:
+                    if key != "sd_model_checkpoint":
+                        raise
+                    return _checkpoint_failed(e)
         shared.opts.save(shared.config_filename)
         return None
 
