@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from modules.http_credentials import CredentialsError, api_credentials, gradio_credentials
+from modules.http_credentials import api_credentials, gradio_credentials
 from modules.http_login import LoginGuard
 from modules.http_origins import OriginGuard, OriginPolicy
 
@@ -18,7 +18,7 @@ def check_flags(cmd_opts) -> tuple[dict[str, str], dict[str, str], OriginPolicy]
         return (gradio_credentials(cmd_opts), api_credentials(cmd_opts),
                 OriginPolicy(getattr(cmd_opts, "cors_allow_origins", None),
                              getattr(cmd_opts, "cors_allow_origins_regex", None)))
-    except (CredentialsError, ValueError) as e:
+    except ValueError as e:  # CredentialsError included
         raise SecurityConfigError(str(e)) from None
 
 
