@@ -273,6 +273,10 @@ class LoadStateDictOnMeta(ReplaceHelper):
         mapping = self._mapped.find(source) if self._mapped is not None else None
         if mapping is not None:
             source = self._mapped.copy_out(source, mapping)
+            if self.device.type == "cpu" and dtype is not None and dtype != source.dtype:
+                converted = mapped_memory.new_tensor(source.shape, dtype)  # huge pages for the converted copy too
+                converted.copy_(source)
+                return converted
         staged = source.to(device=self.device, dtype=dtype)
         return staged if staged.is_contiguous() else staged.contiguous()
 

@@ -3,9 +3,12 @@
 Two ways in, both offline:
 - a diffusers folder (model_index.json): `from_pretrained(local_files_only=True, use_safetensors=True)`;
 - a single-file SD1/SD2/SDXL checkpoint in the original layout: configs are read off the tensor shapes
-  (modules/sd_models_ldm.py), each component is built on the meta device and filled from a memory map of the
-  file that drains as it goes (modules/sd_disable_initialization.load_state_dict_lean), so peak memory stays
-  near one copy of the model.
+  (modules/sd_models_ldm.py), each component is built on the meta device and filled tensor by tensor from the
+  file (modules/sd_disable_initialization.load_state_dict_lean), so peak memory stays near one copy of the model.
+
+Either way every weight ends up in process memory, never in a map of the file (modules/mapped_memory.py): the model
+survives its file being rewritten, truncated or deleted. `prepare()` checks a file without reading its weights,
+so a model switch can refuse a bad file before it gives up the loaded model (sd_models.load_model).
 
 Either way the model keeps `original_weights`: where each parameter came from, so the Lora patcher can re-read an
 original weight from the file instead of holding a copy of it.

@@ -8,8 +8,9 @@ filled with random values), then loads it in fresh subprocesses, one per mode, s
          fp32), read the whole file (safetensors.torch.load_file), map the keys, load_state_dict (copies), convert
          to the model dtype
   host   modules.sd_models_diffusers.load_single_file: configs from the shapes, skeletons on meta without init,
-         the file memory-mapped and drained into them by sd_disable_initialization.load_state_dict_lean (no copy
-         when the file already has the model's dtype), then the pipeline
+         the file memory-mapped (for the tensor layout only) and each tensor read out of it with pread() into
+         process memory by sd_disable_initialization.load_state_dict_lean, also when the file already has the
+         model's dtype (the model must not live on the file), converted where needed, then the pipeline
 
 Each mode then touches one byte of every page of every parameter, as the first generation would, so a lazy map
 cannot hide a read: `load+touch` is the number to compare with reading the file. The yardstick is mode `read`: a
@@ -242,7 +243,12 @@ def run_child(mode: str, path: str, dtype_name: str) -> dict:
     model_bytes = sum(t.numel() * t.element_size() for m in components.values()
                       for t in list(m.parameters()) + list(m.buffers()))
 
-    # spot checks against the file (not timed): the loaded weights are the file's, at the model dtype
+    # spot checks (not timed): no weight lives in a map of the file; the loaded weights are the file's, at the model
+    # dtype
+    from modules import mapped_memory
+
+    on_file = mapped_memory.file_backed_tensors(components)
+    assert mode == "naive" or not on_file, f"{mode}: {len(on_file)} tensors share memory with the file"
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
