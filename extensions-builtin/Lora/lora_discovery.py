@@ -29,6 +29,20 @@ available_network_paths: dict[str, network.NetworkOnDisk] = {}  # path-qualified
 _records: dict[str, network.NetworkOnDisk] = {}  # absolute path → record, reused while (size, mtime) hold
 _ordered: list[network.NetworkOnDisk] = []  # the records in listing order
 stem_counts: dict[str, int] = {}  # stem → how many listed files have it
+
+
+class NameMaps:
+    """One consistent set of name maps. A rescan builds a new one and swaps it in with one assignment, so a job
+    resolving names while another thread rescans sees either the old maps or the new ones, never an empty or
+    half-built map (a cleared-then-refilled dict made a running job report `Lora not found`)."""
+    __slots__ = ("networks", "aliases", "forbidden", "paths", "stem_counts")
+
+    def __init__(self, nets: dict, aliases: dict, forbidden: dict, paths: dict, counts: dict):
+        self.networks, self.aliases, self.forbidden, self.paths, self.stem_counts = \
+            nets, aliases, forbidden, paths, counts
+
+
+_maps = NameMaps({}, {}, {"none": 1}, {}, {})
 scan_count = 0  # full rescans so far (tests check that a missing name does not cause one)
 maps_generation = 0  # bumped whenever the name maps change (cards cache what they derive from the maps)
 _lock = threading.RLock()
@@ -71,6 +85,27 @@ class DirState:
 
 
 RACY_SECONDS = 2.0
+# Atomic writes (editor sidecars, previews) write `.tmp-<random>` next to their target and rename it; a crash
+# leaves it behind. Our own rule, not the host's (this extension also runs inside A1111): such a file untouched
+# for this long belongs to a write that will never finish, so the scan removes it.
+TEMP_PREFIX = ".tmp-"
+STALE_TEMP_SECONDS = 600.0
+stale_temps_removed = 0
+
+
+def _remove_if_stale_temp(entry: os.DirEntry, st: os.stat_result) -> bool:
+    """True when entry was a stale temporary file, now removed (a fresh one, a save in flight, is left alone)."""
+    global stale_temps_removed
+    if not entry.name.startswith(TEMP_PREFIX) or time.time() - st.st_mtime < STALE_TEMP_SECONDS:
+        return False
+    try:
+        os.remove(entry.path)
+    except OSError as e:
+        logger.warning("Lora: cannot remove the leftover temporary file %s: %s", entry.path, e)
+        return False
+    stale_temps_removed += 1
+    logger.info("Lora: removed %s, left by an interrupted save", entry.path)
+    return True
 _dir_index: dict[str, DirState] = {}  # absolute folder path → its last scan
 
 
@@ -91,6 +126,8 @@ def _scan_dir(dirpath: str, dir_stat: os.stat_result, old: DirState | None = Non
                         continue
                     st = entry.stat()
                 except OSError:
+                    continue
+                if _remove_if_stale_temp(entry, st):
                     continue
                 created = getattr(st, "st_birthtime", None) or min(st.st_ctime, st.st_mtime)
                 listing[entry.name] = (st.st_mtime, created)
@@ -194,12 +231,10 @@ def _scan(rescan: Callable[[str, os.stat_result, DirState | None], bool], stat_f
                 if entry is not None:
                     records[filename] = entry
                     ordered.append(entry)
-        _dir_index.clear()
-        _dir_index.update(index)
+        _replace_in_place(_dir_index, index)
         changed = [id(e) for e in ordered] != [id(e) for e in _ordered]
         if changed:
-            _records.clear()
-            _records.update(records)
+            _replace_in_place(_records, records)
             _ordered[:] = ordered
             _rebuild_maps(ordered)
     if changed:
@@ -252,8 +287,6 @@ def _notify(ordered: list[network.NetworkOnDisk]) -> None:
 
 
 def _rebuild_maps(ordered: list[network.NetworkOnDisk]) -> None:
-    global maps_generation
-    maps_generation += 1
     nets: dict[str, network.NetworkOnDisk] = {}
     aliases: dict[str, network.NetworkOnDisk] = {}
     forbidden: dict[str, int] = {"none": 1}
@@ -277,34 +310,46 @@ def _rebuild_maps(ordered: list[network.NetworkOnDisk]) -> None:
             forbidden[entry.alias.lower()] = 1
         aliases.setdefault(name, entry)
         aliases.setdefault(entry.alias, entry)
-    for target, source in ((available_networks, nets), (available_network_aliases, aliases),
-                           (forbidden_network_aliases, forbidden), (available_network_paths, paths)):
-        target.clear()
-        target.update(source)
     counts: dict[str, int] = {}
     for entry in ordered:
         counts[entry.stem] = counts.get(entry.stem, 0) + 1
-    stem_counts.clear()
-    stem_counts.update(counts)
-    available_network_hash_lookup.clear()
-    for entry in ordered:
-        if entry.shorthash:
-            available_network_hash_lookup[entry.shorthash] = entry
+    _publish(NameMaps(nets, aliases, forbidden, paths, counts))
+    hashes = {entry.shorthash: entry for entry in ordered if entry.shorthash}
+    _replace_in_place(available_network_hash_lookup, hashes)
+
+
+def _replace_in_place(target: dict, source: dict) -> None:
+    """Makes target equal source without a moment in which a key present in both is missing (no clear())."""
+    target.update(source)
+    for key in [k for k in target if k not in source]:
+        target.pop(key, None)
+
+
+def _publish(maps: NameMaps) -> None:
+    """Swaps in new name maps; A1111's module-level dicts (other extensions hold them) follow, updated in place."""
+    global _maps, maps_generation
+    _maps = maps
+    maps_generation += 1
+    for target, source in ((available_networks, maps.networks), (available_network_aliases, maps.aliases),
+                           (forbidden_network_aliases, maps.forbidden), (available_network_paths, maps.paths),
+                           (stem_counts, maps.stem_counts)):
+        _replace_in_place(target, source)
 
 
 def find_network(name: str) -> network.NetworkOnDisk | None:
     """A prompt name → record: unique name (stem), then alias unless the alias is ambiguous, then path."""
-    entry = available_networks.get(name)
+    maps = _maps  # one snapshot for the whole look-up
+    entry = maps.networks.get(name)
     if entry is not None:
         return entry
-    if name.lower() not in forbidden_network_aliases:
-        entry = available_network_aliases.get(name)
+    if name.lower() not in maps.forbidden:
+        entry = maps.aliases.get(name)
         if entry is not None:
             return entry
     path = name.replace("\\", "/")
     if os.path.splitext(path)[1].lower() in lora_files.network_extensions:
         path = os.path.splitext(path)[0]
-    return available_network_paths.get(path)
+    return maps.paths.get(path)
 
 
 def find_networks(names: list[str]) -> tuple[dict[str, network.NetworkOnDisk], list[str]]:
@@ -335,20 +380,20 @@ def find_networks(names: list[str]) -> tuple[dict[str, network.NetworkOnDisk], l
 def path_name(entry: network.NetworkOnDisk) -> str:
     """The path-qualified name (`sub/stem`, or `Lora/sub/stem` when two folders hold the same path) that
     resolves to this file."""
+    paths = _maps.paths
     for candidate in (entry.qualified_name, f"{os.path.basename(entry.root or '')}/{entry.qualified_name}"):
-        if available_network_paths.get(candidate) is entry:
+        if paths.get(candidate) is entry:
             return candidate
     return entry.name
 
 
 def shares_stem(entry: network.NetworkOnDisk) -> bool:
     """Whether another listed file has the same stem (then cards show and insert path-qualified names)."""
-    return stem_counts.get(entry.stem, 0) > 1
+    return _maps.stem_counts.get(entry.stem, 0) > 1
 
 
 def refresh_record(entry: network.NetworkOnDisk) -> network.NetworkOnDisk:
     """The record for entry's file as it is now: a new record (in every map) when its size or mtime changed."""
-    global maps_generation
     try:
         st = os.stat(entry.filename)
     except OSError:
@@ -365,18 +410,25 @@ def refresh_record(entry: network.NetworkOnDisk) -> network.NetworkOnDisk:
         fresh.name = entry.name
         _records[entry.filename] = fresh
         _ordered[:] = [fresh if e is entry else e for e in _ordered]
-        maps_generation += 1
-        for mapping in (available_networks, available_network_aliases, available_network_paths,
-                        available_network_hash_lookup):
-            for key in [k for k, v in mapping.items() if v is entry]:
-                mapping[key] = fresh
-        if entry.shorthash and entry.shorthash != fresh.shorthash:
+        maps = _maps
+
+        def swapped(mapping: dict) -> dict:
+            return {k: fresh if v is entry else v for k, v in mapping.items()}
+        _publish(NameMaps(swapped(maps.networks), swapped(maps.aliases), maps.forbidden, swapped(maps.paths),
+                          maps.stem_counts))
+        if entry.shorthash and entry.shorthash != fresh.shorthash and \
+                available_network_hash_lookup.get(entry.shorthash) is entry:
             available_network_hash_lookup.pop(entry.shorthash, None)
+        for key in [k for k, v in list(available_network_hash_lookup.items()) if v is entry]:
+            available_network_hash_lookup[key] = fresh
+        if fresh.shorthash:
+            available_network_hash_lookup[fresh.shorthash] = fresh
         return fresh
 
 
 def ambiguous_alias_files(name: str) -> list[network.NetworkOnDisk]:
     """The files that share `name` as their alias, when it is ambiguous (forbidden)."""
-    if name.lower() not in forbidden_network_aliases:
+    maps = _maps
+    if name.lower() not in maps.forbidden:
         return []
-    return [e for e in available_networks.values() if e.alias.lower() == name.lower()]
+    return [e for e in maps.networks.values() if e.alias.lower() == name.lower()]

@@ -6,6 +6,7 @@ components.
 from __future__ import annotations
 
 import lora_discovery
+import networks
 
 from modules import shared
 
@@ -18,8 +19,7 @@ def _sd_lora_choices() -> dict:
 
 
 def _purge() -> None:
-    import networks
-    networks.purge_networks_from_memory()
+    networks.purge_networks_from_memory()  # under networks.state_lock: never touches a running job's networks
 
 
 def options(with_components: bool = False) -> dict[str, shared.OptionInfo]:

@@ -12,6 +12,7 @@ added by forward hooks instead (lora_functional) and no weight is written (Multi
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -43,6 +44,10 @@ loaded_networks: list[Network] = []
 patcher = lora_patcher.Patcher()
 functional = lora_functional.FunctionalHooks()
 extra_network_lora = None  # set by scripts/lora_script.py (A1111 attribute)
+# Held while the active set changes (load_networks, restore_all) and while the in-memory cache is purged: a
+# `lora_in_memory_limit` change from a settings request must not clear the modules of a network that a job has
+# just loaded but not yet made active (it would silently apply nothing while the infotext records its hash).
+state_lock = threading.RLock()
 
 
 @dataclass
@@ -84,6 +89,11 @@ def load_networks(names: list[str], te_multipliers: list[float] | None = None,
     """Makes `names` (with their multipliers) the active set and merges it into the model's weights now.
 
     The same file named twice (stem and alias, or two tags) is applied once, with the last weights."""
+    with state_lock:
+        return _load_networks(names, te_multipliers, unet_multipliers, dyn_dims, sd_model)
+
+
+def _load_networks(names, te_multipliers, unet_multipliers, dyn_dims, sd_model) -> LoadReport:
     global last_report
     report = LoadReport()
     sd_model = sd_model if sd_model is not None else shared.sd_model
@@ -177,7 +187,11 @@ def _release_device_cache() -> None:
 
 
 def purge_networks_from_memory() -> None:
-    if lora_loader.purge_networks_from_memory(getattr(shared.opts, "lora_in_memory_limit", 0), loaded_networks):
+    """Trims the loaded-network cache to `lora_in_memory_limit` (its onchange handler); the active set is kept."""
+    with state_lock:
+        dropped = lora_loader.purge_networks_from_memory(getattr(shared.opts, "lora_in_memory_limit", 0),
+                                                         loaded_networks)
+    if dropped:
         _release_device_cache()
 
 
@@ -209,10 +223,11 @@ def network_reset_cached_weight(self: torch.nn.Module) -> None:
 def restore_all(sd_model=None) -> None:
     """Puts every layer of the model back to its original weights, removes the hooks, clears the active set."""
     sd_model = sd_model if sd_model is not None else shared.sd_model
-    loaded_networks.clear()
-    layer_map = lora_layers.get_layer_map(sd_model)
-    functional.clear(layer_map.layers)
-    patcher.sync(layer_map.layers, {}, original_weights(sd_model), getattr(layer_map, "module_paths", None))
+    with state_lock:
+        loaded_networks.clear()
+        layer_map = lora_layers.get_layer_map(sd_model)
+        functional.clear(layer_map.layers)
+        patcher.sync(layer_map.layers, {}, original_weights(sd_model), getattr(layer_map, "module_paths", None))
 
 
 __all__ = [
