@@ -35,6 +35,7 @@ from typing import Protocol
 
 import lora_plan
 import lora_residual
+import lora_restore_guard
 import torch
 
 logger = logging.getLogger("lora")
@@ -252,6 +253,7 @@ class RestoreRecord:
     residual: lora_residual.Residual | None = None
     device: torch.device | None = None  # where the residual's delta was computed
     clone: torch.Tensor | None = None
+    safety_copy: torch.Tensor | None = None  # residual records on unproven devices (lora_restore_guard)
     bias: _BiasBackup | None = None
     dtype: torch.dtype | None = None  # the weight's dtype when the record was made
 
@@ -261,8 +263,9 @@ class RestoreRecord:
         n = 0
         if self.residual is not None:
             n += self.residual.nbytes
-        if self.clone is not None:
-            n += self.clone.numel() * self.clone.element_size()
+        for t in (self.clone, self.safety_copy):
+            if t is not None:
+                n += t.numel() * t.element_size()
         if self.bias is not None and self.bias.original is not None:
             n += self.bias.original.numel() * self.bias.original.element_size()
         return n
@@ -353,6 +356,11 @@ class Patcher:
         self.stats: Counter = Counter()
         self._job_scratch: dict = {}
         self._in_job = False  # writes, restores, source, residual, clone, foreign_changes, inexact
+        self.notes: list[str] = []  # what the job should be told (restores that needed a fallback)
+
+    def take_notes(self) -> list[str]:
+        notes, self.notes = self.notes, []
+        return notes
 
     # --- state -------------------------------------------------------------------------------------------------
     @staticmethod
@@ -466,6 +474,8 @@ class Patcher:
             new_rec = RestoreRecord(how, tuple(delta.used), source=sources.source, param=param, bias=bias_backup)
             if how == CLONE and rec is not None and rec.how == CLONE:
                 new_rec.clone = rec.clone  # the same original: no second copy
+            if how == RESIDUAL and rec is not None and lora_restore_guard.reusable(rec.safety_copy, weight):
+                new_rec.safety_copy = rec.safety_copy  # the layer was restored exactly: the copy still holds it
             self._write_weight(weight, original, delta, new_rec)
             if checked is not None:
                 _release(sources.source, checked)
@@ -529,6 +539,8 @@ class Patcher:
             return
         if rec.how == CLONE and rec.clone is None:
             rec.clone = original.detach().to("cpu", copy=True)
+        if rec.how == RESIDUAL and rec.safety_copy is None and not lora_restore_guard.residual_proven(weight.device):
+            rec.safety_copy = lora_restore_guard.take_copy(original)
         self.stats[rec.how] += 1
         with _no_grad_for(weight):
             if rec.how != RESIDUAL and delta.full is None and weight.dtype == torch.float32 and \
@@ -602,6 +614,7 @@ class Patcher:
         with _no_grad_for(weight):
             weight.copy_(target)
         rec.how, rec.residual, rec.clone, rec.dtype = None, None, None, weight.dtype
+        rec.safety_copy = None
         return True
 
     def _restore_weight(self, module, rec: RestoreRecord, sources: _Sources, weight: torch.Tensor | None = None
@@ -640,6 +653,10 @@ class Patcher:
         delta = compute_delta(name, module, work, rec.contributions, self._original_bias(module, rec),
                               record_errors=False)
         if not delta.has_weight:
+            if lora_restore_guard.reusable(rec.safety_copy, weight):
+                weight.copy_(rec.safety_copy)
+                self._note(module, "restored from the copy taken before the write")
+                return
             self._inexact(module, "its Lora delta could not be recomputed")
             return
         scratch = self._scratch(device)
@@ -648,7 +665,13 @@ class Patcher:
             lora_residual.guess_(flat_w[start:end], d, scratch)
             fp += lora_residual.fingerprint(d)
         if residual is not None and fp != residual.delta_fingerprint:
+            lora_restore_guard.mark_unproven(device)
             if self._restore_from_current_source(module, weight, rec):
+                self._note(module, "restored from the checkpoint file")
+                return
+            if lora_restore_guard.reusable(rec.safety_copy, weight):
+                weight.copy_(rec.safety_copy)
+                self._note(module, "restored from the copy taken before the write")
                 return
             self._inexact(module, "its Lora delta did not reproduce bit for bit")
             residual = None
@@ -668,10 +691,23 @@ class Patcher:
         _release(source, t)
         return True
 
+    def _note(self, module, how: str) -> None:
+        """A residual restore that did not reproduce its delta, put right from an exact original."""
+        self.stats["restore_fallbacks"] += 1
+        name = getattr(module, "network_layer_name", module)
+        logger.warning("Lora: %s: the residual restore did not reproduce its Lora delta bit for bit; %s", name, how)
+        message = f"Lora: the residual restore of {name} did not reproduce its delta; {how} (exact)"
+        if message not in self.notes and len(self.notes) < 50:  # taken by each job; bounded if nobody asks
+            self.notes.append(message)
+
     def _inexact(self, module, why: str) -> None:
         self.stats["inexact"] += 1
+        name = getattr(module, "network_layer_name", module)
         logger.error("Lora: %s could not be restored bit-exactly: %s; reload the checkpoint to get its exact "
-                     "weights back", getattr(module, "network_layer_name", module), why)
+                     "weights back", name, why)
+        message = f"Lora: {name} could not be restored bit-exactly ({why}); reload the checkpoint"
+        if message not in self.notes and len(self.notes) < 50:  # taken by each job; bounded if nobody asks
+            self.notes.append(message)
 
     # --- bias --------------------------------------------------------------------------------------------------
     @staticmethod

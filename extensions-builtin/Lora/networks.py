@@ -59,6 +59,7 @@ class LoadReport:
     load_errors: dict[str, str] = field(default_factory=dict)  # mentioned name → message
     duplicates: list[str] = field(default_factory=list)  # names mentioned more than once (last one used)
     fatal: str | None = None  # the patcher failed; the model holds its original weights
+    notes: list[str] = field(default_factory=list)  # restores that needed a fallback, inexact restores
     layers_written: int = 0  # layers whose weights were written (merge) or whose hooks changed (functional)
     held_bytes: int = 0  # memory kept for exact restore (merge) or by the hooks (functional)
     seconds: float = 0.0  # time spent applying
@@ -148,6 +149,7 @@ def _load_networks(names, te_multipliers, unet_multipliers, dyn_dims, sd_model) 
         loaded_networks.clear()
         functional.clear(layer_map.layers)
     report.seconds = time.perf_counter() - started
+    report.notes = patcher.take_notes()
     report.held_bytes = patcher.held_bytes(layer_map.layers) + functional.held_bytes(layer_map.layers)
     report.networks = list(loaded_networks)
 
