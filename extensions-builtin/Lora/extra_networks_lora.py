@@ -8,6 +8,7 @@ matched, unmatched keys by group, and "it looks like an SDXL LoRA, the loaded mo
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 import lora_bundled
@@ -20,6 +21,8 @@ import networks
 from modules import extra_networks, shared
 
 logger = logging.getLogger("lora")
+# `<lora:>` has no argument text, so the tag parser (A1111's `<(\w+):([^>]+)>`) leaves it in the prompt as words
+re_empty_tag = re.compile(r"<(?:lora|lyco):>")
 
 
 def _prompts_of(p) -> list[str]:
@@ -67,6 +70,7 @@ class ExtraNetworkLora(extra_networks.ExtraNetwork):
             self.errors.clear()
             self.error_details.clear()
         params_list = list(params_list)
+        self._remove_empty_tags(p)
         self._add_sd_lora(p, params_list)
 
         tags: dict[str, lora_syntax.LoraTag] = {}
@@ -88,6 +92,18 @@ class ExtraNetworkLora(extra_networks.ExtraNetwork):
         self._add_hashes(p, report)
         for message in lora_bundled.register(report.networks, getattr(p, "sd_model", None)):
             p.comment(message)
+
+    @staticmethod
+    def _remove_empty_tags(p) -> None:
+        """`<lora:>` is named in the job's comments and taken out of the text the text encoder sees."""
+        prompts = getattr(p, "prompts", None)
+        if not isinstance(prompts, list):
+            return
+        found = [m.group(0) for prompt in prompts if isinstance(prompt, str) for m in re_empty_tag.finditer(prompt)]
+        for tag in dict.fromkeys(found):
+            p.comment(f"Bad Lora tag {tag}: no Lora name; it was removed from the prompt")
+        if found:
+            p.prompts = [re_empty_tag.sub("", x) if isinstance(x, str) else x for x in prompts]
 
     def _add_sd_lora(self, p, params_list: list) -> None:
         """Option "Add network to prompt": the network is appended once to every prompt that lacks it."""
@@ -134,6 +150,8 @@ class ExtraNetworkLora(extra_networks.ExtraNetwork):
                 self.errors[net.name] = len(failed)
                 layer, error = next(iter(failed.items()))
                 self.error_details[net.name] = f"{layer}: {error}"
+        for note in report.notes:
+            p.comment(note)
         if report.fatal:
             p.comment(f"Loras were not applied: {report.fatal}")
 

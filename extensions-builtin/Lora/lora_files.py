@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import struct
 
@@ -183,6 +184,43 @@ def embedded_hash(metadata: dict) -> str | None:
     return value
 
 
+_UNPICKLER_DETAIL = re.compile(r"WeightsUnpickler error:\s*(.+?)(?:\.\s+(?:Please|Check|To )|$)", re.S)
+
+
+def unpickling_message(filename: str, error: BaseException) -> str:
+    """What to tell the user about a .pt/.ckpt that only loads by unpickling code: what it needs and what to do.
+    torch's own text advises turning the safety check off; we never repeat that."""
+    m = _UNPICKLER_DETAIL.search(str(error))
+    detail = " ".join(m.group(1).split()) if m else type(error).__name__
+    return (f"{filename}: this file needs Python objects unpickled to load ({detail}); that can run code, so it is "
+            f"not done. Convert it to .safetensors with a tool you trust to use it")
+
+
+def _is_unpickling_error(error: BaseException) -> bool:
+    return isinstance(error, pickle.UnpicklingError) or "Weights only load failed" in str(error)
+
+
+def _load_pickle(filename: str, mmap: bool):
+    return torch.load(filename, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def pickle_problem(filename: str) -> str:
+    """"" when a .pt/.ckpt loads with `torch.load(weights_only=True)`, else the message for the card. Cheap for
+    zip-format files: with mmap only the pickle is parsed, no tensor data is read (legacy files are read whole)."""
+    try:
+        try:
+            _load_pickle(filename, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            _load_pickle(filename, mmap=False)  # legacy (non-zip) serialization cannot be memory-mapped
+    except Exception as e:
+        if _is_unpickling_error(e):
+            return unpickling_message(filename, e)
+        return f"{filename}: cannot load tensors: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return ""
+
+
 def load_state_dict(filename: str) -> dict[str, torch.Tensor]:
     """The tensors of a Lora file on the CPU; non-tensor entries of `.pt` files are left out."""
     ext = os.path.splitext(filename)[1].lower()
@@ -199,6 +237,8 @@ def load_state_dict(filename: str) -> dict[str, torch.Tensor]:
     except LoraFileError:
         raise
     except Exception as e:
+        if _is_unpickling_error(e):
+            raise LoraFileError(unpickling_message(filename, e)) from None
         raise LoraFileError(f"{filename}: cannot load tensors: {type(e).__name__}: {e}") from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]

@@ -11,6 +11,7 @@ import lora_files
 from modules import cache, hashes
 
 HEADER_SUBSECTION = "lora-header-2"  # bump when lora_files.header_info changes what it returns
+PICKLE_SUBSECTION = "lora-pickle-1"  # bump when lora_files.pickle_problem changes what it returns
 
 
 def cache_title(filename: str) -> str:
@@ -21,6 +22,12 @@ def cached_header_info(filename: str) -> dict:
     """{"metadata", "version_hint"} of a safetensors file, read once per (path, size, mtime)."""
     return cache.cached_data_for_file(HEADER_SUBSECTION, cache_title(filename), filename,
                                       lambda: lora_files.header_info(filename)) or {}
+
+
+def cached_pickle_problem(filename: str) -> str | None:
+    """Why a .pt/.ckpt file cannot be loaded safely (None: it can), checked once per (path, size, mtime)."""
+    return cache.cached_data_for_file(PICKLE_SUBSECTION, cache_title(filename), filename,
+                                      lambda: lora_files.pickle_problem(filename)) or None
 
 
 def known_hash(entry) -> str | None:

@@ -10,6 +10,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+import lora_identity
 import lyco_helpers
 import torch
 
@@ -79,12 +80,16 @@ class NetworkOnDisk:
 
         metadata, version_hint = {}, None
         if self.is_safetensors:
-            import lora_identity
             try:
                 info = lora_identity.cached_header_info(self.filename)
                 metadata, version_hint = info.get("metadata") or {}, info.get("version_hint")
             except Exception as e:
                 self.read_error = str(e)
+        else:  # a pickle that needs more than tensors is named on its card at scan time, not when first used
+            try:
+                self.read_error = lora_identity.cached_pickle_problem(self.filename)
+            except Exception as e:
+                self.read_error = f"{self.filename}: {e}"
         self.metadata = dict(sorted(metadata.items(), key=lambda x: metadata_tags_order.get(x[0], 999)))
         self.version_hint = version_hint
         alias = self.metadata.get("ss_output_name")
@@ -92,7 +97,6 @@ class NetworkOnDisk:
 
         self.hash: str | None = None
         self.shorthash: str | None = None
-        import lora_identity
         self.set_hash(lora_identity.known_hash(self))
         self.sd_version = detect_version(self.metadata, self.version_hint)
 
@@ -114,7 +118,6 @@ class NetworkOnDisk:
     def read_hash(self) -> None:
         """Computes the hash on first use (tensor-data "addnet" hash for safetensors, else file sha256)."""
         if not self.hash:
-            import lora_identity
             self.set_hash(lora_identity.compute_hash(self))
 
     def get_alias(self) -> str:

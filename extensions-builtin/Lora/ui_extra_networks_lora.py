@@ -9,6 +9,7 @@ import math
 import os
 
 import lora_discovery
+import lora_tag_names
 import networks
 
 from modules import errors, shared, ui_extra_networks
@@ -185,6 +186,16 @@ class ExtraNetworksPageLora(ui_extra_networks.ExtraNetworksPage):
 
         activation_text = user_metadata.get("activation text")
         weight = _format_weight(user_metadata.get("preferred weight", 0.0))
+        tag_name = lora_tag_names.tag_name(lora_on_disk, alias)
+        if tag_name is None:  # no name of this file fits in a tag: the card says so and inserts nothing
+            problem = lora_tag_names.no_tag_message(lora_on_disk, alias)
+            item["error"] = f"{item['error']}; {problem}" if item.get("error") else problem
+            item["prompt"], item["prompt_parts"] = quote_js(""), []
+            item["negative_prompt"], item["negative_prompt_parts"] = quote_js(""), []
+            if user_metadata.get("sd version") in _versions:
+                item["sd_version"] = user_metadata["sd version"]
+            return item
+        alias = tag_name
         # A1111's JS expressions (other code may read them) and the same thing as parts, which the card
         # framework uses without parsing.
         item["prompt"] = quote_js(f"<lora:{alias}:") + " + " + (
