@@ -62,6 +62,23 @@ def test_unproven_device_restores_from_the_copy_and_reports_it(tiny_sd1, write_l
     _assert_bitwise(tiny_sd1, original)
 
 
+def test_unproven_device_with_a_source_keeps_no_copy_and_restores_from_the_source(tiny_sd1, write_lora, patcher,
+                                                                                  monkeypatch, tmp_path):
+    from test_lora_patcher import FileSource
+    monkeypatch.setattr(lora_restore_guard, "PROVEN_DEVICE_TYPES", set())
+    tiny_sd1.original_weights = FileSource(tiny_sd1, tmp_path)
+    write_lora("a", tiny_sd1, seed=1)
+    original = _state(tiny_sd1)
+    networks.load_networks(["a"], [1.0], [1.0], [None], sd_model=tiny_sd1)
+    recs = _records(tiny_sd1)
+    assert recs and all(r.safety_copy is None for r in recs)  # the checkpoint file is the copy
+    for rec in recs:
+        rec.residual.delta_fingerprint += 1
+    report = networks.load_networks([], sd_model=tiny_sd1)
+    assert patcher.stats["inexact"] == 0 and any("checkpoint file" in n for n in report.notes), report.notes
+    _assert_bitwise(tiny_sd1, original)
+
+
 def test_the_job_is_told_about_the_fallback(tiny_sd1, write_lora, patcher, monkeypatch):
     monkeypatch.setattr(lora_restore_guard, "PROVEN_DEVICE_TYPES", set())
     write_lora("a", tiny_sd1, seed=1)

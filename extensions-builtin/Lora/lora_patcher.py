@@ -476,6 +476,10 @@ class Patcher:
                 new_rec.clone = rec.clone  # the same original: no second copy
             if how == RESIDUAL and rec is not None and lora_restore_guard.reusable(rec.safety_copy, weight):
                 new_rec.safety_copy = rec.safety_copy  # the layer was restored exactly: the copy still holds it
+            if how == RESIDUAL and new_rec.safety_copy is None and \
+                    not lora_restore_guard.residual_proven(weight.device) and \
+                    not self._source_holds(param, original, sources):
+                new_rec.safety_copy = lora_restore_guard.take_copy(original)  # before the write overwrites it
             self._write_weight(weight, original, delta, new_rec)
             if checked is not None:
                 _release(sources.source, checked)
@@ -492,6 +496,19 @@ class Patcher:
         module.network_current_names = key
         self._record_written(module)
         self.stats["writes"] += 1
+
+    @staticmethod
+    def _source_holds(param, original: torch.Tensor, sources: _Sources) -> bool:
+        """Whether the host's source can give this layer's original back (then no copy is needed)."""
+        if param is None or not sources.is_valid(sources.source):
+            return False
+        t = _read_source(sources.source, param, original)
+        if t is None:
+            return False
+        try:
+            return _sample_matches(t, original)
+        finally:
+            _release(sources.source, t)
 
     def _original(self, module, rec: RestoreRecord | None, weight: torch.Tensor, sources: _Sources):
         """(the layer's original weight on its device, whether that is the weight itself, the source tensor read).
@@ -539,8 +556,6 @@ class Patcher:
             return
         if rec.how == CLONE and rec.clone is None:
             rec.clone = original.detach().to("cpu", copy=True)
-        if rec.how == RESIDUAL and rec.safety_copy is None and not lora_restore_guard.residual_proven(weight.device):
-            rec.safety_copy = lora_restore_guard.take_copy(original)
         self.stats[rec.how] += 1
         with _no_grad_for(weight):
             if rec.how != RESIDUAL and delta.full is None and weight.dtype == torch.float32 and \
