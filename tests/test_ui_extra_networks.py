@@ -325,3 +325,18 @@ def test_background_hashing_hashes_new_files_into_the_cache(lora_page, lora_dir)
     status = lora_hashing.status()
     assert status["done"] == status["total"] >= 1 and not status["running"]
     assert lora_page.background_status()["label"] == "Hashing"
+
+
+def test_a_file_whose_header_length_overflows_does_not_stop_the_hashing_run(lora_page, lora_dir):
+    import lora_discovery
+    import lora_hashing
+
+    _write(lora_dir, "hashbad/aa_bad.safetensors", (2**63 + 5).to_bytes(8, "little") + b"{}")  # seek() raises
+    data = tiny_lora_bytes({"ss_output_name": "after_bad"}, seed=9)
+    _write(lora_dir, "hashbad/zz_good.safetensors", data)
+    errors_before = lora_hashing.status()["errors"]
+    lora_discovery.list_available_networks()
+    assert lora_hashing.wait(60)
+    n = int.from_bytes(data[:8], "little")
+    assert lora_discovery.available_networks["zz_good"].hash == hashlib.sha256(data[8 + n:]).hexdigest()
+    assert lora_hashing.status()["errors"] == errors_before + 1

@@ -20,6 +20,7 @@ PAYLOADS = [f"<img src=x onerror=\"{RUN}\">", f"<script>{RUN}</script>", f"\"><s
 EVIL = " ".join(PAYLOADS)
 FOLDER = "xss_<b onmouseover=x>"
 STEM = "xss_<img src=x onerror=window.__xss=1>"
+CLICK_STEM = "xssclick"
 
 
 def write_payload_files(server_files) -> str:
@@ -34,6 +35,10 @@ def write_payload_files(server_files) -> str:
     }
     path = server_files(f"{FOLDER}/{STEM}.safetensors", tiny_lora_bytes(metadata, seed=31))
     base = path[:-len(".safetensors")]
+    # A name that fits in a tag (the one above cannot: it holds '>' and '='), so a click inserts the payloads.
+    server_files(f"{FOLDER}/{CLICK_STEM}.safetensors", tiny_lora_bytes(metadata, seed=32))
+    server_files(f"{FOLDER}/{CLICK_STEM}.json", json.dumps({"activation text": "act " + PAYLOADS[4],
+                                                            "negative text": PAYLOADS[0]}))
     server_files(f"{FOLDER}/{STEM}.txt", "text description " + EVIL)
     server_files(f"{FOLDER}/{STEM}.json", json.dumps({
         "description": "sidecar description " + EVIL + " <b>bold</b> <a href=\"javascript:" + RUN + "\">link</a>",
@@ -65,20 +70,29 @@ def test_payloads_in_files_and_metadata_never_run(cards_page, sdapi, server_file
     page.locator("#txt2img_lora_extra_refresh").click()
     page.wait_for_function(f"() => {PANE}.items.some(i => i.name === {json.dumps(stem)})", timeout=30000)
     page.locator(SEARCH).fill("xss_")
-    card = page.locator(f"{CARDS} .card").first
+    card = page.locator(f"{CARDS} .card").filter(has=page.locator(".name", has_text=stem))
     card.wait_for(timeout=10000)
-    assert page.locator(f"{CARDS} .card").count() == 1
+    page.wait_for_function(f"() => document.querySelectorAll('{CARDS} .card').length === 2")  # this and xssclick
     assert card.locator(".name").inner_text() == stem  # the name is text
     assert "sidecar description <img src=x" in card.locator(".description").inner_text()
+    # No name of this file fits in a tag: the card says so (the payload name as text) and a click inserts nothing.
+    assert "cannot be put into a prompt" in card.locator(".card-error").text_content()
+    card.click()
+    assert page.locator("#txt2img_prompt textarea").input_value() == ""
     assert_clean(page)
 
-    # A click puts the payload text into the prompt as text.
-    card.click()
+    # A click on a card with a usable name puts the payload texts into the prompts as text.
+    page.locator(SEARCH).fill(CLICK_STEM)
+    click_card = page.locator(f"{CARDS} .card", has_text=CLICK_STEM)
+    click_card.wait_for(timeout=10000)
+    click_card.click()
     prompt = page.locator("#txt2img_prompt textarea").input_value()
-    assert PAYLOADS[4] in prompt and "xss_alias_<img src=x" in prompt
+    assert f"<lora:{CLICK_STEM}:" in prompt and PAYLOADS[4] in prompt
     assert page.locator("#txt2img_neg_prompt textarea").input_value() == f"({PAYLOADS[0]}:1)"
-    card.click()
+    click_card.click()
     page.locator("#txt2img_neg_prompt textarea").fill("")
+    page.locator(SEARCH).fill("xss_")
+    card.wait_for(timeout=10000)
 
     # Dir buttons and the metadata popup.
     page.locator("#txt2img_lora_pane .extra-network-dir-button", has_text="xss_<b").click()

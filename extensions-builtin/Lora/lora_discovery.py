@@ -104,7 +104,7 @@ def _remove_if_stale_temp(entry: os.DirEntry, st: os.stat_result) -> bool:
         logger.warning("Lora: cannot remove the leftover temporary file %s: %s", entry.path, e)
         return False
     stale_temps_removed += 1
-    logger.info("Lora: removed %s, left by an interrupted save", entry.path)
+    print(f"Lora: removed unfinished temporary file {entry.path}, left by an interrupted save")
     return True
 _dir_index: dict[str, DirState] = {}  # absolute folder path → its last scan
 

@@ -127,10 +127,10 @@ def _run() -> None:
                     if record.identity == entry.identity and not record.hash:
                         record.set_hash(value)
                 count += 1
-        except OSError as e:
+        except Exception as e:  # one bad file (a header length past 2**63 raises ValueError) must not end the run
             with _lock:
                 _state["errors"] += 1
-            print(f"*** Lora: cannot hash {entry.filename}: {e}")
+            print(f"*** Lora: cannot hash {entry.filename}: {type(e).__name__}: {e}")
         finally:
             with _lock:
                 _queued.discard(entry.filename)
