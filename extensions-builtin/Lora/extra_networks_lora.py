@@ -11,6 +11,7 @@ import logging
 import re
 import sys
 
+import lora_block_weights
 import lora_bundled
 import lora_coverage
 import lora_discovery
@@ -73,21 +74,28 @@ class ExtraNetworkLora(extra_networks.ExtraNetwork):
         self._remove_empty_tags(p)
         self._add_sd_lora(p, params_list)
 
+        sd_model = getattr(p, "sd_model", None)
+        family = model_family(sd_model if sd_model is not None else getattr(shared, "sd_model", None))
+        presets = lora_block_weights.all_presets(getattr(shared, "data_path", None))
         tags: dict[str, lora_syntax.LoraTag] = {}
+        blocks: dict[str, dict[str, float] | None] = {}
         for params in params_list:
             try:
-                tag = lora_syntax.parse_lora_params(params)
-            except lora_syntax.LoraTagError as e:
+                tag = lora_syntax.parse_lora_params(params, presets)
+                weights = tag.blocks.for_family(family) if tag.blocks is not None else None
+            except (lora_syntax.LoraTagError, lora_block_weights.BlockWeightError) as e:
                 p.comment(f"Bad Lora tag {tag_text(p, params)}: {e}; it was skipped")
                 continue
             if tag.name in tags:
                 p.comment(f"Lora {tag.name} is mentioned more than once; only the last one is used: "
                           f"{tag_text(p, params)}")
             tags[tag.name] = tag
+            blocks[tag.name] = weights
 
         names = list(tags)
         report = networks.load_networks(names, [t.te for t in tags.values()], [t.unet for t in tags.values()],
-                                        [t.dyn for t in tags.values()], sd_model=getattr(p, "sd_model", None))
+                                        [t.dyn for t in tags.values()], sd_model=sd_model,
+                                        block_weights=[blocks[n] for n in names])
         self._report(p, report)
         self._add_hashes(p, report)
         for message in lora_bundled.register(report.networks, getattr(p, "sd_model", None)):
@@ -142,6 +150,10 @@ class ExtraNetworkLora(extra_networks.ExtraNetwork):
             cov = lora_coverage.coverage_of(net, family)
             for line in lora_coverage.messages(cov):
                 p.comment(line)
+            zeroed = lora_block_weights.zero_blocks(net.block_weights) if net.block_weights else []
+            if zeroed:
+                p.comment(f"Lora {net.mentioned_name or net.name}: block weights set these blocks to 0: "
+                          + ", ".join(zeroed))
             if net.unmatched_count:
                 logger.info("Lora %s: unmatched keys: %s", net.name,
                             (net.unmatched_keys + net.unsupported_keys + net.unused_keys)[:20])

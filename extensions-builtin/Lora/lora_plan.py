@@ -25,8 +25,10 @@ class Contribution:
 
 
 def multiplier_for(net: network.Network, layer_name: str) -> float:
-    """te multiplier for text encoder layers, unet multiplier for the rest."""
-    return float(net.te_multiplier if network.is_text_encoder_layer(layer_name) else net.unet_multiplier)
+    """te multiplier for text encoder layers, unet multiplier for the rest, times the layer's block weight."""
+    base = float(net.te_multiplier if network.is_text_encoder_layer(layer_name) else net.unet_multiplier)
+    factors = getattr(net, "layer_factors", None)  # A1111-era subclasses of Network may lack it
+    return base * factors[layer_name] if factors and layer_name in factors else base
 
 
 def contributions_for(layer_name: str, networks: Iterable[network.Network]) -> list[Contribution]:

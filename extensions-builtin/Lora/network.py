@@ -149,6 +149,8 @@ class Network:  # LoraModule
         self.te_multiplier = 1.0
         self.unet_multiplier = 1.0
         self.dyn_dim: int | None = None
+        self.block_weights: dict[str, float] | None = None  # {LBW block id: weight} from the tag, this job
+        self.layer_factors: dict[str, float] = {}  # {layer: block weight} where it is not 1 (lora_plan reads it)
         self.modules: dict[str, NetworkModule] = {}
         self.bundle_embeddings: dict = {}
         self.mtime: float | None = network_on_disk.mtime if network_on_disk else None

@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import lora_block_weights
 import lora_discovery
 import lora_functional
 import lora_layers
@@ -86,15 +87,16 @@ def _as_list(values, count: int, default):
 
 def load_networks(names: list[str], te_multipliers: list[float] | None = None,
                   unet_multipliers: list[float] | None = None, dyn_dims: list[int | None] | None = None,
-                  sd_model=None) -> LoadReport:
+                  sd_model=None, block_weights: list[dict[str, float] | None] | None = None) -> LoadReport:
     """Makes `names` (with their multipliers) the active set and merges it into the model's weights now.
 
-    The same file named twice (stem and alias, or two tags) is applied once, with the last weights."""
+    The same file named twice (stem and alias, or two tags) is applied once, with the last weights.
+    `block_weights`: per name, {LBW block id: weight} (lora_block_weights.BlockWeights.for_family) or None."""
     with state_lock:
-        return _load_networks(names, te_multipliers, unet_multipliers, dyn_dims, sd_model)
+        return _load_networks(names, te_multipliers, unet_multipliers, dyn_dims, sd_model, block_weights)
 
 
-def _load_networks(names, te_multipliers, unet_multipliers, dyn_dims, sd_model) -> LoadReport:
+def _load_networks(names, te_multipliers, unet_multipliers, dyn_dims, sd_model, block_weights=None) -> LoadReport:
     global last_report
     report = LoadReport()
     sd_model = sd_model if sd_model is not None else shared.sd_model
@@ -104,23 +106,25 @@ def _load_networks(names, te_multipliers, unet_multipliers, dyn_dims, sd_model) 
     unet_multipliers = [te if u is None else u
                         for u, te in zip(_as_list(unet_multipliers, len(names), None), te_multipliers, strict=True)]
     dyn_dims = _as_list(dyn_dims, len(names), None)
+    block_weights = _as_list(block_weights, len(names), None)
 
     found, report.missing = lora_discovery.find_networks(list(dict.fromkeys(names)))
     for name in report.missing:
         logger.info("Couldn't find network with name %s", name)
 
     wanted: dict[str, tuple] = {}
-    for name, te, unet, dyn in zip(names, te_multipliers, unet_multipliers, dyn_dims, strict=True):
+    for name, te, unet, dyn, blocks in zip(names, te_multipliers, unet_multipliers, dyn_dims, block_weights,
+                                           strict=True):
         entry = found.get(name)
         if entry is None:
             continue
         entry = lora_discovery.refresh_record(entry)
         if entry.filename in wanted:
             report.duplicates.append(name)
-        wanted[entry.filename] = (name, entry, te, unet, dyn)
+        wanted[entry.filename] = (name, entry, te, unet, dyn, blocks)
 
     new_loaded: list[Network] = []
-    for name, entry, te, unet, dyn in wanted.values():
+    for name, entry, te, unet, dyn, blocks in wanted.values():
         try:
             net = lora_loader.get_network(name, entry, layer_map)
         except Exception as e:
@@ -132,6 +136,9 @@ def _load_networks(names, te_multipliers, unet_multipliers, dyn_dims, sd_model) 
         net.te_multiplier = float(te)
         net.unet_multiplier = float(unet)
         net.dyn_dim = dyn
+        net.block_weights = blocks
+        net.layer_factors = lora_block_weights.layer_factors(blocks, net.modules, layer_map.structure) \
+            if blocks else {}
         try:
             entry.read_hash()
         except Exception as e:
