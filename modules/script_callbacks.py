@@ -18,11 +18,28 @@ class ImageSaveParams:
         self.pnginfo = pnginfo
 
 
+class CFGDenoiserParams:
+    """What A1111 passes to on_cfg_denoiser callbacks before each sampling step (its field names). Here `x` is the
+    pipeline's latents before the step and `denoiser` the diffusers pipeline; `sampling_step` counts from 0 within
+    the pass, `total_sampling_steps` is the number of steps the pass runs."""
+
+    def __init__(self, x, image_cond, sigma, sampling_step, total_sampling_steps, text_cond, text_uncond,
+                 denoiser=None):
+        self.x = x
+        self.image_cond = image_cond
+        self.sigma = sigma
+        self.sampling_step = sampling_step
+        self.total_sampling_steps = total_sampling_steps
+        self.text_cond = text_cond
+        self.text_uncond = text_uncond
+        self.denoiser = denoiser
+
+
 _callback_names = [
     "callbacks_app_started", "callbacks_model_loaded", "callbacks_ui_tabs", "callbacks_ui_train_tabs",
     "callbacks_ui_settings", "callbacks_before_image_saved", "callbacks_image_saved", "callbacks_infotext_pasted",
     "callbacks_script_unloaded", "callbacks_before_ui", "callbacks_list_optimizers", "callbacks_list_unets",
-    "callbacks_before_token_counter",
+    "callbacks_before_token_counter", "callbacks_cfg_denoiser",
 ]
 callback_map: dict[str, list[ScriptCallback]] = {name: [] for name in _callback_names}
 
@@ -62,6 +79,10 @@ def _run(name: str, *args: Any) -> list:
         except Exception:
             errors.report(f"Error executing callback {c.callback} for {name}", exc_info=True)
     return results
+
+
+def cfg_denoiser_callback(params: CFGDenoiserParams) -> None:
+    _run("callbacks_cfg_denoiser", params)
 
 
 def app_started_callback(demo, app) -> None:
@@ -141,3 +162,8 @@ def on_script_unloaded(callback: Callable, *, name: str | None = None) -> None:
 
 def on_before_ui(callback: Callable, *, name: str | None = None) -> None:
     add_callback(callback_map["callbacks_before_ui"], callback, name=name)
+
+
+def on_cfg_denoiser(callback: Callable, *, name: str | None = None) -> None:
+    """callback(params: CFGDenoiserParams) before each sampling step of every pass."""
+    add_callback(callback_map["callbacks_cfg_denoiser"], callback, name=name, category="cfg_denoiser")

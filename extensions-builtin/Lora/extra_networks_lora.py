@@ -16,10 +16,11 @@ import lora_bundled
 import lora_coverage
 import lora_discovery
 import lora_layers
+import lora_step_weights
 import lora_syntax
 import networks
 
-from modules import extra_networks, shared
+from modules import extra_networks, script_callbacks, shared
 
 logger = logging.getLogger("lora")
 # `<lora:>` has no argument text, so the tag parser (A1111's `<(\w+):([^>]+)>`) leaves it in the prompt as words
@@ -65,6 +66,14 @@ class ExtraNetworkLora(extra_networks.ExtraNetwork):
         super().__init__("lora")
         self.errors: dict[str, int] = {}  # network name → failed layers, posted by deactivate
         self.error_details: dict[str, str] = {}
+        self.step_weights: lora_step_weights.StepWeights | None = None  # the pass's schedules, if any
+        if hasattr(script_callbacks, "on_cfg_denoiser"):
+            script_callbacks.on_cfg_denoiser(self.before_step)
+
+    def before_step(self, params) -> None:
+        """A1111's cfg_denoiser callback: the scheduled weights of the step about to run."""
+        if self.step_weights is not None:
+            self.step_weights.at_step(int(params.sampling_step), int(params.total_sampling_steps))
 
     def activate(self, p, params_list) -> None:
         if not getattr(p, "is_hr_pass", False):
@@ -93,9 +102,14 @@ class ExtraNetworkLora(extra_networks.ExtraNetwork):
             blocks[tag.name] = weights
 
         names = list(tags)
-        report = networks.load_networks(names, [t.te for t in tags.values()], [t.unet for t in tags.values()],
+        hires, steps = bool(getattr(p, "is_hr_pass", False)), lora_step_weights.pass_steps(p)
+        first = [t.multipliers(0, steps, hires) for t in tags.values()]
+        report = networks.load_networks(names, [te for te, _ in first], [unet for _, unet in first],
                                         [t.dyn for t in tags.values()], sd_model=sd_model,
                                         block_weights=[blocks[n] for n in names])
+        scheduled = any(t.scheduled for t in tags.values()) and not report.fatal
+        self.step_weights = lora_step_weights.StepWeights(tags, blocks, sd_model, hires, steps) \
+            if scheduled else None
         self._report(p, report)
         self._add_hashes(p, report)
         for message in lora_bundled.register(report.networks, getattr(p, "sd_model", None)):
@@ -182,6 +196,7 @@ class ExtraNetworkLora(extra_networks.ExtraNetwork):
             p.extra_generation_params.pop("Lora hashes", None)
 
     def deactivate(self, p) -> None:
+        self.step_weights = None
         if self.errors:
             p.comment("Networks with errors: " + ", ".join(f"{k} ({v})" for k, v in self.errors.items()))
             for name, detail in self.error_details.items():
