@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import secrets
 
+import extra_networks_lora
+import lora_block_weights
 import lora_discovery
 
 from modules import shared
@@ -20,6 +22,12 @@ def network_info(entry) -> dict:
 
 def list_loras() -> list[dict]:
     return [network_info(entry) for entry in list(lora_discovery.available_networks.values())]
+
+
+def block_weights_info() -> dict:
+    """The tag editor's data: block ids of the loaded model's family, vector forms, presets (LBW's and the user's)."""
+    family = extra_networks_lora.model_family(getattr(shared, "sd_model", None))
+    return lora_block_weights.editor_info(family, getattr(shared, "data_path", None))
 
 
 def refresh_loras() -> None:
@@ -58,3 +66,5 @@ def add_routes(demo, app) -> None:
     dependencies = _auth_dependencies()
     app.add_api_route("/sdapi/v1/loras", list_loras, methods=["GET"], dependencies=dependencies)
     app.add_api_route("/sdapi/v1/refresh-loras", refresh_loras, methods=["POST"], dependencies=dependencies)
+    # the page's tag editor reads this; like the page's other routes it sits behind the UI login, not --api-auth
+    app.add_api_route("/lora/block-weights", block_weights_info, methods=["GET"])

@@ -228,3 +228,11 @@ def all_presets(data_path: str | None) -> dict[str, str]:
 
 def zero_blocks(weights: dict[str, float]) -> list[str]:
     return [b for b, w in weights.items() if w == 0]
+
+
+def editor_info(family: str | None, data_path: str | None) -> dict:
+    """What the prompt's tag editor needs: the loaded family's block ids, the block lists of each vector length,
+    and the presets by name (their values as written)."""
+    forms = FORMS.get(family or "", ())
+    return {"family": family, "blocks": list(ALL_IDS.get(family or "", ())),
+            "forms": {str(len(ids)): list(ids) for ids in forms}, "presets": all_presets(data_path)}
