@@ -137,11 +137,21 @@ def test_card_routes_serve_only_previews_inside_lora_folders(webui_server, sdapi
     assert sdapi.get("/sd_extra_networks/cards", params={"page": "nope"}).status_code == 404
 
 
-def test_card_data_is_json_with_prompt_parts(sdapi, sd1_lora):
+def test_card_data_is_json_with_prompt_parts(sdapi, sd1_lora, webui_server):
     cards = sdapi.get("/sd_extra_networks/cards", params={"page": "lora", "tabname": "txt2img"}).json()
     card = next(c for c in cards["items"] if c["name"] == sd1_lora)
     assert card["prompt"][0].startswith(f"<lora:{card.get('alias', sd1_lora)}:")
-    assert card["prompt"][1] == {"opt": "extra_networks_default_multiplier"} or isinstance(card["prompt"][1], str)
+    # the weight part: the sidecar's preferred weight as text (another test's editor save may have set one),
+    # else the page's default multiplier option
+    sidecar = next((os.path.join(root, f) for root, _, files in os.walk(webui_server.lora_dir) for f in files
+                    if f == f"{sd1_lora}.json"), None)
+    preferred = 0.0
+    if sidecar:
+        with open(sidecar, encoding="utf8") as f:
+            preferred = float(json.load(f).get("preferred weight") or 0)
+    expected = {"opt": "extra_networks_default_multiplier"} if preferred == 0 else \
+        (str(int(preferred)) if preferred.is_integer() else repr(preferred))
+    assert card["prompt"][1] == expected
     assert cards["opts"]["extra_networks_add_text_separator"] is not None
     meta = sdapi.get("/sd_extra_networks/metadata", params={"page": "lora", "item": sd1_lora})
     assert meta.status_code == 200

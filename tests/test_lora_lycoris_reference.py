@@ -12,13 +12,12 @@ of the model: every targeted layer must match within 1e-5 (relative, fp32), ever
 import copy
 import logging
 
+import lycoris.kohya as lycoris_kohya  # a required test dependency: missing fails, never skips
 import networks
 import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-
-lycoris_kohya = pytest.importorskip("lycoris.kohya")
 
 PRESET = """
 enable_conv = true

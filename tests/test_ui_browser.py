@@ -176,14 +176,24 @@ def test_refresh_picks_up_new_file_and_keeps_search(page, webui_server, sd1_lora
     assert not page.page_errors, page.page_errors
 
 
-def test_settings_tab_lists_lora_options_and_applies(page, webui_server):
+def test_settings_tab_lists_lora_options_and_applies(page, webui_server, sdapi):
+    before = sdapi.get("/sdapi/v1/options").json()["extra_networks_default_multiplier"]
     page.get_by_role("tab", name="Settings").click()
     page.get_by_role("tab", name="Extra Networks").click()
     page.wait_for_selector("#setting_extra_networks_default_multiplier", timeout=10000)
     assert page.locator("#setting_lora_add_hashes_to_infotext").count() == 1
     shot(page, "settings")
-    page.locator("#settings_submit").click()
-    page.wait_for_selector("#settings_result:has-text('settings changed')", timeout=30000)
+    wanted = 0.75 if before != 0.75 else 0.5
+    try:
+        field = page.locator("#setting_extra_networks_default_multiplier input")
+        field.fill(str(wanted))
+        field.blur()
+        page.locator("#settings_submit").click()
+        page.wait_for_selector("#settings_result:has-text('settings changed')", timeout=30000)
+        # applied on the server, not only reported: the option reads back with the new value
+        assert sdapi.get("/sdapi/v1/options").json()["extra_networks_default_multiplier"] == wanted
+    finally:
+        sdapi.post("/sdapi/v1/options", json={"extra_networks_default_multiplier": before})
     page.get_by_role("tab", name="txt2img").click()
 
 
