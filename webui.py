@@ -92,6 +92,9 @@ def webui() -> None:
     except http_security.SecurityConfigError as e:
         print(f"Error: {e}", file=sys.stderr)
         sys.exit(2)
+    if shared.cmd_opts.disable_safe_unpickle:  # accepted so A1111 command lines start, but never honoured
+        print("--disable-safe-unpickle is ignored: files are only read with torch.load(weights_only=True)",
+              file=sys.stderr)
     initialize()
     load_model_in_background()
     app = create_app()
