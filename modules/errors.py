@@ -32,3 +32,8 @@ def run(code, task: str) -> None:
         code()
     except Exception as e:
         display(e, task)
+
+
+class JobInputError(ValueError):
+    """A job's parameters cannot be run (an unknown upscaler, a denoising strength out of range, no init image):
+    the message names the parameter; the API answers 422 with it."""

@@ -1,16 +1,29 @@
-"""txt2img jobs (A1111 names): StableDiffusionProcessingTxt2Img, process_images, Processed."""
+"""Generation jobs (A1111 names): StableDiffusionProcessingTxt2Img (with the hires fix),
+StableDiffusionProcessingImg2Img, process_images, Processed, create_infotext.
+
+process_images runs the A1111 order per batch: parse the prompts' extra-network tags, activate them, apply
+embeddings, sample. The hires fix's second pass (processing_hires) activates the Hires prompt's own tags before it
+samples, with `p.is_hr_pass` set, as A1111 does; img2img's init images are prepared by processing_img2img.
+"""
 from __future__ import annotations
 
 import json
-import os
 import random
-import time
 from datetime import datetime
 from typing import Any
 
-import torch
-
-from modules import devices, extra_networks, infotext_utils, prompt_encoder, samplers, sd_hijack, shared
+from modules import (
+    devices,
+    diffusion_passes,
+    extra_networks,
+    images,
+    infotext_utils,
+    processing_hires,
+    processing_img2img,
+    samplers,
+    sd_hijack,
+    shared,
+)
 from modules.extra_networks import re_extra_net
 
 opt_C = 4
@@ -68,6 +81,7 @@ class StableDiffusionProcessing:
         self.prompts: list[str] = []
         self.negative_prompts: list[str] = []
         self.seeds: list[int] = []
+        self.subseeds: list[int] = []
         self.extra_network_data: dict = {}
         self.scripts = None
         self.script_args: list = []
@@ -75,9 +89,36 @@ class StableDiffusionProcessing:
         self.cached_c = [None, None]
         self.cached_uc = [None, None]
 
+    job_name = "txt2img"
+
     def comment(self, text: str) -> None:
         """Adds a line to the job's comments (shown under the image and as a UI warning); repeats are kept once."""
         self.comments[text] = 1
+
+    # --- the steps process_images calls, in order (A1111 names) -------------------------------------------------
+    def setup_prompts(self) -> None:
+        """After all_prompts/all_negative_prompts are set: per-mode prompt lists (the Hires prompts)."""
+
+    def init(self, all_prompts: list, all_seeds: list, all_subseeds: list) -> None:
+        """Once per job, before the first batch: checks and per-mode preparation (init images, hires sizes)."""
+
+    def parse_extra_network_prompts(self) -> None:
+        """Strips the tags from this batch's prompts; the first prompt's tags are the batch's (A1111 rule)."""
+        self.prompts, self.extra_network_data = extra_networks.parse_prompts(self.prompts)
+        self.negative_prompts, _ = extra_networks.parse_prompts(self.negative_prompts)
+
+    def sample(self, sd_model) -> list:
+        """This batch's images (PIL), with p.prompts / p.negative_prompts / p.seeds set and the networks active."""
+        raise NotImplementedError
+
+    @property
+    def passes(self) -> int:
+        """Sampling passes per batch (2 with the hires fix), for the progress bar."""
+        return 1
+
+    def negative_prompts_for_tags(self) -> list[str]:
+        """Every negative prompt the job encodes (tags there are ignored and reported)."""
+        return list(self.all_negative_prompts)
 
     @property
     def sd_model_name(self) -> str | None:
@@ -90,16 +131,94 @@ class StableDiffusionProcessing:
 
 
 class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
-    def __init__(self, enable_hr: bool = False, denoising_strength: float = 0.75, firstphase_width: int = 0,
+    """txt2img with A1111's hires fix: `enable_hr` upscales the first pass (its latents with a "Latent" mode,
+    else its decoded images with an image upscaler) to `hr_scale` times the size or to `hr_resize_x` x
+    `hr_resize_y`, then denoises it again for `hr_second_pass_steps` steps from `denoising_strength`, with the
+    Hires prompt's own Lora set active."""
+
+    def __init__(self, enable_hr: bool = False, denoising_strength: float | None = 0.75, firstphase_width: int = 0,
                  firstphase_height: int = 0, hr_scale: float = 2.0, hr_upscaler: str | None = None,
                  hr_second_pass_steps: int = 0, hr_resize_x: int = 0, hr_resize_y: int = 0,
                  hr_checkpoint_name: str | None = None, hr_sampler_name: str | None = None,
-                 hr_scheduler: str | None = None, hr_prompt: str = "", hr_negative_prompt: str = "",
+                 hr_scheduler: str | None = None, hr_prompt: str | list = "", hr_negative_prompt: str | list = "",
                  force_task_id: str | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.enable_hr = False  # hires fix is not part of this host yet; the flag is accepted and ignored
-        self.hr_prompt = hr_prompt
-        self.hr_negative_prompt = hr_negative_prompt
+        super().__init__(denoising_strength=0.75 if denoising_strength is None else denoising_strength, **kwargs)
+        self.enable_hr = bool(enable_hr)
+        self.hr_scale = float(hr_scale if hr_scale is not None else 2.0)
+        self.hr_upscaler = hr_upscaler
+        self.hr_second_pass_steps = int(hr_second_pass_steps or 0)
+        self.hr_resize_x = int(hr_resize_x or 0)
+        self.hr_resize_y = int(hr_resize_y or 0)
+        self.hr_checkpoint_name = hr_checkpoint_name
+        self.hr_sampler_name = None if hr_sampler_name in ("", "Use same sampler") else hr_sampler_name
+        self.hr_scheduler = hr_scheduler
+        self.hr_prompt = hr_prompt if hr_prompt is not None else ""
+        self.hr_negative_prompt = hr_negative_prompt if hr_negative_prompt is not None else ""
+        self.hr_upscale_to_x = 0
+        self.hr_upscale_to_y = 0
+        self.truncate_x = 0
+        self.truncate_y = 0
+        self.latent_scale_mode: dict | None = None
+        self.all_hr_prompts: list[str] = []
+        self.all_hr_negative_prompts: list[str] = []
+        self.hr_prompts: list[str] = []
+        self.hr_negative_prompts: list[str] = []
+        self.hr_extra_network_data: dict = {}
+        if firstphase_width or firstphase_height:  # A1111's old API: width/height are the final size
+            self.hr_upscale_to_x, self.hr_upscale_to_y = self.width, self.height
+            self.width, self.height = int(firstphase_width or self.width), int(firstphase_height or self.height)
+
+    @property
+    def passes(self) -> int:
+        return 2 if self.enable_hr else 1
+
+    def setup_prompts(self) -> None:
+        if self.enable_hr:
+            processing_hires.setup_prompts(self)
+
+    def init(self, all_prompts: list, all_seeds: list, all_subseeds: list) -> None:
+        if self.enable_hr:
+            processing_hires.init(self)
+
+    def parse_extra_network_prompts(self) -> None:
+        super().parse_extra_network_prompts()
+        if self.enable_hr:
+            processing_hires.parse_extra_network_prompts(self)
+
+    def negative_prompts_for_tags(self) -> list[str]:
+        return list(self.all_negative_prompts) + (list(self.all_hr_negative_prompts) if self.enable_hr else [])
+
+    def sample(self, sd_model) -> list:
+        if not self.enable_hr:
+            return diffusion_passes.txt2img(self, sd_model, self.seeds)
+        return processing_hires.sample(self, sd_model)
+
+
+class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
+    """img2img: the init images, resized to width x height by `resize_mode` (A1111's 0-3), are encoded and
+    denoised from `denoising_strength`. One init image serves the whole batch; several set the batch size."""
+
+    job_name = "img2img"
+
+    def __init__(self, init_images: list | None = None, resize_mode: int = 0, denoising_strength: float | None = 0.75,
+                 image_cfg_scale: float | None = None, mask: Any = None, mask_blur_x: int = 4, mask_blur_y: int = 4,
+                 mask_blur: int | None = None, mask_round: bool = True, inpainting_fill: int = 0,
+                 inpaint_full_res: bool = True, inpaint_full_res_padding: int = 0, inpainting_mask_invert: int = 0,
+                 initial_noise_multiplier: float | None = None, latent_mask: Any = None,
+                 force_task_id: str | None = None, **kwargs):
+        super().__init__(denoising_strength=0.75 if denoising_strength is None else denoising_strength, **kwargs)
+        self.init_images = list(init_images or [])
+        self.resize_mode = int(resize_mode or 0)
+        self.image_cfg_scale = image_cfg_scale
+        self.image_mask = mask
+        self.init_latent = None  # the batch's init latents when resize_mode is 3 (latent upscale)
+        self.batch_init_images: list = []  # the resized init images, one per image of a batch
+
+    def init(self, all_prompts: list, all_seeds: list, all_subseeds: list) -> None:
+        processing_img2img.init(self)
+
+    def sample(self, sd_model) -> list:
+        return processing_img2img.sample(self, sd_model)
 
 
 class Processed:
@@ -166,10 +285,15 @@ def create_infotext(p: StableDiffusionProcessing, all_prompts: list, all_seeds: 
                     comments: Any = None, iteration: int = 0, position_in_batch: int = 0,
                     use_main_prompt: bool = False, index: int | None = None,
                     all_negative_prompts: list | None = None) -> str:
+    """The infotext of one image, keys in A1111's order. A value in p.extra_generation_params may be a list (one
+    entry per image of the job) or a callable called with keyword arguments (p, index, prompt_text,
+    negative_prompt, ...) that returns the text or None, as A1111 allows ("Hires prompt" is one)."""
     if index is None:
         index = position_in_batch + iteration * p.batch_size
     if all_negative_prompts is None:
         all_negative_prompts = p.all_negative_prompts
+    prompt_text = p.prompt if use_main_prompt else all_prompts[index]
+    negative_prompt = all_negative_prompts[index] if all_negative_prompts else ""
     generation_params = {
         "Steps": p.steps,
         "Sampler": p.sampler_name,
@@ -178,14 +302,21 @@ def create_infotext(p: StableDiffusionProcessing, all_prompts: list, all_seeds: 
         "Size": f"{p.width}x{p.height}",
         "Model hash": p.sd_model_hash if shared.opts.add_model_hash_to_info else None,
         "Model": p.sd_model_name if shared.opts.add_model_name_to_info else None,
+        "Denoising strength": p.extra_generation_params.get("Denoising strength"),
         "Clip skip": clip_skip if (clip_skip := shared.opts.data.get("CLIP_stop_at_last_layers", 1)) > 1 else None,
         "Batch size": p.batch_size if p.batch_size > 1 else None,
         "Batch pos": position_in_batch if p.batch_size > 1 else None,
     }
     generation_params.update(p.extra_generation_params)
     generation_params["Version"] = VERSION if shared.opts.add_version_to_infotext else None
-    prompt_text = p.prompt if use_main_prompt else all_prompts[index]
-    negative_prompt = all_negative_prompts[index] if all_negative_prompts else ""
+    for key, value in generation_params.items():
+        if isinstance(value, list):
+            generation_params[key] = value[index] if index < len(value) else None
+        elif callable(value):
+            generation_params[key] = value(p=p, index=index, prompt_text=prompt_text,
+                                           negative_prompt=negative_prompt, iteration=iteration,
+                                           position_in_batch=position_in_batch, all_prompts=all_prompts,
+                                           all_seeds=all_seeds, all_subseeds=all_subseeds)
     return infotext_utils.build_infotext(prompt_text, negative_prompt, generation_params)
 
 
@@ -236,33 +367,37 @@ def process_images_inner(p: StableDiffusionProcessing) -> Processed:
         p.sd_model = shared.sd_model
     sd_model = p.sd_model
     _setup_prompts_and_seeds(p)
+    p.setup_prompts()
 
-    ignored_tags = _negative_prompt_tags(p.all_negative_prompts)
+    ignored_tags = _negative_prompt_tags(p.negative_prompts_for_tags())
     if ignored_tags:
         p.comment("Extra networks in the negative prompt are ignored: " + ", ".join(ignored_tags))
 
     sd_hijack.model_hijack.refresh_embeddings(sd_model)  # before activation: bundled embeddings check against it
-    shared.state.begin(job="txt2img")
-    shared.state.job_count = p.n_iter
+    shared.state.begin(job=p.job_name)
     output_images: list = []
     infotexts: list[str] = []
     try:
+        p.init(p.all_prompts, p.all_seeds, p.all_subseeds)
+        shared.state.job_count = p.n_iter * p.passes
         for n in range(p.n_iter):
             if shared.state.interrupted:
                 break
             p.iteration = n
-            shared.state.job_no = n
+            shared.state.job_no = n * p.passes
             sl = slice(n * p.batch_size, (n + 1) * p.batch_size)
-            p.prompts, p.extra_network_data = extra_networks.parse_prompts(p.all_prompts[sl])
-            p.negative_prompts, _ = extra_networks.parse_prompts(p.all_negative_prompts[sl])
+            p.prompts = p.all_prompts[sl]
+            p.negative_prompts = p.all_negative_prompts[sl]
             p.seeds = p.all_seeds[sl]
+            p.subseeds = p.all_subseeds[sl]
+            p.parse_extra_network_prompts()
             if not p.disable_extra_networks:
                 extra_networks.activate(p, p.extra_network_data)
             p.prompts, p.negative_prompts = sd_hijack.model_hijack.apply_embeddings(
                 sd_model, p.prompts, p.negative_prompts, p)
 
-            images = _sample(p, sd_model)
-            for i, image in enumerate(images):
+            samples = p.sample(sd_model)
+            for i, image in enumerate(samples):
                 index = n * p.batch_size + i
                 text = create_infotext(p, p.all_prompts, p.all_seeds, p.all_subseeds, iteration=n,
                                        position_in_batch=i)
@@ -270,10 +405,11 @@ def process_images_inner(p: StableDiffusionProcessing) -> Processed:
                 image.info["parameters"] = text
                 output_images.append(image)
                 if shared.opts.samples_save and not p.do_not_save_samples:
-                    save_image(image, p, p.all_seeds[index], text)
+                    images.save_sample(image, p, p.all_seeds[index], text)
         if not p.disable_extra_networks and p.extra_network_data is not None:
             extra_networks.deactivate(p, p.extra_network_data)
     finally:
+        p.is_hr_pass = False
         sd_hijack.model_hijack.clear_embeddings(sd_model)
         shared.state.end()
         devices.torch_gc()
@@ -282,60 +418,3 @@ def process_images_inner(p: StableDiffusionProcessing) -> Processed:
     info = infotexts[0] if infotexts else ""
     return Processed(p, output_images, seed=p.all_seeds[0], info=info, subseed=p.all_subseeds[0],
                      infotexts=infotexts, comments=comments)
-
-
-def _sample(p: StableDiffusionProcessing, sd_model) -> list:
-    """Runs the diffusers pipeline for one batch with per-image seeds; reports progress and honours interrupt."""
-    pipe = sd_model.pipe
-    pipe.scheduler = samplers.scheduler_for(p.sampler_name, sd_model)
-    generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in p.seeds]
-    shared.state.sampling_steps = p.steps
-    shared.state.sampling_step = 0
-
-    def on_step_end(pipeline, step, timestep, callback_kwargs):
-        shared.state.sampling_step = step + 1
-        if shared.state.interrupted:
-            pipeline._interrupt = True
-        return callback_kwargs
-
-    with torch.inference_mode():
-        conditioning = prompt_encoder.encode(sd_model, p.prompts, p.negative_prompts)
-        result = pipe(
-            **conditioning,
-            num_inference_steps=p.steps,
-            guidance_scale=p.cfg_scale,
-            width=p.width,
-            height=p.height,
-            generator=generators,
-            num_images_per_prompt=1,
-            callback_on_step_end=on_step_end,
-        )
-    return list(result.images)
-
-
-def save_image(image, p: StableDiffusionProcessing, seed: int, infotext: str) -> str:
-    """Saves into outputs/txt2img-images/<date>/NNNNN-<seed>.<format> with the infotext embedded."""
-    import io
-
-    from PIL import PngImagePlugin
-
-    from modules.atomic import write_bytes_atomic
-
-    base = p.outpath_samples or shared.opts.outdir_txt2img_samples or os.path.join(
-        shared.data_path, "outputs", "txt2img-images")
-    folder = os.path.join(base, time.strftime("%Y-%m-%d"))
-    os.makedirs(folder, exist_ok=True)
-    existing = [f for f in os.listdir(folder) if f[:5].isdigit()]
-    number = max([int(f[:5]) for f in existing], default=-1) + 1
-    ext = shared.opts.samples_format or "png"
-    path = os.path.join(folder, f"{number:05}-{seed}.{ext}")
-    buf = io.BytesIO()
-    if ext == "png":
-        pnginfo = PngImagePlugin.PngInfo()
-        if shared.opts.enable_pnginfo:
-            pnginfo.add_text("parameters", infotext)
-        image.save(buf, format="PNG", pnginfo=pnginfo)
-    else:
-        image.convert("RGB").save(buf, format=ext.upper().replace("JPG", "JPEG"))
-    write_bytes_atomic(path, buf.getvalue())
-    return path

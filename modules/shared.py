@@ -3,7 +3,7 @@ import os
 import sys
 import types
 
-from modules import paths_internal, shared_cmd_options, shared_options, shared_state
+from modules import paths_internal, shared_cmd_options, shared_options, shared_state, upscaler
 from modules.options import OptionInfo, Options, options_section  # noqa: F401  (re-exported for extensions)
 
 cmd_opts = shared_cmd_options.cmd_opts
@@ -29,7 +29,9 @@ loaded_hypernetworks: list = []
 demo = None  # the gradio Blocks, once built
 device = None  # set by modules.devices
 weight_load_location = None if cmd_opts.lowram else "cpu"
-sd_upscalers: list = []
+sd_upscalers: list = upscaler.builtin_upscalers()  # image upscalers for the hires fix and img2img
+latent_upscale_modes = upscaler.latent_upscale_modes
+latent_upscale_default_mode = upscaler.latent_upscale_default_mode
 
 
 def reload_hypernetworks() -> None:

@@ -9,6 +9,7 @@ options_templates.update(options_section(("saving-images", "Saving images"), {
                                  ).info(", ".join(IMAGE_EXTENSIONS)),
     "samples_save": OptionInfo(True, "Always save all generated images"),
     "outdir_txt2img_samples": OptionInfo("", "Output folder for txt2img images (empty: outputs/txt2img-images)"),
+    "outdir_img2img_samples": OptionInfo("", "Output folder for img2img images (empty: outputs/img2img-images)"),
     "enable_pnginfo": OptionInfo(True, "Save text information about generation parameters as chunks to png files"),
 }))
 

@@ -1,13 +1,10 @@
-"""txt2img jobs for the UI and the API: build the processing object, run it under the queue lock."""
+"""txt2img jobs for the UI and the API: build the processing object, run it (any job) under the queue lock."""
 from __future__ import annotations
 
-import contextvars
 import os
-import threading
-import time
 from typing import Any
 
-from modules import call_queue, processing, progress, shared
+from modules import call_queue, processing, shared
 from modules.processing import Processed, StableDiffusionProcessingTxt2Img
 
 
@@ -33,12 +30,14 @@ def default_size() -> int:
 
 def create_processing(prompt: str, negative_prompt: str, steps: int, sampler_name: str, width: int, height: int,
                       seed: int, batch_size: int, n_iter: int, cfg_scale: float,
-                      override_settings: dict | None = None) -> StableDiffusionProcessingTxt2Img:
+                      override_settings: dict | None = None, **hires: Any) -> StableDiffusionProcessingTxt2Img:
+    """`hires`: the Hires. fix fields (enable_hr, hr_upscaler, hr_second_pass_steps, denoising_strength, hr_scale,
+    hr_resize_x, hr_resize_y, hr_sampler_name, hr_prompt, hr_negative_prompt), A1111 names."""
     return StableDiffusionProcessingTxt2Img(
         prompt=prompt or "", negative_prompt=negative_prompt or "", steps=int(steps), sampler_name=sampler_name,
         width=int(width), height=int(height), seed=int(seed if seed is not None else -1),
         batch_size=int(batch_size), n_iter=int(n_iter), cfg_scale=float(cfg_scale),
-        override_settings=override_settings or {})
+        override_settings=override_settings or {}, **hires)
 
 
 def _reload_checkpoint(name: str) -> None:
@@ -68,48 +67,20 @@ def run(p: processing.StableDiffusionProcessing) -> Processed:
 
 def txt2img_ui(prompt: str, negative_prompt: str, steps: float, sampler_name: str, width: float, height: float,
                seed: float, batch_size: float, n_iter: float, cfg_scale: float, request: Any = None,
-               progress_bar: Any = None):
-    """The Generate button: runs the job in a worker thread while the progress bar follows shared.state.
+               progress_bar: Any = None, enable_hr: bool = False, hr_upscaler: str | None = None,
+               hr_second_pass_steps: float = 0, denoising_strength: float = 0.7, hr_scale: float = 2.0,
+               hr_resize_x: float = 0, hr_resize_y: float = 0, hr_sampler_name: str | None = None,
+               hr_prompt: str = "", hr_negative_prompt: str = ""):
+    """The Generate button: returns (images, infotext HTML, generation info state); see ui_job.run_for_ui."""
+    from modules import ui_job
 
-    Returns (images, infotext HTML, generation info state). Every comment also becomes a warning toast.
-    """
-    import gradio as gr
-
-    from modules import ui_common
-
+    hires = {}
+    if enable_hr:
+        hires = dict(enable_hr=True, hr_upscaler=hr_upscaler, hr_second_pass_steps=int(hr_second_pass_steps or 0),
+                     denoising_strength=float(denoising_strength), hr_scale=float(hr_scale),
+                     hr_resize_x=int(hr_resize_x or 0), hr_resize_y=int(hr_resize_y or 0),
+                     hr_sampler_name=hr_sampler_name, hr_prompt=hr_prompt or "",
+                     hr_negative_prompt=hr_negative_prompt or "")
     p = create_processing(prompt, negative_prompt, steps, sampler_name, width, height, seed, batch_size, n_iter,
-                          cfg_scale)
-    outcome: dict = {}
-
-    def work():
-        try:
-            outcome["processed"] = run(p)
-        except Exception as e:  # shown under the gallery; the server keeps running
-            from modules import errors
-            errors.display(e, "txt2img")
-            outcome["error"] = f"{type(e).__name__}: {e}"
-
-    # The context copy lets gr.Warning raised inside the job (by extensions) reach this event's page.
-    ctx = contextvars.copy_context()
-    worker = threading.Thread(target=ctx.run, args=(work,), name="txt2img-job", daemon=True)
-    started = time.time()
-    worker.start()
-    while worker.is_alive():
-        worker.join(0.2)
-        if progress_bar is not None:
-            if progress.is_active():
-                progress_bar(shared.state.progress(), desc=progress.describe())
-            else:
-                progress_bar(None, desc="Waiting for the model..." if time.time() - started > 0.5 else None)
-
-    if "error" in outcome:
-        gr.Warning(outcome["error"])
-        return [], ui_common.infotext_html("", error=outcome["error"]), {"infotexts": [], "comments": ""}
-
-    processed: Processed = outcome["processed"]
-    for line in (processed.comments or "").split("\n"):
-        if line.strip():
-            gr.Warning(line)
-    info = {"infotexts": list(processed.infotexts), "comments": processed.comments or ""}
-    first = processed.infotexts[0] if processed.infotexts else processed.info
-    return list(processed.images), ui_common.infotext_html(first, processed.comments), info
+                          cfg_scale, **hires)
+    return ui_job.run_for_ui(p, progress_bar)

@@ -10,15 +10,13 @@ from modules import (
     call_queue,
     errors,
     extensions_preload,
-    infotext_paste,
     paths_internal,
     progress,
-    samplers,
     script_callbacks,
     shared,
-    txt2img,
     ui_common,
     ui_extra_networks,
+    ui_generation,
     ui_settings,
     ui_train,
 )
@@ -186,78 +184,10 @@ def refresh_checkpoints():
     return _checkpoint_update()
 
 
-# --- txt2img tab --------------------------------------------------------------------------------------------------
-def _create_txt2img_tab() -> None:
-    tabname = "txt2img"
-    size = txt2img.default_size()
-    with gr.Row(elem_id=f"{tabname}_toprow", equal_height=False):
-        with gr.Column(scale=6, elem_id=f"{tabname}_prompt_container"):
-            prompt = gr.Textbox(label="Prompt", show_label=False, lines=3, max_lines=12, elem_id=f"{tabname}_prompt",
-                                placeholder="Prompt (click a Lora card to add it)")
-            negative_prompt = gr.Textbox(label="Negative prompt", show_label=False, lines=2, max_lines=8,
-                                         elem_id=f"{tabname}_neg_prompt", placeholder="Negative prompt")
-        with gr.Column(scale=1, min_width=180, elem_id=f"{tabname}_actions_column"):
-            generate = gr.Button("Generate", variant="primary", elem_id=f"{tabname}_generate")
-            interrupt = gr.Button("Interrupt", variant="stop", elem_id=f"{tabname}_interrupt")
-            paste = gr.Button("\u2199 Paste parameters", elem_id=f"{tabname}_paste", size="sm")
-
-    with gr.Row(elem_id=f"{tabname}_main_row", equal_height=False):
-        with gr.Column(scale=3, min_width=360, elem_id=f"{tabname}_left"):
-            with gr.Tabs(elem_id=f"{tabname}_extra_tabs"):
-                with gr.Tab("Generation", id=f"{tabname}_generation", elem_id=f"{tabname}_generation_tab"):
-                    with gr.Row():
-                        sampler_name = gr.Dropdown(samplers.all_samplers, value=samplers.default_sampler_name,
-                                                   label="Sampling method", elem_id=f"{tabname}_sampling")
-                        steps = gr.Slider(1, 150, value=20, step=1, label="Sampling steps",
-                                          elem_id=f"{tabname}_steps")
-                    with gr.Row():
-                        width = gr.Slider(64, 2048, value=size, step=8, label="Width", elem_id=f"{tabname}_width")
-                        height = gr.Slider(64, 2048, value=size, step=8, label="Height",
-                                           elem_id=f"{tabname}_height")
-                    with gr.Row():
-                        batch_count = gr.Slider(1, 100, value=1, step=1, label="Batch count",
-                                                elem_id=f"{tabname}_batch_count")
-                        batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size",
-                                               elem_id=f"{tabname}_batch_size")
-                    cfg_scale = gr.Slider(1.0, 30.0, value=7.0, step=0.5, label="CFG Scale",
-                                          elem_id=f"{tabname}_cfg_scale")
-                    with gr.Row(equal_height=True):
-                        seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id=f"{tabname}_seed")
-                        random_seed = gr.Button("\u21ba", elem_id=f"{tabname}_random_seed", scale=0,
-                                                min_width=48, elem_classes=["tool-button"])
-                ui_extra_networks.create_ui(tabname)
-        with gr.Column(scale=2, min_width=320, elem_id=f"{tabname}_right"):
-            gallery, html_info, generation_info = ui_common.create_output_panel(tabname)
-
-    def generate_fn(prompt_text, negative_text, steps_value, sampler, w, h, seed_value, size_value, count_value,
-                    cfg_value, progress_bar=gr.Progress()):
-        return txt2img.txt2img_ui(prompt_text, negative_text, steps_value, sampler, w, h, seed_value, size_value,
-                                  count_value, cfg_value, progress_bar=progress_bar)
-
-    inputs = [prompt, negative_prompt, steps, sampler_name, width, height, seed, batch_size, batch_count, cfg_scale]
-    generate.click(fn=generate_fn, inputs=inputs, outputs=[gallery, html_info, generation_info],
-                   show_progress="full", show_progress_on=[gallery], concurrency_id="txt2img", api_name="txt2img")
-    prompt.submit(fn=generate_fn, inputs=inputs, outputs=[gallery, html_info, generation_info],
-                  show_progress="full", show_progress_on=[gallery], concurrency_id="txt2img",
-                  api_visibility="private")
-    interrupt.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[], queue=False,
-                    api_name="interrupt")
-    random_seed.click(fn=lambda: -1, inputs=[], outputs=[seed], show_progress="hidden", queue=False)
-    paste_fields = [prompt, negative_prompt, steps, sampler_name, cfg_scale, seed, width, height]
-    paste.click(fn=_paste_parameters, inputs=paste_fields, outputs=paste_fields, show_progress="hidden",
-                api_visibility="private")
-
-
-def _paste_parameters(*values):
-    """The paste button: infotext in the prompt box fills the fields (after extensions' paste callbacks)."""
-    current = dict(zip(infotext_paste.FIELDS, values, strict=True))
-    result = infotext_paste.field_values(current["prompt"] or "", current)
-    return [result[k] for k in infotext_paste.FIELDS]
-
-
 # --- the page -----------------------------------------------------------------------------------------------------
 def create_ui() -> gr.Blocks:
-    """Builds the page: checkpoint selector, the txt2img tab with its Lora pane, Settings, extension tabs."""
+    """Builds the page: checkpoint selector, the txt2img and img2img tabs with their Lora panes, Train, Settings,
+    extension tabs."""
     ui_extra_networks.initialize()
     ui_extra_networks.register_default_pages()
     script_callbacks.before_ui_callback()  # the Lora extension registers its card page here
@@ -273,7 +203,9 @@ def create_ui() -> gr.Blocks:
                                        min_width=48, elem_classes=["tool-button"])
         with gr.Tabs(elem_id="tabs"):
             with gr.Tab("txt2img", id="txt2img", elem_id="tab_txt2img"):
-                _create_txt2img_tab()
+                ui_generation.create_txt2img_tab()
+            with gr.Tab("img2img", id="img2img", elem_id="tab_img2img"):
+                ui_generation.create_img2img_tab()
             with gr.Tab("Train", id="train", elem_id="tab_train"):
                 ui_train.create_ui()
             for interface, label, ifid in script_callbacks.ui_tabs_callback():

@@ -12,7 +12,18 @@ from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
-from modules import errors, http_credentials, processing, progress, samplers, script_callbacks, shared, txt2img
+from modules import (
+    errors,
+    http_credentials,
+    images,
+    processing,
+    progress,
+    samplers,
+    script_callbacks,
+    shared,
+    txt2img,
+    upscaler,
+)
 from modules.api import models
 
 SECRET_FLAGS = ("api_auth", "gradio_auth")  # never shown by /sdapi/v1/cmd-flags
@@ -50,10 +61,10 @@ def parse_credentials(value: str | None) -> dict[str, str]:
     return result
 
 
-def _processing_parameters() -> set[str]:
+def _processing_parameters(cls=processing.StableDiffusionProcessingTxt2Img) -> set[str]:
     names = set()
-    for cls in (processing.StableDiffusionProcessingTxt2Img, processing.StableDiffusionProcessing):
-        names.update(p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs"))
+    for klass in (cls, processing.StableDiffusionProcessing):
+        names.update(p for p in inspect.signature(klass.__init__).parameters if p not in ("self", "kwargs"))
     return names
 
 
@@ -84,6 +95,12 @@ class Api:
 
         self.add_api_route("/sdapi/v1/txt2img", self.text2imgapi, methods=["POST"],
                            response_model=models.TextToImageResponse)
+        self.add_api_route("/sdapi/v1/img2img", self.img2imgapi, methods=["POST"],
+                           response_model=models.ImageToImageResponse)
+        self.add_api_route("/sdapi/v1/upscalers", self.get_upscalers, methods=["GET"],
+                           response_model=list[models.UpscalerItem])
+        self.add_api_route("/sdapi/v1/latent-upscale-modes", self.get_latent_upscale_modes, methods=["GET"],
+                           response_model=list[models.LatentUpscalerModeItem])
         self.add_api_route("/sdapi/v1/progress", self.progressapi, methods=["GET"],
                            response_model=models.ProgressResponse)
         self.add_api_route("/sdapi/v1/interrupt", self.interruptapi, methods=["POST"])
@@ -117,32 +134,76 @@ class Api:
         self.app.add_api_route(path, endpoint, **kwargs)
 
     # --- generation ----------------------------------------------------------------------------------------------
-    def text2imgapi(self, txt2imgreq: models.StableDiffusionTxt2ImgProcessingAPI):
-        sampler = txt2imgreq.sampler_name or txt2imgreq.sampler_index or samplers.default_sampler_name
+    def _processing(self, req: models.GenerationRequest, cls, **fields):
+        """The processing object for a request: 404 for an unknown sampler or checkpoint, 422 for a bad option."""
+        sampler = req.sampler_name or req.sampler_index or samplers.default_sampler_name
         if sampler not in samplers.all_samplers:
             raise HTTPException(status_code=404, detail=f"Sampler not found: {sampler}")
-        override = dict(txt2imgreq.override_settings or {})
+        override = dict(req.override_settings or {})
         for key, value in override.items():
             _check_option(key, value)
         checkpoint = override.get("sd_model_checkpoint")
         if checkpoint is not None and not _checkpoint_exists(checkpoint):
             raise HTTPException(status_code=404, detail=f"model {checkpoint!r} not found")
 
-        request = txt2imgreq.model_dump()
-        allowed = _processing_parameters()
+        request = req.model_dump()
+        allowed = _processing_parameters(cls)
         args = {k: v for k, v in request.items() if k in allowed and k not in ("sampler_index", "override_settings")}
+        args.update(fields)
         args["sampler_name"] = sampler
         args["override_settings"] = override
-        args["do_not_save_samples"] = not txt2imgreq.save_images or txt2imgreq.do_not_save_samples
+        args["do_not_save_samples"] = not req.save_images or req.do_not_save_samples
         args["do_not_save_grid"] = True
-        p = processing.StableDiffusionProcessingTxt2Img(**args)
+        return cls(**args)
+
+    @staticmethod
+    def _run(p, what: str):
+        """Runs the job; JobInputError (a parameter it cannot run) is a 422 naming the parameter."""
         try:
-            processed = txt2img.run(p)
+            return txt2img.run(p)
+        except errors.JobInputError as e:
+            raise HTTPException(status_code=422, detail=str(e)) from None
         except Exception as e:
-            errors.display(e, "API txt2img")
+            errors.display(e, f"API {what}")
             return JSONResponse(status_code=500, content={"error": type(e).__name__, "detail": str(e)})
-        images = [encode_pil_to_base64(image) for image in processed.images] if txt2imgreq.send_images else []
-        return models.TextToImageResponse(images=images, parameters=request, info=processed.js())
+
+    def text2imgapi(self, txt2imgreq: models.StableDiffusionTxt2ImgProcessingAPI):
+        p = self._processing(txt2imgreq, processing.StableDiffusionProcessingTxt2Img)
+        processed = self._run(p, "txt2img")
+        if isinstance(processed, JSONResponse):
+            return processed
+        result = [encode_pil_to_base64(image) for image in processed.images] if txt2imgreq.send_images else []
+        return models.TextToImageResponse(images=result, parameters=txt2imgreq.model_dump(), info=processed.js())
+
+    def img2imgapi(self, img2imgreq: models.StableDiffusionImg2ImgProcessingAPI):
+        if img2imgreq.init_images is None:
+            raise HTTPException(status_code=404, detail="Init image not found")
+        if img2imgreq.mask:
+            raise HTTPException(status_code=422, detail="mask: inpainting is not supported by this host; send "
+                                                        "img2img without a mask")
+        try:
+            init_images = [images.decode_base64_to_image(x, f"init_images[{i}]")
+                           for i, x in enumerate(img2imgreq.init_images)]
+        except images.ImageDecodeError as e:
+            raise HTTPException(status_code=422, detail=str(e)) from None
+        p = self._processing(img2imgreq, processing.StableDiffusionProcessingImg2Img, init_images=init_images,
+                             mask=None)
+        processed = self._run(p, "img2img")
+        if isinstance(processed, JSONResponse):
+            return processed
+        result = [encode_pil_to_base64(image) for image in processed.images] if img2imgreq.send_images else []
+        parameters = img2imgreq.model_dump()
+        if not img2imgreq.include_init_images:
+            parameters["init_images"] = None
+            parameters["mask"] = None
+        return models.ImageToImageResponse(images=result, parameters=parameters, info=processed.js())
+
+    def get_upscalers(self):
+        return [models.UpscalerItem(name=u.name, model_name=u.model_name, model_path=u.model_path,
+                                    model_url=u.model_url, scale=u.scale) for u in shared.sd_upscalers]
+
+    def get_latent_upscale_modes(self):
+        return [models.LatentUpscalerModeItem(name=name) for name in upscaler.latent_upscale_modes]
 
     def progressapi(self, skip_current_image: bool = False):
         return models.ProgressResponse(**progress.progress_snapshot())

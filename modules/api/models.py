@@ -6,8 +6,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class StableDiffusionTxt2ImgProcessingAPI(BaseModel):
-    """POST /sdapi/v1/txt2img. Unknown fields are accepted and ignored, as A1111 clients send many."""
+class GenerationRequest(BaseModel):
+    """The fields txt2img and img2img share. Unknown fields are accepted and ignored, as A1111 clients send many."""
     model_config = ConfigDict(extra="allow")
 
     prompt: str = ""
@@ -34,17 +34,62 @@ class StableDiffusionTxt2ImgProcessingAPI(BaseModel):
     override_settings: dict[str, Any] | None = None
     override_settings_restore_afterwards: bool = True
     disable_extra_networks: bool = False
-    enable_hr: bool = False
-    hr_prompt: str = ""
-    hr_negative_prompt: str = ""
     send_images: bool = True
     save_images: bool = False
+
+
+class StableDiffusionTxt2ImgProcessingAPI(GenerationRequest):
+    """POST /sdapi/v1/txt2img, with A1111's hires-fix fields."""
+
+    enable_hr: bool = False
+    firstphase_width: int = Field(default=0, ge=0)
+    firstphase_height: int = Field(default=0, ge=0)
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = Field(default=0, ge=0)
+    hr_resize_x: int = Field(default=0, ge=0)
+    hr_resize_y: int = Field(default=0, ge=0)
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+
+
+class StableDiffusionImg2ImgProcessingAPI(GenerationRequest):
+    """POST /sdapi/v1/img2img: `init_images` are base64 images (a `data:image/...;base64,` prefix is accepted).
+    Masks (inpainting) are refused with a message."""
+
+    init_images: list[str] | None = None
+    resize_mode: int = 0
+    denoising_strength: float | None = 0.75
+    image_cfg_scale: float | None = None
+    mask: str | None = None
+    include_init_images: bool = False
 
 
 class TextToImageResponse(BaseModel):
     images: list[str] | None = Field(default=None, title="Image", description="The generated images in base64.")
     parameters: dict
     info: str
+
+
+class ImageToImageResponse(BaseModel):
+    images: list[str] | None = Field(default=None, title="Image", description="The generated images in base64.")
+    parameters: dict
+    info: str
+
+
+class UpscalerItem(BaseModel):
+    name: str
+    model_name: str | None = None
+    model_path: str | None = None
+    model_url: str | None = None
+    scale: float | None = None
+
+
+class LatentUpscalerModeItem(BaseModel):
+    name: str
 
 
 class SDModelItem(BaseModel):
