@@ -140,3 +140,57 @@ def test_img2img_with_a_lora_tag_as_diffusers_would(host, reference):
 
     _plain_job(model)
     _assert_restored(model, originals)
+
+
+# --- the geometry, without a model ---------------------------------------------------------------------------------
+RED, BLUE, GREEN, WHITE = [255, 0, 0], [0, 0, 255], [0, 255, 0], [255, 255, 255]
+
+
+def test_resize_modes_give_a1111s_layouts():
+    from PIL import Image
+
+    from modules import images
+
+    im = Image.fromarray(np.array([[RED, RED, BLUE, BLUE], [GREEN, GREEN, WHITE, WHITE]], dtype=np.uint8))
+    # 1 crop and resize: the 4x2 image keeps its height and loses a column on each side
+    assert np.asarray(images.resize_image(1, im, 2, 2)).tolist() == [[RED, BLUE], [GREEN, WHITE]]
+    # 2 resize and fill: the image in the middle rows, its first and last rows stretched into the bands
+    assert np.asarray(images.resize_image(2, im, 4, 4)).tolist() == \
+        [[RED, RED, BLUE, BLUE]] * 2 + [[GREEN, GREEN, WHITE, WHITE]] * 2
+    # the Nearest upscaler doubles every pixel (no Lanczos pass once the size is exact)
+    assert np.asarray(images.resize_image(0, im, 8, 4, upscaler_name="Nearest"))[0].tolist() == \
+        [RED] * 4 + [BLUE] * 4
+
+
+def test_hires_target_size_and_latent_crop_follow_a1111():
+    from types import SimpleNamespace
+
+    from modules import processing_hires, upscaler
+
+    p = SimpleNamespace(width=64, height=96, hr_scale=2.0, hr_resize_x=128, hr_resize_y=128, hr_upscale_to_x=0,
+                        hr_upscale_to_y=0, truncate_x=0, truncate_y=0, extra_generation_params={},
+                        latent_scale_mode=upscaler.latent_upscale_modes["Latent (nearest)"])
+    processing_hires.calculate_target_resolution(p)
+    # covers 128x128 keeping 2:3 → 128x192, then 64 px (8 latent rows) too many, cropped 4 above and 4 below
+    assert (p.hr_upscale_to_x, p.hr_upscale_to_y, p.truncate_x, p.truncate_y) == (128, 192, 0, 8)
+    assert p.extra_generation_params == {"Hires resize": "128x128"}
+    latents = torch.arange(8 * 12, dtype=torch.float32).reshape(1, 1, 12, 8)
+    cropped = processing_hires._upscaled_latents(p, latents, 8)
+    assert cropped.shape == (1, 1, 16, 16)
+    # nearest x2: latent row r of the 24-row upscale is source row r // 2; rows 4..19 are kept
+    assert torch.equal(cropped[0, 0, :, 0], latents[0, 0, torch.arange(4, 20) // 2, 0])
+
+    q = SimpleNamespace(width=64, height=64, hr_scale=1.5, hr_resize_x=0, hr_resize_y=0, hr_upscale_to_x=0,
+                        hr_upscale_to_y=0, truncate_x=0, truncate_y=0, extra_generation_params={})
+    processing_hires.calculate_target_resolution(q)
+    assert (q.hr_upscale_to_x, q.hr_upscale_to_y, q.extra_generation_params) == (96, 96, {"Hires upscale": 1.5})
+
+
+def test_hires_steps_run_exactly():
+    from modules import diffusion_passes
+
+    for steps in range(1, 30):
+        for strength in (0.05, 0.3, 0.5, 0.7, 0.99, 1.0):
+            length = diffusion_passes.schedule_for_exact_steps(steps, strength)
+            assert diffusion_passes.steps_run(length, strength) == steps, (steps, strength, length)
+    assert diffusion_passes.schedule_for_exact_steps(2, 0.5) == 4  # A1111: int(2 / 0.5)
