@@ -41,8 +41,9 @@ def test_hires_fix_with_a_lora_in_the_hires_prompt_and_paste(page):
     assert f'Hires prompt: "a house <lora:{LORA}:1>"' in info and f'Lora hashes: "{LORA}: ' in info
     assert _gallery_image_size(page, "txt2img") == (128, 128)
 
-    # the infotext pasted back turns the hires fix on and restores its prompt
-    infotext = page.locator("#html_info_txt2img .infotext").inner_text().strip()
+    # the infotext, as made where the file is called "renamed", pasted back: the hires fix is turned on and the
+    # Hires prompt's tag re-pointed to the local file by its hash in `Lora hashes`
+    infotext = page.locator("#html_info_txt2img .infotext").inner_text().strip().replace(LORA, "renamed")
     page.locator("#txt2img_enable_hr input[type=checkbox]").uncheck()
     page.locator("#txt2img_hr_prompt textarea").fill("")
     page.locator("#txt2img_prompt textarea").fill(infotext)

@@ -34,10 +34,12 @@ def resolve_hashes_in_prompt(prompt: str, lora_hashes: dict[str, str]) -> str:
 
 
 def infotext_pasted(infotext: str, d: dict) -> None:
-    """on_infotext_pasted callback: only the Prompt is rewritten (as in A1111)."""
-    hashes = d.get("Lora hashes")
-    if hashes and isinstance(d.get("Prompt"), str):
-        d["Prompt"] = resolve_hashes_in_prompt(d["Prompt"], parse_lora_hashes(hashes))
+    """on_infotext_pasted callback: the Prompt and the Hires prompt are rewritten (A1111 rewrites the Prompt only,
+    though its `Lora hashes` lists the Loras of both passes)."""
+    hashes = parse_lora_hashes(d.get("Lora hashes") or "")
+    for key in ("Prompt", "Hires prompt"):
+        if hashes and isinstance(d.get(key), str):
+            d[key] = resolve_hashes_in_prompt(d[key], hashes)
 
 
 def _addnet_extension_installed() -> bool:
