@@ -41,12 +41,14 @@ def test_hires_pass_activates_the_hires_prompts_loras(sdapi, sd1_checkpoint):
         ("64x64", "2.0", "1", "0.5")
     assert "Hires prompt" not in fields and "Lora hashes" not in fields and "Hires upscaler" not in fields
 
-    # a Lora in the first pass only: the first pass changes, the Hires prompt (no tag) is recorded as written
-    first_only, text, _ = _post(sdapi, "txt2img", {**HIRES, "prompt": f"a house <lora:{STYLE}:1>",
-                                                    "hr_prompt": "a house"})
+    # a Lora in the first pass only: the first pass changes, the Hires prompt is recorded as written (its empty
+    # tag is reported and kept from the text encoder)
+    first_only, text, result = _post(sdapi, "txt2img", {**HIRES, "prompt": f"a house <lora:{STYLE}:1>",
+                                                         "hr_prompt": "a house <lora:>"})
     assert not np.array_equal(first_only, plain)
+    assert "Bad Lora tag <lora:>: no Lora name" in json.loads(result["info"])["comments"]
     fields = _fields(text)
-    assert fields["Hires prompt"] == "a house"
+    assert fields["Hires prompt"] == "a house <lora:>"
     assert re.fullmatch(rf"{STYLE}: [0-9a-f]{{12}}", fields["Lora hashes"])
 
     # hr=0 (loractl): the same tag sets the second pass's multiplier to 0, which is the first-pass-only image

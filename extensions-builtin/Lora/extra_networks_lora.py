@@ -117,15 +117,17 @@ class ExtraNetworkLora(extra_networks.ExtraNetwork):
 
     @staticmethod
     def _remove_empty_tags(p) -> None:
-        """`<lora:>` is named in the job's comments and taken out of the text the text encoder sees."""
-        prompts = getattr(p, "prompts", None)
+        """`<lora:>` is named in the job's comments and taken out of the text the text encoder sees (in the hires
+        pass, out of the Hires prompts)."""
+        attr = "hr_prompts" if getattr(p, "is_hr_pass", False) else "prompts"
+        prompts = getattr(p, attr, None)
         if not isinstance(prompts, list):
             return
         found = [m.group(0) for prompt in prompts if isinstance(prompt, str) for m in re_empty_tag.finditer(prompt)]
         for tag in dict.fromkeys(found):
             p.comment(f"Bad Lora tag {tag}: no Lora name; it was removed from the prompt")
         if found:
-            p.prompts = [re_empty_tag.sub("", x) if isinstance(x, str) else x for x in prompts]
+            setattr(p, attr, [re_empty_tag.sub("", x) if isinstance(x, str) else x for x in prompts])
 
     def _add_sd_lora(self, p, params_list: list) -> None:
         """Option "Add network to prompt": the network is appended once to every prompt that lacks it."""
