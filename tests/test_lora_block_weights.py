@@ -42,7 +42,7 @@ FULL_DEPTH = {
 
 def lbw_block(ldm_key: str) -> str | None:
     key = "diffusion_model_" + ldm_key.replace(".", "_")
-    for block, block_id in zip(LBW_UNET_BLOCKS, LBW_IDS):
+    for block, block_id in zip(LBW_UNET_BLOCKS, LBW_IDS, strict=True):
         if block in key:
             return block_id
     return None
