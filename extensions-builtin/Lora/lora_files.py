@@ -22,31 +22,69 @@ class LoraFileError(ValueError):
     """A file that is not a readable Lora file; the message names the file."""
 
 
-def read_safetensors_header(filename: str) -> tuple[dict, dict]:
-    """Returns (raw `__metadata__` strings, {tensor key: {"dtype", "shape"}}) without reading tensor data."""
-    try:
-        size = os.path.getsize(filename)
-        with open(filename, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise LoraFileError(f"{filename}: not a safetensors file (shorter than 8 bytes)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > SAFETENSORS_MAX_HEADER or n + 8 > size:
-                raise LoraFileError(f"{filename}: not a safetensors file (header length {n} out of range)")
-            text = f.read(n)
-    except OSError as e:
-        raise LoraFileError(f"{filename}: cannot read: {e}") from None
+def _read_header_object(f, size: int, filename: str) -> tuple[dict, int]:
+    """(the parsed header object, offset of the data block) of an open safetensors file."""
+    raw = f.read(8)
+    if len(raw) != 8:
+        raise LoraFileError(f"{filename}: not a safetensors file (shorter than 8 bytes)")
+    (n,) = struct.unpack("<Q", raw)
+    if n > SAFETENSORS_MAX_HEADER or n + 8 > size:
+        raise LoraFileError(f"{filename}: not a safetensors file (header length {n} out of range)")
+    text = f.read(n)
     try:
         header = json.loads(text)
     except ValueError as e:
         raise LoraFileError(f"{filename}: safetensors header is not JSON ({e})") from None
     if not isinstance(header, dict):
         raise LoraFileError(f"{filename}: safetensors header is not an object")
+    return header, 8 + n
+
+
+def read_safetensors_header(filename: str) -> tuple[dict, dict]:
+    """Returns (raw `__metadata__` strings, {tensor key: {"dtype", "shape"}}) without reading tensor data."""
+    try:
+        size = os.path.getsize(filename)
+        with open(filename, "rb") as f:
+            header, _ = _read_header_object(f, size, filename)
+    except OSError as e:
+        raise LoraFileError(f"{filename}: cannot read: {e}") from None
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         metadata = {}
     tensors = {k: {"dtype": v.get("dtype"), "shape": v.get("shape")} for k, v in header.items() if isinstance(v, dict)}
     return metadata, tensors
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def read_safetensors_index(f, filename: str) -> dict[str, tuple[torch.dtype, tuple, int, int]]:
+    """{key: (dtype, shape, file offset, byte count)} of the tensors of an open safetensors file, each checked to
+    lie inside the file with a byte count that fits its shape (tensors of unknown dtypes are left out)."""
+    size = os.fstat(f.fileno()).st_size
+    f.seek(0)
+    header, data_start = _read_header_object(f, size, filename)
+    header.pop("__metadata__", None)
+    index = {}
+    for key, info in header.items():
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
+        if dtype is None:
+            continue
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape) and
+                isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(n, int) for n in offsets)):
+            raise LoraFileError(f"{filename}: bad shape or offsets for {key!r}")
+        begin, end = offsets
+        numel = 1
+        for n in shape:
+            numel *= n
+        if not 0 <= begin <= end or data_start + end > size or end - begin != numel * dtype.itemsize:
+            raise LoraFileError(f"{filename}: tensor {key!r} does not fit the file")
+        index[key] = (dtype, tuple(shape), data_start + begin, end - begin)
+    return index
 
 
 def decode_metadata(raw: dict) -> dict:

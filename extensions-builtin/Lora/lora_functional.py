@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 
-import lora_patcher
+import lora_delta
 import lora_plan
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ HOOKABLE = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.Layer
 
 def _lowrank_parts(c: lora_plan.Contribution, layer: torch.nn.Module):
     """(down, mid, up, scale) shaped for the layer's op, or None when the module is not a plain low-rank one."""
-    parts = lora_patcher.plain_lowrank(c.module, c.dyn_dim)
+    parts = lora_delta.plain_lowrank(c.module, c.dyn_dim)
     if parts is None:
         return None
     up, down, mid, scale = parts
@@ -144,7 +144,7 @@ def _branches(name: str, layer: torch.nn.Module, contributions: list) -> list:
             else:
                 bias = getattr(layer, "bias", None)
                 with torch.no_grad():
-                    dw, db = lora_patcher.module_compute(c.module, layer.weight.detach(), c.multiplier, c.dyn_dim,
+                    dw, db = lora_delta.module_compute(c.module, layer.weight.detach(), c.multiplier, c.dyn_dim,
                                                          None if bias is None else bias.detach())
                 if dw is not None:
                     dw = dw.float()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 
+import lora_checkpoint_source
 import lora_keys
 import torch
 
@@ -239,6 +240,7 @@ def assign_network_names_to_compvis_modules(sd_model) -> LayerMap | None:
         module.network_module_path = layer_map.module_paths.get(name)
     sd_model.network_layer_mapping = layer_map.layers
     sd_model.network_layer_map = layer_map
+    lora_checkpoint_source.attach(sd_model, layer_map)  # A1111: originals re-read from its checkpoint file
     return layer_map
 
 

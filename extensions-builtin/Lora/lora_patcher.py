@@ -27,30 +27,31 @@ Per-layer bookkeeping lives on the module (A1111 style, so it goes away with the
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
+import lora_delta
 import lora_plan
 import lora_residual
 import lora_restore_guard
+import network_lora
 import torch
+from lora_delta import (  # noqa: F401  (the patcher's public names before lora_delta existed)
+    ACCELERATOR_CHUNK,
+    CPU_CHUNK,
+    compute_delta,
+    delta_depends_on_weight,
+    module_compute,
+    plain_lowrank,
+)
 
 logger = logging.getLogger("lora")
 
 SOURCE, RESIDUAL, CLONE = "source", "residual", "clone"
 CPU_ORDER = (SOURCE, RESIDUAL, CLONE)
 ACCELERATOR_ORDER = (RESIDUAL, SOURCE, CLONE)
-CPU_CHUNK = 1 << 18  # elements per step of the elementwise merge on CPU: the temporaries stay in cache
-ACCELERATOR_CHUNK = 1 << 24  # bounds the scratch memory on a GPU
-
-# Network module types whose delta does not read the original weight's values (only its shape and device),
-# so the residual restore can recompute it from the merged weight. DoRA makes any of them depend on W0.
-# A module may also say so itself with `delta_depends_on_weight = False`.
-WEIGHT_INDEPENDENT_TYPES = {"NetworkModuleLora", "NetworkModuleHada", "NetworkModuleLokr", "NetworkModuleFull",
-                            "NetworkModuleNorm"}
 
 
 class OriginalWeights(Protocol):
@@ -99,15 +100,6 @@ def _full_fp32_matmul():
             torch.set_float32_matmul_precision(previous)
 
 
-def delta_depends_on_weight(module) -> bool:
-    flag = getattr(module, "delta_depends_on_weight", None)
-    if flag is not None:
-        return bool(flag)
-    if getattr(module, "dora_scale", None) is not None:
-        return True
-    return type(module).__name__ not in WEIGHT_INDEPENDENT_TYPES
-
-
 def source_param(name: str, module: torch.nn.Module, module_paths: dict | None) -> tuple[str, str] | None:
     """(component, the component's own state-dict key of the layer's weight) for the host's source, or None when
     the layer has no parameter of its own (a row block of a fused q/k/v weight).
@@ -124,116 +116,6 @@ def source_param(name: str, module: torch.nn.Module, module_paths: dict | None) 
     if path is None:
         return None
     return path[0], f"{path[1]}.{_weight_attr(module)}"
-
-
-@dataclass
-class _Delta:
-    """Σ ΔW of one layer: plain LoRA factors concatenated along the rank (one GEMM sums them), plus full deltas."""
-
-    up: torch.Tensor | None = None  # (out, Σ rank), multiplier and scale folded in
-    down: torch.Tensor | None = None  # (Σ rank, fan_in)
-    full: torch.Tensor | None = None  # fp32, weight-shaped
-    bias: torch.Tensor | None = None  # fp32
-    used: list = field(default_factory=list)  # contributions that produced a delta
-
-    @property
-    def has_weight(self) -> bool:
-        return self.up is not None or self.full is not None
-
-
-def plain_lowrank(module, dyn_dim: int | None):
-    """(up, down, mid, scale) of a plain low-rank module (LoRA / LoCon / Tucker LoCon without DoRA or a
-    weight-shaped `bias` part), with the ranks `dyn` keeps already sliced the way its compute() slices them;
-    None for anything else (the module's own compute() is used then)."""
-    if type(module).__name__ != "NetworkModuleLora" or getattr(module, "applies_multiplier", False):
-        return None
-    if getattr(module, "bias", None) is not None or getattr(module, "dora_scale", None) is not None:
-        return None
-    up, down, mid = getattr(module, "up", None), getattr(module, "down", None), getattr(module, "mid", None)
-    if not isinstance(up, torch.Tensor) or not isinstance(down, torch.Tensor) or up.dim() not in (2, 4):
-        return None
-    if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
-        return None
-    truncated = getattr(module, "truncated_rank", None)
-    rank = truncated(dyn_dim) if callable(truncated) else dyn_dim
-    try:
-        scale = float(module.calc_scale(dyn_dim))
-    except TypeError:  # a calc_scale() without dyn
-        scale = float(module.calc_scale())
-    if rank is not None:
-        up, down = up[:, :rank], down[:rank]
-        mid = None if mid is None else mid[:rank, :rank]
-    return up, down, mid, scale
-
-
-def _factors(c: lora_plan.Contribution, original: torch.Tensor):
-    """(up · multiplier · scale, down) as fp32 2-D factors of a plain LoRA/LoCon that fits the weight as it is,
-    else None."""
-    parts = plain_lowrank(c.module, c.dyn_dim) if original.dim() in (2, 4) else None
-    if parts is None or parts[2] is not None:
-        return None
-    up, down, _, scale = parts
-    up2, down2 = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
-    if up2.shape[1] != down2.shape[0] or up2.shape[0] != original.shape[0] or \
-            up2.shape[0] * down2.shape[1] != original.numel():
-        return None  # e.g. the inpainting conv_in pad: compute() knows how
-    device = original.device
-    return up2.to(device, torch.float32) * (scale * float(c.multiplier)), down2.to(device, torch.float32)
-
-
-_takes_orig_bias: dict[type, bool] = {}
-
-
-def module_compute(module, original: torch.Tensor, multiplier: float, dyn_dim: int | None,
-                   orig_bias: torch.Tensor | None):
-    """module.compute(), with the layer's original bias for the types that read it (OFT)."""
-    kind = type(module)
-    if kind not in _takes_orig_bias:
-        try:
-            _takes_orig_bias[kind] = "orig_bias" in inspect.signature(module.compute).parameters
-        except (TypeError, ValueError):
-            _takes_orig_bias[kind] = False
-    if _takes_orig_bias[kind]:
-        return module.compute(original, multiplier, dyn_dim, orig_bias=orig_bias)
-    return module.compute(original, multiplier, dyn_dim)
-
-
-def compute_delta(name: str, module: torch.nn.Module, original: torch.Tensor, contributions,
-                  orig_bias: torch.Tensor | None = None, record_errors: bool = True) -> _Delta:
-    """Σ ΔW (and Σ Δbias) of the contributions for a layer whose original weight is `original`.
-
-    The same inputs give the same bits (the residual restore relies on it)."""
-    result = _Delta()
-    ups, downs = [], []
-    for c in contributions:
-        try:
-            factors = _factors(c, original)
-            if factors is not None:
-                ups.append(factors[0])
-                downs.append(factors[1])
-            else:
-                dw, db = module_compute(c.module, original, c.multiplier, c.dyn_dim, orig_bias)
-                if db is not None and isinstance(module, torch.nn.MultiheadAttention):
-                    raise ValueError("bias deltas are not supported on MultiheadAttention")
-                if dw is not None:
-                    dw = dw.to(original.device, torch.float32)
-                    result.full = dw if result.full is None else result.full + dw
-                if db is not None:
-                    db = db.to(original.device, torch.float32)
-                    result.bias = db if result.bias is None else result.bias + db
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as e:
-            if record_errors:
-                c.network.apply_errors[name] = f"{type(e).__name__}: {e}"
-            continue
-        if record_errors:
-            c.network.apply_errors.pop(name, None)
-        result.used.append(c)
-    if ups:
-        result.up = ups[0] if len(ups) == 1 else torch.cat(ups, dim=1)
-        result.down = downs[0] if len(downs) == 1 else torch.cat(downs, dim=0)
-    return result
 
 
 @dataclass
@@ -312,41 +194,61 @@ def _release(source, t: torch.Tensor) -> None:
             pass
 
 
-def _sample_matches(a: torch.Tensor, b: torch.Tensor, samples: int = 64) -> bool:
-    """Cheap check that a source tensor holds the layer's values: ~64 elements compared bitwise (few pages read)."""
-    step = max(1, a.numel() // samples)
-    sa = a.reshape(-1)[::step]
-    sb = b.reshape(-1)[::step].to(sa.device)
-    if a.dtype in lora_residual.SUPPORTED_DTYPES:
-        iv = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+SAMPLES = 64  # elements compared before a source is trusted for a layer
+
+
+def _bits_equal(sa: torch.Tensor, sb: torch.Tensor) -> bool:
+    if sa.shape != sb.shape or sa.dtype != sb.dtype:
+        return False
+    if sa.dtype.is_floating_point and sa.element_size() in (1, 2, 4, 8):
+        iv = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[sa.element_size()]
         return torch.equal(sa.contiguous().view(iv), sb.contiguous().view(iv))
     return torch.equal(sa, sb)
 
 
-def _chunk_elements(device: torch.device) -> int:
-    return CPU_CHUNK if device.type == "cpu" else ACCELERATOR_CHUNK
+def _sample_matches(a: torch.Tensor, b: torch.Tensor, samples: int = SAMPLES) -> bool:
+    """Cheap check that a source tensor holds the layer's values: ~64 elements compared bitwise (few pages read)."""
+    step = max(1, a.numel() // samples)
+    return _bits_equal(a.reshape(-1)[::step], b.reshape(-1)[::step].to(a.device))
 
 
-def _delta_blocks(delta: _Delta, shape: torch.Size, device: torch.device, scratch: lora_residual.Scratch):
-    """(start, end, Σ ΔW of those flat positions) in blocks of whole rows. Low-rank factors are multiplied block
-    by block into a scratch buffer, so no weight-sized fp32 delta is ever allocated for a plain LoRA; the same
-    shapes always give the same blocks (the residual restore recomputes them bit for bit)."""
-    numel = shape.numel()
-    rows = shape[0] if len(shape) else 1
-    cols = max(1, numel // max(rows, 1))
-    step = max(1, _chunk_elements(device) // cols)
-    full = delta.full.reshape(-1) if delta.full is not None else None
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        a, b = r0 * cols, r1 * cols
-        if delta.up is not None:
-            d = torch.mm(delta.up[r0:r1], delta.down,
-                         out=scratch.get("delta", torch.float32, b - a).view(r1 - r0, cols)).view(-1)
-            if full is not None:
-                d.add_(full[a:b])
-        else:
-            d = full[a:b]
-        yield a, b, d
+def _source_matches(source, param: tuple[str, str], original: torch.Tensor) -> bool:
+    """Whether the source's copy of `param` holds `original`'s values at ~64 sampled elements. A source with
+    `sample(component, name, step)` reads only those elements; others are read whole."""
+    sample = getattr(source, "sample", None)
+    if callable(sample):
+        step = max(1, original.numel() // SAMPLES)
+        try:
+            got = sample(*param, step)
+        except Exception as e:
+            logger.debug("Lora: cannot sample %s/%s from the original weights: %s", *param, e)
+            return False
+        return isinstance(got, torch.Tensor) and _bits_equal(got, original.reshape(-1)[::step].to(got.device))
+    t = _read_source(source, param, original)
+    if t is None:
+        return False
+    try:
+        return _sample_matches(t, original)
+    finally:
+        _release(source, t)
+
+
+DONE, NOT_READ, PART_WRITTEN = "done", "not read", "part-written"
+
+
+def _read_source_into(source, param: tuple[str, str], weight: torch.Tensor) -> str | None:
+    """Writes the source's original into `weight` in place when the source can (`read_into`, which returns False
+    when it wrote nothing and raises when it stopped part-way): DONE, NOT_READ or PART_WRITTEN; None when the
+    source has no such door."""
+    read_into = getattr(source, "read_into", None)
+    if not callable(read_into):
+        return None
+    try:
+        with _no_grad_for(weight):
+            return DONE if read_into(*param, weight.detach()) else NOT_READ
+    except Exception as e:
+        logger.warning("Lora: reading %s/%s from the original weights failed part-way: %s", *param, e)
+        return PART_WRITTEN
 
 
 class Patcher:
@@ -502,13 +404,7 @@ class Patcher:
         """Whether the host's source can give this layer's original back (then no copy is needed)."""
         if param is None or not sources.is_valid(sources.source):
             return False
-        t = _read_source(sources.source, param, original)
-        if t is None:
-            return False
-        try:
-            return _sample_matches(t, original)
-        finally:
-            _release(sources.source, t)
+        return _source_matches(sources.source, param, original)
 
     def _original(self, module, rec: RestoreRecord | None, weight: torch.Tensor, sources: _Sources):
         """(the layer's original weight on its device, whether that is the weight itself, the source tensor read).
@@ -517,10 +413,20 @@ class Patcher:
         if rec is None or rec.how is None:
             return weight.detach(), True, None
         if rec.how == SOURCE and sources.is_valid(rec.source):
-            t = _read_source(rec.source, rec.param, weight)
-            if t is not None:
+            done = _read_source_into(rec.source, rec.param, weight) if weight.is_contiguous() else None
+            if done == DONE:  # the original is back in place: the new merge is written over it
                 self.stats["source_reads"] += 1
-                return t.to(weight.device), False, t
+                rec.how = None
+                return weight.detach(), True, None
+            if done == PART_WRITTEN:
+                self._inexact(module, "the checkpoint file changed while it was read")
+                rec.how = None
+                return weight.detach(), True, None
+            if done is None:
+                t = _read_source(rec.source, rec.param, weight)
+                if t is not None:
+                    self.stats["source_reads"] += 1
+                    return t.to(weight.device), False, t
         if rec.how == CLONE:
             return rec.clone.to(weight.device), False, None
         self._restore_weight(module, rec, sources)  # residual (or a source that went away): undo in place
@@ -534,10 +440,8 @@ class Patcher:
         param = source_param(name, module, sources.module_paths)
         for how in order:
             if how == SOURCE and param is not None and sources.source is not None and \
-                    sources.is_valid(sources.source):
-                t = _read_source(sources.source, param, weight)
-                if t is not None and _sample_matches(t, original):
-                    return SOURCE, param, t
+                    sources.is_valid(sources.source) and _source_matches(sources.source, param, original):
+                return SOURCE, param, None
             elif how == RESIDUAL and weight.dtype in lora_residual.SUPPORTED_DTYPES and \
                     not any(delta_depends_on_weight(c.module) for c in used):
                 return RESIDUAL, param, None
@@ -545,7 +449,8 @@ class Patcher:
                 return CLONE, param, None
         return CLONE, param, None
 
-    def _write_weight(self, weight: torch.Tensor, original: torch.Tensor, delta: _Delta, rec: RestoreRecord) -> None:
+    def _write_weight(self, weight: torch.Tensor, original: torch.Tensor, delta: lora_delta.LayerDelta,
+                      rec: RestoreRecord) -> None:
         if not weight.is_contiguous():  # flat chunks need one block of memory
             target = weight.detach().contiguous()
             if original.data_ptr() == weight.data_ptr():
@@ -558,14 +463,21 @@ class Patcher:
             rec.clone = original.detach().to("cpu", copy=True)
         self.stats[rec.how] += 1
         with _no_grad_for(weight):
-            if rec.how != RESIDUAL and delta.full is None and weight.dtype == torch.float32 and \
-                    weight.is_contiguous() and original.is_contiguous():
-                # fp32: one GEMM adds Σ up·down to the original and writes the result (no delta buffer)
+            term = delta.single
+            if rec.how != RESIDUAL and term is not None and weight.dtype == torch.float32 and \
+                    original.is_contiguous():
+                # fp32, one fused term (Σ of plain LoRAs is one): it adds itself into the weight, no delta buffer
                 out = weight.view(weight.shape[0], -1)
-                if original.data_ptr() == weight.data_ptr():
-                    out.addmm_(delta.up, delta.down)
-                else:
-                    torch.addmm(original.reshape(out.shape), delta.up, delta.down, out=out)
+                if isinstance(term, network_lora.LowRankRows) and original.data_ptr() != weight.data_ptr():
+                    torch.addmm(original.reshape(out.shape), term.up, term.down, out=out)
+                    return
+                if original.data_ptr() != weight.data_ptr():
+                    out.copy_(original.reshape(out.shape))
+                try:
+                    term.add_to(out, self._scratch(weight.device), lora_delta.chunk_elements(weight.device))
+                except BaseException:
+                    self._put_back(weight, original, rec)
+                    raise
                 return
             scratch = self._scratch(weight.device)
             encoder = lora_residual.Encoder(weight.dtype, weight.numel(), weight.device) \
@@ -573,7 +485,7 @@ class Patcher:
             flat_w, flat_o = weight.view(-1), original.reshape(-1)
             done, fp = 0, 0
             try:
-                for start, end, d in _delta_blocks(delta, weight.shape, weight.device, scratch):
+                for start, end, d in delta.blocks(weight.shape, weight.device, scratch):
                     if encoder is not None:
                         encoder.merge_into(start, flat_w[start:end], flat_o[start:end], d, scratch)
                         fp += lora_residual.fingerprint(d)
@@ -591,8 +503,20 @@ class Patcher:
         """Chunk buffers for this job (dropped when it ends, so nothing stays allocated between jobs)."""
         scratch = self._job_scratch.get(device)
         if scratch is None:
-            scratch = self._job_scratch[device] = lora_residual.Scratch(device, _chunk_elements(device))
+            scratch = self._job_scratch[device] = lora_residual.Scratch(device, lora_delta.chunk_elements(device))
         return scratch
+
+    @staticmethod
+    def _put_back(weight, original, rec: RestoreRecord) -> None:
+        """A fused in-place write failed part-way: the layer gets its original back from the clone or source."""
+        if original.data_ptr() != weight.data_ptr():
+            weight.copy_(original)
+        elif rec.how == CLONE and rec.clone is not None:
+            weight.copy_(rec.clone)
+        elif rec.how == SOURCE and rec.source is not None:
+            t = _read_source(rec.source, rec.param, weight)
+            if t is not None:
+                weight.copy_(t)
 
     @staticmethod
     def _undo_prefix(weight, done: int, rec: RestoreRecord, encoder, original, delta, scratch) -> None:
@@ -607,7 +531,7 @@ class Patcher:
             flat_w[:done].copy_(rec.clone.reshape(-1)[:done])
             return
         partial = encoder.finish(0)
-        for start, end, d in _delta_blocks(delta, weight.shape, weight.device, scratch):
+        for start, end, d in delta.blocks(weight.shape, weight.device, scratch):
             if start >= done:
                 break
             lora_residual.guess_(flat_w[start:end], d, scratch)
@@ -644,7 +568,15 @@ class Patcher:
                 return
             if rec.how == SOURCE:
                 valid = sources.is_valid(rec.source)
-                t = _read_source(rec.source, rec.param, weight) if valid else None
+                done = _read_source_into(rec.source, rec.param, weight) if valid and weight.is_contiguous() \
+                    else None
+                if done == DONE:
+                    self.stats["source_reads"] += 1
+                    return
+                if done == PART_WRITTEN:  # the layer holds a mix now; the residual cannot undo that
+                    self._inexact(module, "the checkpoint file changed while it was read")
+                    return
+                t = _read_source(rec.source, rec.param, weight) if valid and done is None else None
                 if t is not None:
                     weight.copy_(t)
                     _release(rec.source, t)
@@ -676,7 +608,7 @@ class Patcher:
             return
         scratch = self._scratch(device)
         flat_w, fp = work.view(-1), 0
-        for start, end, d in _delta_blocks(delta, work.shape, device, scratch):
+        for start, end, d in delta.blocks(work.shape, device, scratch):
             lora_residual.guess_(flat_w[start:end], d, scratch)
             fp += lora_residual.fingerprint(d)
         if residual is not None and fp != residual.delta_fingerprint:

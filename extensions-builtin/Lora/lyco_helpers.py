@@ -151,3 +151,34 @@ def butterfly(weight: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         x = torch.einsum("b i j, b j ... -> b i ...", r[i], x)
         x = x.flatten(0, 1).unflatten(0, (-1, k, 2)).transpose(1, 2).flatten(0, 2)
     return x
+
+
+class RowDelta:
+    """A type's ΔW for one layer, computed a block of rows at a time without forming the whole ΔW (the fused
+    path of the patcher). Rows and columns are those of the weight's 2-D view (rows = out channels, columns =
+    everything else); every value is fp32, multiplier and scale already applied. `bias`: Δbias or None.
+
+    `scratch.get(name, dtype, n)` hands out reusable buffers (the patcher's, cache-sized); a type names its own."""
+
+    bias: torch.Tensor | None = None
+
+    def rows(self, out: torch.Tensor, r0: int, r1: int, scratch, accumulate: bool) -> None:
+        """out (r1 − r0, cols) = (or +=, when `accumulate`) ΔW[r0:r1]."""
+        raise NotImplementedError
+
+    def add_to(self, weight: torch.Tensor, scratch, block_elements: int) -> None:
+        """weight (2-D fp32 view) += ΔW, block by block (a type may do it in one fused op)."""
+        rows, cols = weight.shape
+        step = max(1, block_elements // max(cols, 1))
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            d = scratch.get("row_delta", torch.float32, (r1 - r0) * cols).view(r1 - r0, cols)
+            self.rows(d, r0, r1, scratch, accumulate=False)
+            weight[r0:r1].add_(d)
+
+
+def own_math(module, cls, *names: str) -> bool:
+    """Whether `module` computes its delta with `cls`'s own methods: a subclass that overrides one of `names` (or
+    compute / finalize_updown) may compute something else, so it keeps the generic path."""
+    kind = type(module)
+    return all(getattr(kind, n, None) is getattr(cls, n, None) for n in (*names, "compute", "finalize_updown"))

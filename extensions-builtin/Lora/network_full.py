@@ -13,6 +13,7 @@ class ModuleTypeFull(network.ModuleType):
 
 
 class NetworkModuleFull(network.NetworkModule):
+    delta_depends_on_weight = False  # without DoRA (the patcher checks that): ΔW reads only W's shape
     def __init__(self, net: network.Network, weights: network.NetworkWeights):
         super().__init__(net, weights)
         self.weight = weights.w["diff"]

@@ -32,6 +32,8 @@ def _half_shape(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None, name: 
 
 
 class NetworkModuleHada(network.NetworkModule):
+    delta_depends_on_weight = False  # without DoRA (the patcher checks that): ΔW reads only W's shape
+
     def __init__(self, net: network.Network, weights: network.NetworkWeights):
         super().__init__(net, weights)
         w = weights.w
@@ -63,3 +65,65 @@ class NetworkModuleHada(network.NetworkModule):
         w2 = self._rebuild(self.w2a, self.w2b, self.t2, device)
         shape = list(self.output_shape)
         return w1.reshape(shape) * w2.reshape(shape), shape, None
+
+    def row_delta(self, weight_shape, device, multiplier: float, dyn_dim: int | None = None):
+        """ΔW = (c·W1) ⊙ W2 (c = m·s) a block of rows at a time, never forming W1 or W2 whole; None where the
+        generic compute() is needed (DoRA, a weight-shaped `bias` part, halves or a weight that do not line up)."""
+        if self.bias is not None or self.dora_scale is not None or \
+                not lyco_helpers.own_math(self, NetworkModuleHada, "calc_delta", "delta_shape", "_rebuild"):
+            return None
+        weight_shape = torch.Size(weight_shape)
+        shape = torch.Size(self.output_shape)
+        if len(weight_shape) < 2 or shape[0] != weight_shape[0] or shape.numel() != weight_shape.numel():
+            return None
+        c = float(self.calc_scale(dyn_dim)) * float(multiplier)
+        halves = []
+        for a, b, t in ((self.w1a, self.w1b, self.t1), (self.w2a, self.w2b, self.t2)):
+            a, b = a.to(device, torch.float32), lyco_helpers.flat2d(b.to(device, torch.float32))
+            halves.append(_Half(a, b, None if t is None else t.to(device, torch.float32)))
+            if halves[-1].rows != weight_shape[0]:
+                return None
+        halves[0] = halves[0].scaled(c)
+        return HadaRows(*halves)
+
+
+class _Half:
+    """One Hadamard factor W = a @ b (a: out × r, b: r × cols), or Tucker W[p, q, ...] = Σ t[i, j, ...]·a[i, p]·
+    b[j, q] (a: r × out, b: r × in), rebuilt a block of rows at a time."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None):
+        self.a, self.b, self.t = a, b, t
+        self.rows = a.shape[1] if t is not None else a.shape[0]
+
+    def scaled(self, c: float) -> _Half:
+        return _Half(self.a * c, self.b, self.t)  # a is the smallest factor
+
+    def rows_into(self, out: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        if self.t is None:
+            return torch.mm(self.a[r0:r1], self.b, out=out)
+        return out.copy_(lyco_helpers.make_weight_cp(self.t, self.a[:, r0:r1], self.b).reshape(out.shape))
+
+
+class HadaRows(lyco_helpers.RowDelta):
+    """LoHa's ΔW = W1 ⊙ W2 (scale and multiplier folded into W1's first factor), two small GEMMs per block."""
+
+    def __init__(self, w1: _Half, w2: _Half):
+        self.w1, self.w2 = w1, w2
+
+    def rows(self, out: torch.Tensor, r0: int, r1: int, scratch, accumulate: bool) -> None:
+        t2 = self.w2.rows_into(scratch.get("hada_w2", torch.float32, out.numel()).view(out.shape), r0, r1)
+        if accumulate:
+            t1 = self.w1.rows_into(scratch.get("hada_w1", torch.float32, out.numel()).view(out.shape), r0, r1)
+            out.addcmul_(t1, t2)
+        else:
+            self.w1.rows_into(out, r0, r1).mul_(t2)
+
+    def add_to(self, weight: torch.Tensor, scratch, block_elements: int) -> None:
+        rows, cols = weight.shape
+        step = max(1, block_elements // max(cols, 1))
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            n = (r1 - r0) * cols
+            t1 = self.w1.rows_into(scratch.get("hada_w1", torch.float32, n).view(r1 - r0, cols), r0, r1)
+            t2 = self.w2.rows_into(scratch.get("hada_w2", torch.float32, n).view(r1 - r0, cols), r0, r1)
+            weight[r0:r1].addcmul_(t1, t2)

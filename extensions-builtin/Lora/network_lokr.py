@@ -29,6 +29,8 @@ def _half(w: dict, n: str) -> tuple:
 
 
 class NetworkModuleLokr(network.NetworkModule):
+    delta_depends_on_weight = False  # without DoRA (the patcher checks that): ΔW reads only W's shape
+
     def __init__(self, net: network.Network, weights: network.NetworkWeights):
         super().__init__(net, weights)
         w = weights.w
@@ -81,3 +83,62 @@ class NetworkModuleLokr(network.NetworkModule):
         w2 = self._rebuild(self.w2, self.w2a, self.w2b, self.t2, device)
         updown = lyco_helpers.make_kron(w1, w2)
         return updown, list(self.delta_shape()), None
+
+    def row_delta(self, weight_shape, device, multiplier: float, dyn_dim: int | None = None):
+        """ΔW = kron(c·W1, W2) (c = m·s) written straight into rows of the weight's 2-D view, never formed
+        whole; None where the generic compute() is needed (DoRA, a weight-shaped `bias` part, a padded delta)."""
+        if self.bias is not None or self.dora_scale is not None or \
+                not lyco_helpers.own_math(self, NetworkModuleLokr, "calc_delta", "delta_shape", "_rebuild"):
+            return None
+        weight_shape = torch.Size(weight_shape)
+        shape = torch.Size(self.delta_shape())
+        if len(weight_shape) < 2 or shape[0] != weight_shape[0] or shape.numel() != weight_shape.numel():
+            return None
+        w1 = self._rebuild(self.w1, self.w1a, self.w1b, None, device)
+        w2 = self._rebuild(self.w2, self.w2a, self.w2b, self.t2, device)
+        if w1.dim() != 2:
+            return None
+        c = float(self.calc_scale(dyn_dim)) * float(multiplier)
+        return KronRows(w1 * c, lyco_helpers.flat2d(w2))
+
+
+def kron_rows(out: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, r0: int, r1: int, accumulate: bool) -> None:
+    """out (= or +=) rows r0:r1 of kron(w1, w2) as a 2-D matrix (w1: a × b, w2: c × D, out: (r1 − r0) × b·D).
+
+    Row i·c + k of the product is w1[i, j]·w2[k, :] for j = 0..b−1 side by side: whole runs of c rows are one
+    broadcast op, a run cut by the block's edges one more."""
+    a, b = w1.shape
+    c, d = w2.shape
+    op = torch.Tensor.addcmul_ if accumulate else None
+    r = r0
+    while r < r1:
+        i, k0 = divmod(r, c)
+        if k0 == 0 and r + c <= r1:  # whole blocks i .. i + n − 1
+            n = (r1 - r) // c
+            dst = out[r - r0:r - r0 + n * c].view(n, c, b, d)
+            x, y = w2.view(1, c, 1, d), w1[i:i + n].view(n, 1, b, 1)
+            r += n * c
+        else:  # part of block i
+            k1 = min(c, k0 + (r1 - r))
+            dst = out[r - r0:r - r0 + (k1 - k0)].view(k1 - k0, b, d)
+            x, y = w2[k0:k1].view(k1 - k0, 1, d), w1[i].view(1, b, 1)
+            r += k1 - k0
+        if op is not None:
+            op(dst, x, y)
+        else:
+            torch.mul(x, y, out=dst)
+
+
+class KronRows(lyco_helpers.RowDelta):
+    """LoKr's ΔW = kron(W1, W2) (scale and multiplier folded into the small W1); W2 is rebuilt once per job."""
+
+    def __init__(self, w1: torch.Tensor, w2: torch.Tensor):
+        self.w1, self.w2 = w1, w2
+
+    def rows(self, out: torch.Tensor, r0: int, r1: int, scratch, accumulate: bool) -> None:
+        kron_rows(out, self.w1, self.w2, r0, r1, accumulate)
+
+    def add_to(self, weight: torch.Tensor, scratch, block_elements: int) -> None:
+        a, b = self.w1.shape
+        c, d = self.w2.shape
+        weight.view(a, c, b, d).addcmul_(self.w2.view(1, c, 1, d), self.w1.view(a, 1, b, 1))  # one pass, in place

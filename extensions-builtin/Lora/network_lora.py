@@ -38,6 +38,8 @@ class ModuleTypeLora(network.ModuleType):
 
 
 class NetworkModuleLora(network.NetworkModule):
+    delta_depends_on_weight = False  # without DoRA (the patcher checks that): ΔW reads only W's shape
+
     def __init__(self, net: network.Network, weights: network.NetworkWeights):
         super().__init__(net, weights)
         w = weights.w
@@ -97,3 +99,45 @@ class NetworkModuleLora(network.NetworkModule):
         else:
             updown = lyco_helpers.rebuild_conventional(up, down, output_shape, rank)
         return updown, output_shape, None
+
+    def row_delta(self, weight_shape, device, multiplier: float, dyn_dim: int | None = None):
+        """ΔW as fp32 factors (m·s·up) @ down of the weight's 2-D view, Tucker's `mid` folded into down, or None
+        where the generic compute() is needed (DoRA, a weight-shaped `bias` part, a delta that must be padded)."""
+        if self.bias is not None or self.dora_scale is not None or \
+                not lyco_helpers.own_math(self, NetworkModuleLora, "calc_delta", "delta_shape"):
+            return None
+        rank = self.truncated_rank(dyn_dim)
+        up = lyco_helpers.flat2d(self.up)[:, :rank].to(device, torch.float32)
+        down = self.down[:rank].to(device, torch.float32)
+        if self.mid is not None:  # ΔW[i, j, ...] = Σ_nm mid[n, m, ...]·up[i, n]·down[m, j] = up @ (mid ∘ down)
+            mid = self.mid[:rank, :rank].to(device, torch.float32)
+            down = torch.einsum("n m ..., m j -> n j ...", mid, lyco_helpers.flat2d(down))
+        down = lyco_helpers.flat2d(down)
+        weight_shape = torch.Size(weight_shape)
+        if len(weight_shape) < 2 or up.shape[1] != down.shape[0] or up.shape[0] != weight_shape[0] or \
+                up.shape[0] * down.shape[1] != weight_shape.numel():
+            return None
+        return LowRankRows(up * (float(self.calc_scale(dyn_dim)) * float(multiplier)), down)
+
+
+class LowRankRows(lyco_helpers.RowDelta):
+    """ΔW = up @ down (up: out × rank with multiplier and scale folded in, down: rank × cols, fp32). Several
+    of them on one layer concatenate along the rank, so one GEMM sums them."""
+
+    def __init__(self, up: torch.Tensor, down: torch.Tensor):
+        self.up, self.down = up, down
+
+    @staticmethod
+    def concat(parts: list[LowRankRows]) -> LowRankRows:
+        if len(parts) == 1:
+            return parts[0]
+        return LowRankRows(torch.cat([p.up for p in parts], dim=1), torch.cat([p.down for p in parts], dim=0))
+
+    def rows(self, out: torch.Tensor, r0: int, r1: int, scratch, accumulate: bool) -> None:
+        if accumulate:
+            out.addmm_(self.up[r0:r1], self.down)
+        else:
+            torch.mm(self.up[r0:r1], self.down, out=out)
+
+    def add_to(self, weight: torch.Tensor, scratch, block_elements: int) -> None:
+        weight.addmm_(self.up, self.down)  # one GEMM over the layer: MKL blocks it better than we would

@@ -13,6 +13,7 @@ class ModuleTypeNorm(network.ModuleType):
 
 
 class NetworkModuleNorm(network.NetworkModule):
+    delta_depends_on_weight = False  # without DoRA (the patcher checks that): ΔW reads only W's shape
     supports_dora = False
 
     def __init__(self, net: network.Network, weights: network.NetworkWeights):

@@ -1,0 +1,167 @@
+"""Σ ΔW of one layer for the patcher, computed block by block without a weight-sized temporary where the type can.
+
+Each contribution (network × layer) gives its delta one of two ways:
+- fused: the type's `row_delta(weight_shape, device, multiplier, dyn)` (network_lora, network_hada, network_lokr)
+  returns a lyco_helpers.RowDelta that writes any block of rows of ΔW into a cache-sized buffer. Plain low-rank
+  ones (LoRA, LoCon, Tucker LoCon) are concatenated along the rank, so one GEMM sums them;
+- generic: the module's own compute() gives the whole fp32 ΔW (DoRA, OFT, IA3, GLoRA, ..., any subclass that
+  changes the math).
+The same inputs and shapes always give the same blocks and the same bits (the residual restore relies on it).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import lora_plan
+import network_lora
+import torch
+
+CPU_CHUNK = 1 << 18  # elements per block on CPU: the temporaries stay in cache
+ACCELERATOR_CHUNK = 1 << 24  # bounds the scratch memory on a GPU
+
+
+def chunk_elements(device: torch.device) -> int:
+    return CPU_CHUNK if device.type == "cpu" else ACCELERATOR_CHUNK
+
+
+def delta_depends_on_weight(module) -> bool:
+    """Whether the module's ΔW reads the original weight's values (then a residual restore cannot recompute it):
+    declared by the type (`delta_depends_on_weight = False`); DoRA always does; unknown types are assumed to."""
+    if getattr(module, "dora_scale", None) is not None:
+        return True
+    flag = getattr(module, "delta_depends_on_weight", None)
+    return True if flag is None else bool(flag)
+
+
+@dataclass
+class LayerDelta:
+    """Σ ΔW (and Σ Δbias) of one layer: low-rank factors, fused per-type parts, and whole deltas."""
+
+    lowrank: network_lora.LowRankRows | None = None
+    parts: list = field(default_factory=list)  # RowDelta of other types
+    full: torch.Tensor | None = None  # fp32, weight-shaped
+    bias: torch.Tensor | None = None  # fp32
+    used: list = field(default_factory=list)  # contributions that produced a delta
+
+    @property
+    def has_weight(self) -> bool:
+        return self.lowrank is not None or bool(self.parts) or self.full is not None
+
+    @property
+    def single(self):
+        """The one fused term when there is exactly one (it can add itself into the weight in place), else None."""
+        terms = ([self.lowrank] if self.lowrank is not None else []) + self.parts
+        return terms[0] if len(terms) == 1 and self.full is None else None
+
+    def blocks(self, shape: torch.Size, device: torch.device, scratch):
+        """(start, end, Σ ΔW of those flat positions) in blocks of whole rows of the weight's 2-D view."""
+        numel = shape.numel()
+        rows = shape[0] if len(shape) else 1
+        cols = max(1, numel // max(rows, 1))
+        step = max(1, chunk_elements(device) // cols)
+        full = self.full.reshape(-1) if self.full is not None else None
+        terms = ([self.lowrank] if self.lowrank is not None else []) + self.parts
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            a, b = r0 * cols, r1 * cols
+            if not terms:
+                yield a, b, full[a:b]
+                continue
+            d = scratch.get("delta", torch.float32, b - a).view(r1 - r0, cols)
+            for i, term in enumerate(terms):
+                term.rows(d, r0, r1, scratch, accumulate=i > 0)
+            d = d.view(-1)
+            if full is not None:
+                d.add_(full[a:b])
+            yield a, b, d
+
+
+def plain_lowrank(module, dyn_dim: int | None):
+    """(up, down, mid, scale) of a plain low-rank module (LoRA / LoCon / Tucker LoCon without DoRA or a
+    weight-shaped `bias` part), with the ranks `dyn` keeps already sliced the way its compute() slices them;
+    None for anything else. Used by functional mode (lora_functional)."""
+    if type(module).__name__ != "NetworkModuleLora" or getattr(module, "applies_multiplier", False):
+        return None
+    if getattr(module, "bias", None) is not None or getattr(module, "dora_scale", None) is not None:
+        return None
+    up, down, mid = getattr(module, "up", None), getattr(module, "down", None), getattr(module, "mid", None)
+    if not isinstance(up, torch.Tensor) or not isinstance(down, torch.Tensor) or up.dim() not in (2, 4):
+        return None
+    if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
+        return None
+    truncated = getattr(module, "truncated_rank", None)
+    rank = truncated(dyn_dim) if callable(truncated) else dyn_dim
+    try:
+        scale = float(module.calc_scale(dyn_dim))
+    except TypeError:  # a calc_scale() without dyn
+        scale = float(module.calc_scale())
+    if rank is not None:
+        up, down = up[:, :rank], down[:rank]
+        mid = None if mid is None else mid[:rank, :rank]
+    return up, down, mid, scale
+
+
+_takes_orig_bias: dict[type, bool] = {}
+
+
+def module_compute(module, original: torch.Tensor, multiplier: float, dyn_dim: int | None,
+                   orig_bias: torch.Tensor | None):
+    """module.compute(), with the layer's original bias for the types that read it (OFT)."""
+    kind = type(module)
+    if kind not in _takes_orig_bias:
+        try:
+            _takes_orig_bias[kind] = "orig_bias" in inspect.signature(module.compute).parameters
+        except (TypeError, ValueError):
+            _takes_orig_bias[kind] = False
+    if _takes_orig_bias[kind]:
+        return module.compute(original, multiplier, dyn_dim, orig_bias=orig_bias)
+    return module.compute(original, multiplier, dyn_dim)
+
+
+def _row_delta(c: lora_plan.Contribution, original: torch.Tensor):
+    row_delta = getattr(c.module, "row_delta", None)
+    if not callable(row_delta) or getattr(c.module, "applies_multiplier", False) or original.dim() < 2:
+        return None
+    return row_delta(original.shape, original.device, float(c.multiplier), c.dyn_dim)
+
+
+def compute_delta(name: str, module: torch.nn.Module, original: torch.Tensor, contributions,
+                  orig_bias: torch.Tensor | None = None, record_errors: bool = True) -> LayerDelta:
+    """Σ ΔW (and Σ Δbias) of the contributions for a layer whose original weight is `original`.
+
+    A contribution that fails (a shape that does not fit, ...) is left out and its error recorded on its network."""
+    result = LayerDelta()
+    lowrank = []
+    for c in contributions:
+        try:
+            fused = _row_delta(c, original)
+            if isinstance(fused, network_lora.LowRankRows):
+                lowrank.append(fused)
+            elif fused is not None:
+                result.parts.append(fused)
+                if fused.bias is not None:
+                    db = fused.bias.to(original.device, torch.float32)
+                    result.bias = db if result.bias is None else result.bias + db
+            else:
+                dw, db = module_compute(c.module, original, c.multiplier, c.dyn_dim, orig_bias)
+                if db is not None and isinstance(module, torch.nn.MultiheadAttention):
+                    raise ValueError("bias deltas are not supported on MultiheadAttention")
+                if dw is not None:
+                    dw = dw.to(original.device, torch.float32)
+                    result.full = dw if result.full is None else result.full + dw
+                if db is not None:
+                    db = db.to(original.device, torch.float32)
+                    result.bias = db if result.bias is None else result.bias + db
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:
+            if record_errors:
+                c.network.apply_errors[name] = f"{type(e).__name__}: {e}"
+            continue
+        if record_errors:
+            c.network.apply_errors.pop(name, None)
+        result.used.append(c)
+    if lowrank:
+        result.lowrank = network_lora.LowRankRows.concat(lowrank)
+    return result

@@ -1,0 +1,163 @@
+"""The fused per-type deltas (row_delta: LoRA/LoCon/Tucker, LoHa incl. Tucker, LoKr in all its layouts) give the
+same ΔW as each type's compute() (tested against lycoris-lora in test_lora_lycoris_reference) and as torch.kron /
+the Hadamard product written out here, for any block of rows; and the patcher writes them bit-exact-restorably."""
+import lora_delta
+import lora_loader
+import lyco_helpers
+import network
+import network_hada
+import network_lokr
+import network_lora
+import pytest
+import torch
+
+G = torch.Generator().manual_seed(99)
+
+
+def rnd(*shape, scale: float = 0.3) -> torch.Tensor:
+    return torch.randn(*shape, generator=G) * scale
+
+
+def build(parts: dict, shape: tuple):
+    net = network.Network("t", None)
+    layer = torch.nn.Linear(shape[1], shape[0]) if len(shape) == 2 else \
+        torch.nn.Conv2d(shape[1], shape[0], shape[2], padding=shape[2] // 2)
+    weights = network.NetworkWeights(network_key="lora_unet_x", sd_key="unet.x", w=dict(parts), sd_module=layer)
+    module = lora_loader.build_module(net, weights)
+    assert module is not None
+    return module, layer.weight.detach()
+
+
+class Scratch:
+    def get(self, name, dtype, n):
+        return torch.empty(n, dtype=dtype)
+
+
+def all_rows(rd, rows: int, cols: int, step: int) -> torch.Tensor:
+    out = torch.full((rows, cols), float("nan"))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        rd.rows(out[r0:r1], r0, r1, Scratch(), accumulate=False)
+    return out
+
+
+def check(module, weight, m: float = 0.7, kind=None, reference=None):
+    expected = module.compute(weight, m)[0].reshape(weight.shape[0], -1)
+    rd = module.row_delta(weight.shape, weight.device, m, None)
+    assert rd is not None and (kind is None or isinstance(rd, kind))
+    rows, cols = expected.shape
+    for step in (1, 2, 3, 5, rows):
+        torch.testing.assert_close(all_rows(rd, rows, cols, step), expected, rtol=2e-6, atol=1e-7)
+    if reference is not None:
+        torch.testing.assert_close(expected, reference.reshape(expected.shape), rtol=2e-6, atol=1e-7)
+    acc = torch.ones(rows, cols)  # accumulate mode adds
+    rd.rows(acc, 0, rows, Scratch(), accumulate=True)
+    torch.testing.assert_close(acc, expected + 1, rtol=2e-6, atol=1e-7)
+    w = torch.zeros(rows, cols)
+    rd.add_to(w, Scratch(), block_elements=3 * cols)
+    torch.testing.assert_close(w, expected, rtol=2e-6, atol=1e-7)
+
+
+def test_lora_locon_and_tucker_fuse_into_one_lowrank_product():
+    up, down = rnd(6, 3), rnd(3, 5)
+    module, w = build({"lora_up.weight": up, "lora_down.weight": down, "alpha": torch.tensor(1.5)}, (6, 5))
+    check(module, w, kind=network_lora.LowRankRows, reference=0.7 * 0.5 * up @ down)
+    up, mid, down = rnd(6, 2, 1, 1), rnd(2, 2, 3, 3), rnd(2, 4, 1, 1)
+    module, w = build({"lora_up.weight": up, "lora_mid.weight": mid, "lora_down.weight": down}, (6, 4, 3))
+    reference = 0.7 * torch.einsum("nmkl,in,mj->ijkl", mid, up[:, :, 0, 0], down[:, :, 0, 0])
+    check(module, w, kind=network_lora.LowRankRows, reference=reference)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_loha_rows_are_the_hadamard_product(conv):
+    shape = (6, 4, 3) if conv else (7, 5)
+    cols = 4 * 9 if conv else 5
+    parts = {"hada_w1_a": rnd(shape[0], 2), "hada_w1_b": rnd(2, cols), "hada_w2_a": rnd(shape[0], 2),
+             "hada_w2_b": rnd(2, cols), "alpha": torch.tensor(1.0)}
+    module, w = build(parts, shape)
+    reference = 0.7 * 0.5 * (parts["hada_w1_a"] @ parts["hada_w1_b"]) * (parts["hada_w2_a"] @ parts["hada_w2_b"])
+    check(module, w, kind=network_hada.HadaRows, reference=reference)
+
+
+def test_loha_tucker_rows():
+    parts = {"hada_w1_a": rnd(2, 6), "hada_w1_b": rnd(2, 4), "hada_t1": rnd(2, 2, 3, 3),
+             "hada_w2_a": rnd(2, 6), "hada_w2_b": rnd(2, 4), "hada_t2": rnd(2, 2, 3, 3)}
+    module, w = build(parts, (6, 4, 3))
+    w1 = torch.einsum("ijkl,ip,jq->pqkl", parts["hada_t1"], parts["hada_w1_a"], parts["hada_w1_b"])
+    w2 = torch.einsum("ijkl,ip,jq->pqkl", parts["hada_t2"], parts["hada_w2_a"], parts["hada_w2_b"])
+    check(module, w, reference=0.7 * w1 * w2)
+
+
+@pytest.mark.parametrize("layout", ["full", "lowrank_w2", "lowrank_both", "conv", "tucker"])
+def test_lokr_rows_are_the_kronecker_product(layout):
+    if layout == "full":
+        w1, w2 = rnd(2, 3), rnd(4, 2)
+        parts, shape = {"lokr_w1": w1, "lokr_w2": w2}, (8, 6)
+    elif layout == "lowrank_w2":
+        w1, a, b = rnd(3, 2), rnd(4, 2), rnd(2, 5)
+        w2 = a @ b
+        parts, shape = {"lokr_w1": w1, "lokr_w2_a": a, "lokr_w2_b": b, "alpha": torch.tensor(1.0)}, (12, 10)
+    elif layout == "lowrank_both":
+        a1, b1, a2, b2 = rnd(2, 2), rnd(2, 3), rnd(5, 2), rnd(2, 2)
+        w1, w2 = a1 @ b1, a2 @ b2
+        parts, shape = {"lokr_w1_a": a1, "lokr_w1_b": b1, "lokr_w2_a": a2, "lokr_w2_b": b2}, (10, 6)
+    elif layout == "conv":
+        w1, a, b = rnd(2, 2), rnd(3, 2), rnd(2, 2 * 9)
+        w2 = (a @ b).reshape(3, 2, 3, 3)
+        parts, shape = {"lokr_w1": w1, "lokr_w2_a": a, "lokr_w2_b": b, "alpha": torch.tensor(4.0)}, (6, 4, 3)
+    else:
+        w1, a, b, t = rnd(2, 2), rnd(2, 3), rnd(2, 2), rnd(2, 2, 3, 3)
+        w2 = torch.einsum("ijkl,ip,jq->pqkl", t, a, b)
+        parts, shape = {"lokr_w1": w1, "lokr_w2_a": a, "lokr_w2_b": b, "lokr_t2": t}, (6, 4, 3)
+    module, w = build(parts, shape)
+    kron = torch.kron(w1.reshape(*w1.shape, *([1] * (w2.dim() - 2))), w2.contiguous())
+    check(module, w, kind=network_lokr.KronRows, reference=0.7 * module.calc_scale() * kron)
+
+
+def test_kron_rows_against_torch_kron_for_every_block():
+    w1, w2 = rnd(3, 4), rnd(5, 6)
+    expected = torch.kron(w1, w2)
+    for r0 in range(15):
+        for r1 in range(r0 + 1, 16):
+            out = torch.empty(r1 - r0, 24)
+            network_lokr.kron_rows(out, w1, w2, r0, r1, accumulate=False)
+            torch.testing.assert_close(out, expected[r0:r1], rtol=0, atol=0)
+
+
+def test_dora_bias_parts_and_changed_math_keep_the_generic_path():
+    up, down = rnd(6, 3), rnd(3, 5)
+    dora, w = build({"lora_up.weight": up, "lora_down.weight": down, "dora_scale": 1 + rnd(1, 5)}, (6, 5))
+    assert dora.row_delta(w.shape, w.device, 1.0) is None and lora_delta.delta_depends_on_weight(dora)
+
+    class Doubled(network_hada.NetworkModuleHada):  # a third-party subclass with its own math
+        def calc_delta(self, *args, **kwargs):
+            updown, shape, bias = super().calc_delta(*args, **kwargs)
+            return updown * 2, shape, bias
+
+    parts = {"hada_w1_a": rnd(6, 2), "hada_w1_b": rnd(2, 5), "hada_w2_a": rnd(6, 2), "hada_w2_b": rnd(2, 5)}
+    net = network.Network("t", None)
+    module = Doubled(net, network.NetworkWeights("k", "unet.x", parts, None))
+    assert module.row_delta((6, 5), torch.device("cpu"), 1.0) is None
+    assert not lyco_helpers.own_math(module, network_hada.NetworkModuleHada, "calc_delta")
+
+
+def test_layer_delta_sums_fused_lowrank_and_generic_terms_in_blocks():
+    up1, down1, up2, down2 = rnd(6, 2), rnd(2, 5), rnd(6, 3), rnd(3, 5)
+    lora1, w = build({"lora_up.weight": up1, "lora_down.weight": down1}, (6, 5))
+    lora2, _ = build({"lora_up.weight": up2, "lora_down.weight": down2}, (6, 5))
+    loha, _ = build({"hada_w1_a": rnd(6, 2), "hada_w1_b": rnd(2, 5), "hada_w2_a": rnd(6, 2),
+                     "hada_w2_b": rnd(2, 5)}, (6, 5))
+    ia3, _ = build({"weight": rnd(5), "on_input": torch.tensor(True)}, (6, 5))
+
+    class C:  # the contribution fields compute_delta reads
+        def __init__(self, module, m):
+            self.module, self.multiplier, self.dyn_dim = module, m, None
+            self.network = network.Network("n", None)
+
+    contributions = [C(lora1, 1.0), C(loha, 0.5), C(lora2, -0.3), C(ia3, 0.8)]
+    delta = lora_delta.compute_delta("unet.x", None, w, contributions)
+    assert delta.lowrank is not None and delta.lowrank.up.shape[1] == 5 and len(delta.parts) == 1
+    assert delta.full is not None and delta.single is None
+    expected = sum(c.module.compute(w, c.multiplier)[0] for c in contributions)
+    got = torch.cat([d for _, _, d in delta.blocks(w.shape, w.device, Scratch())]).reshape(w.shape)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
