@@ -38,6 +38,21 @@ def changed_files(stamps: dict[str, FileStamp]) -> list[str]:
     return res
 
 
+_BLOCK_BYTES = 1 << 20
+
+
+def _read_cast(fd: int, flat: torch.Tensor, dtype: torch.dtype, offset: int, nbytes: int, filename: str) -> None:
+    size = dtype.itemsize
+    per_block = max(1, _BLOCK_BYTES // size)
+    buffer = torch.empty(per_block * size, dtype=torch.uint8)
+    done, total = 0, nbytes // size
+    while done < total:
+        n = min(per_block, total - done)
+        mapped_memory.pread_into(fd, buffer[:n * size], offset + done * size, filename)
+        flat[done:done + n].copy_(buffer[:n * size].view(dtype))
+        done += n
+
+
 class OriginalWeights:
     """Reads a parameter exactly as it was loaded, from the checkpoint file (nothing is held in memory).
 
@@ -78,24 +93,95 @@ class OriginalWeights:
         dtype = self.dtypes.get((component, name))
         return tensor.to(dtype) if dtype is not None else tensor
 
+    def read_into(self, component: str, name: str, out: torch.Tensor) -> bool:
+        """Writes the parameter as loaded into `out` (its shape and dtype): straight from the file into its memory
+        when no cast or transform is needed. False when nothing was written (unknown, file changed); raises
+        OSError when the file changed while it was read (then `out` may be part-written)."""
+        entry = self.refs.get((component, name))
+        if entry is None or out.dtype != self.dtypes.get((component, name), out.dtype):
+            return False
+        filename, key, ref = entry
+        direct = (ref is None or ref.transform == "rows") and out.device.type == "cpu" and out.is_contiguous()
+        if not direct:
+            t = self.read(component, name)
+            if t is None or t.shape != out.shape:
+                return False
+            out.copy_(t)
+            return True
+        try:
+            with open(filename, "rb", buffering=0) as f:
+                located = self._locate(f, filename, key, ref)
+                if located is None:
+                    return False
+                dtype, shape, offset, nbytes = located
+                if list(shape) != list(out.shape):
+                    return False
+                if dtype == out.dtype:
+                    if nbytes:
+                        mapped_memory.pread_into(f.fileno(), out.view(torch.uint8).view(-1), offset, filename)
+                else:  # converted on load: cast block by block through a cache-sized buffer
+                    _read_cast(f.fileno(), out.view(-1), dtype, offset, nbytes, filename)
+                if _stamp(os.fstat(f.fileno())) != self.stamps[filename]:
+                    raise OSError(f"{filename} changed while it was read")
+        except (ValueError, KeyError):
+            return False
+        return True
+
+    def sample(self, component: str, name: str, step: int) -> torch.Tensor | None:
+        """Elements 0, step, 2·step, ... of the flattened parameter as loaded, read one by one (a few pages)."""
+        entry = self.refs.get((component, name))
+        if entry is None:
+            return None
+        filename, key, ref = entry
+        if ref is not None and ref.transform != "rows":  # reshaped on read: take it whole
+            t = self.read(component, name)
+            return None if t is None else t.reshape(-1)[::step]
+        try:
+            with open(filename, "rb", buffering=0) as f:
+                located = self._locate(f, filename, key, ref)
+                if located is None:
+                    return None
+                dtype, _, offset, nbytes = located
+                size = dtype.itemsize
+                count = (nbytes // size + step - 1) // step if nbytes else 0
+                raw = torch.empty(count * size, dtype=torch.uint8)
+                view = memoryview(raw.numpy())
+                for i in range(count):
+                    if os.preadv(f.fileno(), [view[i * size:(i + 1) * size]], offset + i * step * size) != size:
+                        return None
+                if _stamp(os.fstat(f.fileno())) != self.stamps[filename]:
+                    return None
+        except (OSError, ValueError, KeyError):
+            return None
+        dtype_loaded = self.dtypes.get((component, name))
+        t = raw.view(dtype)
+        return t.to(dtype_loaded) if dtype_loaded is not None else t
+
+    def _locate(self, f, filename: str, key: str, ref):
+        """(dtype, shape, offset, byte count) of the parameter in the open file, None when the file changed."""
+        if _stamp(os.fstat(f.fileno())) != self.stamps[filename]:
+            return None
+        index = self._index.get(filename)
+        if index is None:
+            index = self._index[filename] = safetensors_mmap.read_index(f, filename)
+        dtype, shape, offset, nbytes = index[key]
+        if ref is not None and ref.transform == "rows" and shape:
+            # one of `parts` equal row blocks (OpenCLIP's fused q/k/v): only those rows
+            rows = shape[0] // ref.parts
+            row_bytes = nbytes // shape[0] if shape[0] else 0
+            offset, nbytes = offset + ref.index * rows * row_bytes, rows * row_bytes
+            shape = [rows, *shape[1:]]
+        return dtype, shape, offset, nbytes
+
     def _read_unchanged(self, filename: str, key: str, ref) -> torch.Tensor | None:
         with open(filename, "rb", buffering=0) as f:
-            stamp = self.stamps[filename]
-            if _stamp(os.fstat(f.fileno())) != stamp:
+            located = self._locate(f, filename, key, ref)
+            if located is None:
                 return None
-            index = self._index.get(filename)
-            if index is None:
-                index = self._index[filename] = safetensors_mmap.read_index(f, filename)
-            dtype, shape, offset, nbytes = index[key]
-            if ref is not None and ref.transform == "rows" and shape:
-                # one of `parts` equal row blocks (OpenCLIP's fused q/k/v): read only those rows
-                rows = shape[0] // ref.parts
-                row_bytes = nbytes // shape[0] if shape[0] else 0
-                offset, nbytes = offset + ref.index * rows * row_bytes, rows * row_bytes
-                shape = [rows, *shape[1:]]
+            dtype, shape, offset, nbytes = located
             buffer = torch.empty(nbytes, dtype=torch.uint8)
             if nbytes:
                 mapped_memory.pread_into(f.fileno(), buffer, offset, filename)
-            if _stamp(os.fstat(f.fileno())) != stamp:  # written while we read: the bytes may be mixed
+            if _stamp(os.fstat(f.fileno())) != self.stamps[filename]:  # written while we read: the bytes may be mixed
                 return None
         return buffer.view(dtype).view(shape)

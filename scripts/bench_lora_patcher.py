@@ -1,20 +1,20 @@
-"""Benchmark: the Lora patcher against a bare read+write loop and diffusers `load_lora_weights` + `fuse_lora`.
+"""Benchmark: the Lora patcher against each operation's floor and diffusers `load_lora_weights` + `fuse_lora`.
 
 Builds SD1.5- and SDXL-shaped models (diffusers UNet + CLIP text encoders, on meta, then filled with random
-weights, std 1/sqrt(fan_in)), writes rank-32 kohya LoRAs (fp16, like real files) for all their kohya targets
-(ΔW rms = --strength × W rms per LoRA), and times, median of --repeats:
+weights, std 1/sqrt(fan_in)), writes rank-32 kohya LoRAs A, B, C, a LoHa H and a LoKr K (fp16, like real files)
+for all their kohya targets (ΔW rms = --strength × W rms per file), and times, median of --repeats:
 
-  apply 1 / apply 3   from the original weights                     switch      LoRA A → LoRA B
-  multiplier          A at 1.0 → A at 0.7                           same set    A again (must write nothing)
-  remove              A → no LoRA                                   load        read + parse one file (cold switch)
-  held                memory kept for exact restore after apply 1 / apply 3 (accounted bytes, and RSS growth)
+  apply 1 / apply 3   A / A+B+C from the original weights       loha, lokr   H / K from the original weights
+  switch      A → B               multiplier  A at 1.0 → A at 0.7          same set   A again (must write nothing)
+  remove      A → no LoRA         held        memory kept for exact restore after apply 1 / apply 3
 
-for the patcher with the host's original-weights source (a memory-mapped checkpoint of the touched weights, as
-`sd_model.original_weights` offers it) and without it (rounding residual), as ratios to
-  bare      for each layer W += up@down (fp32), or W = cast(W + up@down) (16-bit), factors ready in fp32
-  diffusers pipe.load_lora_weights + fuse_lora / unfuse_lora + unload_lora_weights on the same model and files
-Every (model, dtype) runs in its own subprocess, one after the other (clean RSS, one model in memory), SDXL fp32
-last. After the patcher's runs every weight is checked bit for bit against the original (a checksum).
+for the patcher with the host's original-weights source (a checkpoint of the touched weights, re-read through the
+host's own `OriginalWeights` as `sd_model.original_weights` offers it) and without it (rounding residual), as
+ratios to the floor of the same operation, measured in the same run (scripts/bench_lora_floors.py: the cheapest
+in-place loop with fp32 factors and, where needed, the originals ready in memory). Neither side reads files or
+plans; diffusers (load + fuse, unfuse + unload) does both, so its column is compared with ours plus the read+parse
+time of the files the operation needs. Every (model, dtype) runs in its own subprocess, SDXL fp32 last. After the
+runs every weight is checked bit for bit against the original (a checksum).
 
 usage: python scripts/bench_lora_patcher.py [--models sd15,sdxl] [--dtypes fp32,bf16] [--device cpu|cuda]
        [--dtype fp16] [--repeats N] [--rank 32] [--strength 0.03] [--threads N] [--no-diffusers] [--json FILE]
@@ -181,16 +181,73 @@ def write_safetensors(path: str, tensors: dict, metadata: dict | None = None) ->
             f.write(t.detach().contiguous().cpu().view(iv).numpy().tobytes())
 
 
-def write_loras(folder: str, model, family: str, targets: dict, rank: int, strength: float, names) -> dict:
+def _shape_info(shape) -> tuple[int, int, int]:
+    out_dim = shape[0]
+    fan_in = 1
+    for n in shape[1:]:
+        fan_in *= n
+    return out_dim, fan_in, fan_in // shape[1] if len(shape) > 1 else 1
+
+
+def loha_tensors(layers, family, structure, rank, alpha, seed, strength, dtype) -> dict:
+    """LoHa (hada_w1/w2 a/b) with ΔW rms = strength × W rms: ΔW = s·(w1a@w1b)⊙(w2a@w2b), each factor ~ σ."""
+    import torch
+
+    from scripts import make_demo_loras as demo
+    gen = torch.Generator().manual_seed(seed)
+    res = {}
+    for canonical, shape in layers.items():
+        key = demo.kohya_key(canonical, family, structure)
+        out_dim, fan_in, _ = _shape_info(shape)
+        r, s = min(rank, out_dim, fan_in), alpha / min(rank, out_dim, fan_in)
+        sigma = (strength / fan_in ** 0.5 / (s * r)) ** 0.25  # std(W1⊙W2) = r·σ⁴
+        for half in ("w1", "w2"):
+            res[f"{key}.hada_{half}_a"] = (torch.randn((out_dim, r), generator=gen) * sigma).to(dtype)
+            res[f"{key}.hada_{half}_b"] = (torch.randn((r, fan_in), generator=gen) * sigma).to(dtype)
+        res[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+    return res
+
+
+def lokr_tensors(layers, family, structure, rank, alpha, seed, strength, dtype, factor: int = 8) -> dict:
+    """LoKr: full lokr_w1 (f×f, f = the largest of 8, 4, 2, 1 dividing both channel counts) and low-rank
+    lokr_w2_a/b: ΔW = s·kron(w1, w2a@w2b) with ΔW rms = strength × W rms."""
+    import torch
+
+    from scripts import make_demo_loras as demo
+    gen = torch.Generator().manual_seed(seed)
+    res = {}
+    for canonical, shape in layers.items():
+        key = demo.kohya_key(canonical, family, structure)
+        out_dim, fan_in, kernel = _shape_info(shape)
+        f = next(n for n in (factor, 4, 2, 1) if out_dim % n == 0 and shape[1] % n == 0)
+        c, d = out_dim // f, fan_in // f
+        r = min(rank, c, d)
+        s = alpha / r
+        sigma = (strength / fan_in ** 0.5 / (s * r ** 0.5)) ** (1 / 3)  # std = s·√r·σ³
+        res[f"{key}.lokr_w1"] = (torch.randn((f, f), generator=gen) * sigma).to(dtype)
+        res[f"{key}.lokr_w2_a"] = (torch.randn((c, r), generator=gen) * sigma).to(dtype)
+        res[f"{key}.lokr_w2_b"] = (torch.randn((r, d), generator=gen) * sigma).to(dtype)
+        res[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+    return res
+
+
+def write_loras(folder: str, model, family: str, targets: dict, rank: int, strength: float) -> dict:
+    """A, B, C: kohya LoRAs of rank `rank`; H: a LoHa of rank rank/2 (ΔW rank (rank/2)²); K: a LoKr (w2 rank)."""
     import lora_layers
     import torch
 
     from scripts import make_demo_loras as demo
     structure = lora_layers.LayerMap(model).structure
     paths = {}
-    for i, name in enumerate(names):
-        tensors = demo.lora_tensors(targets, family, structure, rank=rank, alpha=rank / 2, seed=10 + i,
-                                    strength=strength, dtype=torch.float16)
+    for i, name in enumerate("ABCHK"):
+        args = (targets, family, structure)
+        if name == "H":
+            tensors = loha_tensors(*args, rank // 2, rank / 4, 20, strength, torch.float16)
+        elif name == "K":
+            tensors = lokr_tensors(*args, rank, rank / 2, 30, strength, torch.float16)
+        else:
+            tensors = demo.lora_tensors(*args, rank=rank, alpha=rank / 2, seed=10 + i, strength=strength,
+                                        dtype=torch.float16)
         paths[name] = os.path.join(folder, f"{name}.safetensors")
         write_safetensors(paths[name], tensors, {"ss_network_dim": str(rank), "ss_output_name": name})
     return paths
@@ -216,14 +273,17 @@ def checkpoint_source(folder: str, model, layer_names):
     return OriginalWeights(refs, dtypes)
 
 
-# --- the three contenders -----------------------------------------------------------------------------------------
+# --- the contenders ----------------------------------------------------------------------------------------------
+OPS = ("apply 1", "apply 3", "loha", "lokr", "switch", "multiplier", "same set", "remove")
+
+
 def bench_patcher(model, layers, paths, nets, strategy, source, repeats, clock, device) -> dict:
     import lora_patcher
     import lora_plan
     prefer = {"source": (lora_patcher.SOURCE, lora_patcher.CLONE),
               "residual": (lora_patcher.RESIDUAL, lora_patcher.CLONE)}[strategy]
     patcher = lora_patcher.Patcher(prefer=prefer)
-    a, b, c = nets["A"], nets["B"], nets["C"]
+    a, b, c, h, k = (nets[n] for n in "ABCHK")
 
     def plan(*networks, m: float = 1.0):
         for n in networks:
@@ -233,7 +293,7 @@ def bench_patcher(model, layers, paths, nets, strategy, source, repeats, clock, 
     def sync(p):
         return patcher.sync(layers, p, source, paths)
 
-    times: dict[str, list] = {k: [] for k in ("apply 1", "apply 3", "switch", "multiplier", "same set", "remove")}
+    times: dict[str, list] = {op: [] for op in OPS}
     held = {}
     for _ in range(repeats):
         trim()
@@ -259,62 +319,36 @@ def bench_patcher(model, layers, paths, nets, strategy, source, repeats, clock, 
         held.setdefault("held 3 (accounted)", []).append(patcher.held_bytes(layers))
         held.setdefault("held 3 (memory growth)", []).append(device_memory(device) - before)
         sync({})
+        for op, net in (("loha", h), ("lokr", k)):
+            times[op].append(clock(sync, plan(net))[0])
+            sync({})
     res = {k: statistics.median(v) for k, v in times.items()}
     res.update({k: statistics.median(v) for k, v in held.items()})
     res["stats"] = dict(patcher.stats)
     return res
 
 
-def bench_bare(model, layers, nets, source, repeats, clock) -> dict:
-    """for each layer W += up@down (or W = cast(W + up@down)), factors already fp32 on the weight's device."""
-    import torch
-
-    def factors(net):
-        res = {}
-        for name, module in net.modules.items():
-            w = layers[name].weight
-            up = module.up.reshape(module.up.shape[0], -1).to(w.device, torch.float32) * module.calc_scale()
-            res[name] = (up, module.down.reshape(module.down.shape[0], -1).to(w.device, torch.float32))
-        return res
-
-    sets = {1: [factors(nets["A"])], 3: [factors(nets[k]) for k in "ABC"]}
-
-    def loop(fs, sign=1.0):
-        with torch.no_grad():
-            for name, (up, down) in fs[0].items():
-                w = layers[name].weight
-                d = torch.mm(up, down)
-                for more in fs[1:]:
-                    d.addmm_(*more[name])
-                d = d.view(w.shape)
-                if sign < 0:
-                    d.neg_()
-                if w.dtype == torch.float32:
-                    w.add_(d)
-                else:  # cast, then a same-dtype add (a mixed bf16 + fp32 add is many times slower on CPU)
-                    w.copy_(d.add_(w.float()))
-
-    def put_back(fs):
-        with torch.no_grad():
-            for name in fs[0]:
-                w = layers[name].weight
-                comp, _, path = name.partition(".")
-                src = source.read(comp, f"{path}.weight") if source is not None else None
-                if src is not None:
-                    w.copy_(src)
-                    if hasattr(source, "release"):  # optional in the seam
-                        source.release(src)
-        if source is None:
-            loop(fs, -1.0)
-
-    res = {}
-    for n, fs in sets.items():
-        times = []
-        for _ in range(repeats):
-            times.append(clock(loop, fs)[0])
-            put_back(fs)
-        res[f"apply {n}"] = statistics.median(times)
-    return res
+def bench_floor(layers, nets, repeats, clock, device) -> dict:
+    """Each operation's floor (scripts/bench_lora_floors.py), timed the same way; the weights are put back from
+    the floor's in-memory originals after each (not timed)."""
+    from scripts.bench_lora_floors import Floors
+    floors = Floors(layers, nets, device)
+    one, three, loha, lokr = (floors.lora_factors("A"), floors.lora_factors("ABC"), floors.loha_factors("H"),
+                              floors.lokr_factors("K"))
+    switch, multiplier = floors.lora_factors("B"), floors.lora_factors("A", 0.7)
+    ops = {"apply 1": lambda: floors.apply_lora(one), "apply 3": lambda: floors.apply_lora(three),
+           "loha": lambda: floors.apply_loha(loha), "lokr": lambda: floors.apply_lokr(lokr),
+           "switch": lambda: floors.apply_lora(switch, from_original=True),
+           "multiplier": lambda: floors.apply_lora(multiplier, from_original=True),
+           "remove": lambda: floors.remove(one)}
+    times: dict[str, list] = {op: [] for op in ops}
+    for _ in range(repeats):
+        for op, fn in ops.items():
+            if op == "remove":
+                floors.apply_lora(one)
+            times[op].append(clock(fn)[0])
+            floors.remove()
+    return {op: statistics.median(v) for op, v in times.items()}
 
 
 def bench_diffusers(model, family, paths, repeats, clock, device) -> dict:
@@ -410,30 +444,32 @@ def run_child(args) -> dict:
     result["targets"] = len(targets)
     result["touched bytes"] = sum(model.components()[n.partition(".")[0]].get_submodule(n.partition(".")[2]).weight
                                   .nbytes for n in targets)  # targets: module paths, not canonical names
-    paths = write_loras(work, model, family, targets, args.rank, args.strength, ("A", "B", "C"))
+    paths = write_loras(work, model, family, targets, args.rank, args.strength)
     result["lora file bytes"] = os.path.getsize(paths["A"])
 
     use_source = args.child_model != "sdxl" or dtype != torch.float32 or args.device != "cpu"
     source = checkpoint_source(work, model, list(targets)) if use_source else None
     checksum = weights_checksum(model)
 
-    nets, load_times = {}, []
+    nets, load_times = {}, {}
     for name, path in paths.items():
-        for _ in range(2 if name == "A" else 1):
+        times = []
+        for _ in range(2):
             t = time.perf_counter()
             nets[name] = lora_loader.load_network(name, network.NetworkOnDisk(name, path), layer_map)
-            load_times.append(time.perf_counter() - t)
-        assert len(nets[name].modules) == len(targets), (len(nets[name].modules), len(targets))
-    result["load"] = statistics.median(load_times)
+            times.append(time.perf_counter() - t)
+        load_times[name] = min(times)
+        assert len(nets[name].modules) == len(targets), (name, len(nets[name].modules), len(targets))
+        assert not nets[name].load_errors, nets[name].load_errors
+    result["load"] = load_times  # read + parse of each file (what ours excludes and diffusers includes)
 
     result["ours"] = {}
     for strategy in ("source", "residual") if source is not None else ("residual",):
         result["ours"][strategy] = bench_patcher(model, layers, layer_map.module_paths, nets, strategy, source,
                                                  args.repeats, clock, device)
         result["ours"][strategy]["exact"] = weights_checksum(model) == checksum
-    result["bare"] = bench_bare(model, layers, nets, source, args.repeats, clock)
-    if source is not None:
-        result["bare"]["exact"] = weights_checksum(model) == checksum
+    result["floor"] = bench_floor(layers, nets, args.repeats, clock, device)
+    result["floor"]["exact"] = weights_checksum(model) == checksum
     del nets
     trim()
     if not args.no_diffusers:
@@ -448,17 +484,20 @@ def run_child(args) -> dict:
 
 
 # --- the table ----------------------------------------------------------------------------------------------------
-OPS = ("apply 1", "apply 3", "switch", "multiplier", "same set", "remove")
+FILES_READ = {"apply 1": "A", "apply 3": "ABC", "loha": "H", "lokr": "K", "switch": "B", "multiplier": "",
+              "same set": "", "remove": ""}  # the files a host reads for each op when nothing is cached
+GOAL = {"apply 1": 1.2, "apply 3": 1.2, "loha": 1.2, "lokr": 1.2}
 
 
 def fmt_s(x) -> str:
     return "-" if x is None else (f"{x * 1000:.0f} ms" if x < 10 else f"{x:.1f} s")
 
 
-def fmt_ratio(a, b) -> str:
+def fmt_ratio(a, b, goal=None) -> str:
     if a is None or not b:
         return "-"
-    return f"{a / b:.2f}x"
+    text = f"{a / b:.2f}x"
+    return text + (" (MISSED)" if goal is not None and a / b > goal else "")
 
 
 def fmt_bytes(x) -> str:
@@ -474,32 +513,34 @@ def table(results: list[dict]) -> str:
         touched = r["touched bytes"]
         lines.append(f"\n### {r['model'].upper()} {r['dtype']} on {r['device']} ({r['threads']} threads): "
                      f"{r['targets']} layers, {fmt_bytes(touched)} touched, LoRA file {fmt_bytes(r['lora file bytes'])}"
-                     f", read+parse {fmt_s(r['load'])}, peak RSS {r['peak rss'] / 2 ** 30:.1f} GiB")
+                     f", read+parse {fmt_s(r['load']['A'])} per LoRA file, peak RSS {r['peak rss'] / 2 ** 30:.1f} GiB")
         strategies = list(r["ours"])
-        bare, diff = r["bare"], r.get("diffusers")
-        head = ["op"] + [f"ours ({s})" for s in strategies] + ["bare loop", "diffusers"] + \
-            [f"{s} / bare" for s in strategies] + [f"{s} / diffusers" for s in strategies]
+        floor, diff = r["floor"], r.get("diffusers")
+        head = ["op", "floor"] + [f"ours ({s})" for s in strategies] + [f"{s} / floor" for s in strategies] + \
+            ["diffusers (incl. read)"] + [f"{s} incl. read / diffusers" for s in strategies]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
         for op in OPS:
-            yard = bare["apply 3"] if op == "apply 3" else bare["apply 1"]
-            row = [op] + [fmt_s(r["ours"][s][op]) for s in strategies]
-            row += [fmt_s(bare["apply 3" if op == "apply 3" else "apply 1"]) if op in ("apply 1", "apply 3") else
-                    f"({fmt_s(yard)})", fmt_s(diff[op]) if diff else "-"]
-            row += [fmt_ratio(r["ours"][s][op], yard) for s in strategies]
-            row += [fmt_ratio(r["ours"][s][op], diff[op]) if diff and op != "same set" else "-" for s in strategies]
+            read = sum(r["load"][n] for n in FILES_READ[op])
+            row = [op, fmt_s(floor.get(op)) if op in floor else "-"]
+            row += [fmt_s(r["ours"][s][op]) for s in strategies]
+            row += [fmt_ratio(r["ours"][s][op], floor.get(op), GOAL.get(op)) for s in strategies]
+            d = diff.get(op) if diff else None
+            row += [fmt_s(d) if d is not None and op not in ("same set",) else "-"]
+            row += [fmt_ratio(r["ours"][s][op] + read, d) if d and op != "same set" else "-" for s in strategies]
             lines.append("| " + " | ".join(row) + " |")
         for n in (1, 3):
-            row = [f"held, {n} LoRA{'s' if n > 1 else ''}"]
+            row = [f"held, {n} LoRA{'s' if n > 1 else ''}", "0"]
             row += [f"{fmt_bytes(r['ours'][s][f'held {n} (accounted)'])} = "
                     f"{100 * r['ours'][s][f'held {n} (accounted)'] / touched:.2f} % "
                     f"(growth {fmt_bytes(r['ours'][s][f'held {n} (memory growth)'])})" for s in strategies]
-            row += ["0", f"growth {fmt_bytes(diff[f'held {n} (memory growth)'])}" if diff else "-"]
-            row += ["" for _ in strategies] * 2
+            row += ["" for _ in strategies]
+            row += [f"growth {fmt_bytes(diff[f'held {n} (memory growth)'])}" if diff else "-"]
+            row += ["" for _ in strategies]
             lines.append("| " + " | ".join(row) + " |")
         exact = ", ".join(f"{s}: {'bit-exact' if r['ours'][s]['exact'] else 'NOT EXACT'}" for s in strategies)
-        lines.append(f"restore after every run: {exact}; patcher stats "
-                     + "; ".join(f"{s} {r['ours'][s]['stats']}" for s in strategies))
+        lines.append(f"restore after every run: {exact}; floor: {'bit-exact' if floor['exact'] else 'NOT EXACT'}; "
+                     "patcher stats " + "; ".join(f"{s} {r['ours'][s]['stats']}" for s in strategies))
         if "diffusers error" in r:
             lines.append(f"diffusers failed: {r['diffusers error']}")
     return "\n".join(lines)
@@ -543,9 +584,10 @@ def main() -> None:
         else:
             results.append(json.loads(lines[-1][len("RESULT "):]))
         print(f"  {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
-    print(f"rank {args.rank} kohya LoRAs, ΔW rms = {args.strength:g} × W rms each; median of {args.repeats}; "
-          "bare loop = for each layer W += up@down; ratios: ours / yardstick (apply 3 vs the 3-LoRA bare loop, "
-          "all else vs the 1-LoRA bare loop in brackets)")
+    print(f"rank {args.rank} kohya LoRAs (LoHa rank {args.rank // 2}, LoKr w2 rank {args.rank}), ΔW rms = "
+          f"{args.strength:g} × W rms each; median of {args.repeats}; floor = the cheapest in-place loop for that "
+          "op with factors (and originals) ready in memory (scripts/bench_lora_floors.py); ours and the floor "
+          "exclude reading files and planning, diffusers includes them (so does the last column for ours)")
     print(table(results))
     if args.json:
         with open(args.json, "w") as f:

@@ -79,6 +79,7 @@ def test_original_weights_read_only_an_unchanged_file(victim, tmp_path):
     overwrite_in_place(path, keep_times=True)
     assert not source.valid()
     assert source.read(*key) is None, "changed bytes were read as originals"
+    assert source.sample(*key, 5) is None and source.read_into(*key, torch.empty_like(loaded)) is False
 
     # a new file put in its place (`mv new FILE`), with the old size and mtime: another inode
     fresh = victim("safetensors")

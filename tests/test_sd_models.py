@@ -71,6 +71,18 @@ def test_single_file_checkpoint_round_trip(tiny_models, tmp_path, family):
         assert torch.equal(source.read(component, key), by_component[component][key]), (component, key)
     assert len(source.refs) == len(expected)
 
+    # its in-place and sampled reads too, also for a fp16 file loaded as fp32 (cast block by block)
+    half_path = str(tmp_path / f"tiny-{family}-fp16.safetensors")
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in ldm.items()}, half_path)
+    for loaded in (loaded, sd_models_diffusers.load(half_path, CPU, torch.float32)):
+        source = loaded.original_weights
+        by_component = {c: m.state_dict() for c, m in loaded.components().items() if m is not None}
+        for component, key in source.refs:
+            want = by_component[component][key]
+            out = torch.full_like(want, float("nan")) if want.is_floating_point() else torch.empty_like(want)
+            assert source.read_into(component, key, out) and torch.equal(out, want), (component, key)
+            assert torch.equal(source.sample(component, key, 3), want.reshape(-1)[::3]), (component, key)
+
 
 def test_ckpt_files_load_through_weights_only(tiny_models, tmp_path):
     model = tiny_models["sd1"]

@@ -1,0 +1,120 @@
+"""The floors of scripts/bench_lora_patcher.py: for each Lora operation, the cheapest in-place loop that does the
+same work on the same weights, with everything it needs ready in memory (fp32 factors, and for the operations that
+need the original weights, a copy of them), so nothing is read from a file and nothing is planned.
+
+  apply (LoRA)     W.view(out, -1).addmm_(up·s, down); several LoRAs: one addmm_ of the rank-concatenated factors
+  apply (LoHa)     per block of rows: t1 = (s·w1a)[rows] @ w1b, t2 = w2a[rows] @ w2b, W[rows].addcmul_(t1, t2)
+  apply (LoKr)     W.view(a, c, b, d).addcmul_(w2.view(1, c, 1, d), (s·w1).view(a, 1, b, 1)), w2 rebuilt once
+  switch / multiplier   W = W0 + ΔW from the in-memory original (torch.addmm(W0, up, down, out=W))
+  remove           W.copy_(W0): one write of the original bytes
+16-bit weights accumulate in fp32 in cache-sized blocks (s = W[rows].float(); s += ΔW[rows]; W[rows] = s), as any
+exact merge must. Pure tensor code over {layer name: weight}; the factors come from the parsed networks.
+"""
+from __future__ import annotations
+
+import torch
+
+CHUNK = 1 << 18  # elements per block: the fp32 temporaries stay in cache
+
+
+class Floors:
+    def __init__(self, layers: dict[str, torch.nn.Module], nets: dict, device: torch.device):
+        self.weights = {}
+        for net in nets.values():
+            for name in net.modules:
+                self.weights[name] = layers[name].weight
+        self.device = device
+        self.scratch = [torch.empty(CHUNK, dtype=torch.float32, device=device) for _ in range(3)]
+        self.originals = {name: w.detach().clone() for name, w in self.weights.items()}
+        self.nets = nets
+
+    # --- factors, ready in fp32 (not timed) ---------------------------------------------------------------------
+    def lora_factors(self, keys: str, m: float = 1.0) -> dict:
+        res: dict[str, list] = {}
+        for k in keys:
+            for name, mod in self.nets[k].modules.items():
+                w = self.weights[name]
+                up = mod.up.reshape(mod.up.shape[0], -1).to(w.device, torch.float32) * (mod.calc_scale() * m)
+                down = mod.down.reshape(mod.down.shape[0], -1).to(w.device, torch.float32)
+                res.setdefault(name, []).append((up, down))
+        return {n: (torch.cat([u for u, _ in f], 1), torch.cat([d for _, d in f], 0)) for n, f in res.items()}
+
+    def loha_factors(self, key: str) -> dict:
+        res = {}
+        for name, mod in self.nets[key].modules.items():
+            dev, f32 = self.weights[name].device, torch.float32
+            res[name] = (mod.w1a.to(dev, f32) * mod.calc_scale(), mod.w1b.reshape(mod.w1b.shape[0], -1).to(dev, f32),
+                         mod.w2a.to(dev, f32), mod.w2b.reshape(mod.w2b.shape[0], -1).to(dev, f32))
+        return res
+
+    def lokr_factors(self, key: str) -> dict:
+        res = {}
+        for name, mod in self.nets[key].modules.items():
+            dev, f32 = self.weights[name].device, torch.float32
+            w2 = mod.w2a.to(dev, f32) @ mod.w2b.reshape(mod.w2b.shape[0], -1).to(dev, f32)
+            res[name] = (mod.w1.to(dev, f32) * mod.calc_scale(), w2)
+        return res
+
+    # --- the loops ------------------------------------------------------------------------------------------------
+    def _blocks(self, w2d: torch.Tensor):
+        rows, cols = w2d.shape
+        step = max(1, CHUNK // cols)
+        for r0 in range(0, rows, step):
+            yield r0, min(rows, r0 + step)
+
+    def apply_lora(self, factors: dict, from_original: bool = False) -> None:
+        with torch.no_grad():
+            for name, (up, down) in factors.items():
+                w = self.weights[name]
+                w2d = w.view(w.shape[0], -1)
+                base = self.originals[name].view(w2d.shape) if from_original else w2d
+                if w.dtype == torch.float32:
+                    if from_original:
+                        torch.addmm(base, up, down, out=w2d)
+                    else:
+                        w2d.addmm_(up, down)
+                    continue
+                for r0, r1 in self._blocks(w2d):
+                    s = self.scratch[0][:(r1 - r0) * w2d.shape[1]].view(r1 - r0, -1)
+                    s.copy_(base[r0:r1])
+                    s.addmm_(up[r0:r1], down)
+                    w2d[r0:r1].copy_(s)
+
+    def apply_loha(self, factors: dict) -> None:
+        with torch.no_grad():
+            for name, (w1a, w1b, w2a, w2b) in factors.items():
+                w = self.weights[name]
+                w2d = w.view(w.shape[0], -1)
+                cols = w2d.shape[1]
+                for r0, r1 in self._blocks(w2d):
+                    n = (r1 - r0) * cols
+                    t1 = torch.mm(w1a[r0:r1], w1b, out=self.scratch[0][:n].view(r1 - r0, cols))
+                    t2 = torch.mm(w2a[r0:r1], w2b, out=self.scratch[1][:n].view(r1 - r0, cols))
+                    if w.dtype == torch.float32:
+                        w2d[r0:r1].addcmul_(t1, t2)
+                    else:
+                        s = self.scratch[2][:n].view(r1 - r0, cols).copy_(w2d[r0:r1])
+                        w2d[r0:r1].copy_(s.addcmul_(t1, t2))
+
+    def apply_lokr(self, factors: dict) -> None:
+        with torch.no_grad():
+            for name, (w1, w2) in factors.items():
+                w = self.weights[name]
+                a, b = w1.shape
+                c, d = w2.shape
+                w4 = w.view(a, c, b, d)
+                if w.dtype == torch.float32:
+                    w4.addcmul_(w2.view(1, c, 1, d), w1.view(a, 1, b, 1))
+                    continue
+                step = max(1, CHUNK // (b * d))
+                for i in range(a):
+                    for k0 in range(0, c, step):
+                        k1 = min(c, k0 + step)
+                        s = self.scratch[0][:(k1 - k0) * b * d].view(k1 - k0, b, d).copy_(w4[i, k0:k1])
+                        s.addcmul_(w2[k0:k1].view(-1, 1, d), w1[i].view(1, b, 1))
+                        w4[i, k0:k1].copy_(s)
+
+    def remove(self, names=None) -> None:
+        with torch.no_grad():
+            for name in names if names is not None else self.weights:
+                self.weights[name].copy_(self.originals[name])
