@@ -185,10 +185,11 @@ def test_layer_names_and_unet_structure_match_the_twin(tiny_ldm_pair):
         twin_map = lora_layers.LayerMap(twin)
         assert ldm_map.structure == twin_map.structure
         assert ldm_map.family == twin_map.family == family.upper()
-        assert ldm.network_layer_mapping is ldm_map.layers
         assert set(ldm_map.layers) == set(twin_map.layers) - {"text_encoder_2.text_projection"}
         for name, module in ldm_map.layers.items():
-            assert module.network_layer_name == name
+            assert module.lora_layer_key == name
+            # A1111's own name (other extensions match layers by it): the module's path, dots as underscores
+            assert ldm.network_layer_mapping[module.network_layer_name] is module
             assert tuple(module.weight.shape) == tuple(twin_map.layers[name].weight.shape), name
         table = twin_map.structure.block_table()
         for canonical in twin_map.layers:

@@ -17,11 +17,12 @@ import hashlib
 import re
 
 import lora_checkpoint_source
+import lora_flux
 import lora_keys
 import torch
 
 LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.MultiheadAttention)
-COMPONENT_NAMES = ("unet", "text_encoder", "text_encoder_2")
+COMPONENT_NAMES = ("unet", "transformer", "text_encoder", "text_encoder_2")
 FAMILIES = (("is_sdxl", "SDXL"), ("is_sd3", "SD3"), ("is_sd2", "SD2"), ("is_sd1", "SD1"))
 
 # OpenCLIP text tower module paths → CLIP (diffusers) ones; the attention itself becomes three FusedSlices.
@@ -127,21 +128,31 @@ def _text_tower(embedder) -> tuple[str, torch.nn.Module] | None:
     return None
 
 
+def _compvis_text_towers(sd_model) -> list[tuple[str, str, torch.nn.Module]]:
+    """[(A1111's layer-name prefix, kind, module)] of a compvis model's text towers, in order (at most two).
+    A1111 names a text layer by its module path under the embedder's `wrapped`, after the embedder's index on
+    SDXL: `transformer_text_model_...` (SD1), `model_transformer_resblocks_...` (SD2), `0_transformer_...`."""
+    conditioner = getattr(sd_model, "conditioner", None)
+    embedders = list(getattr(conditioner, "embedders", None) or []) if conditioner is not None else []
+    indexed = [(f"{i}_", e) for i, e in enumerate(embedders)]
+    if not embedders and isinstance(getattr(sd_model, "cond_stage_model", None), torch.nn.Module):
+        indexed = [("", sd_model.cond_stage_model)]
+    towers = [(prefix + ("transformer_" if t[0] == "clip" else "model_"), *t)
+              for prefix, e in indexed if (t := _text_tower(e)) is not None]
+    return towers[:2]
+
+
 def model_sources(sd_model) -> list[tuple[str, str, torch.nn.Module]]:
     """[(component name, kind, module)], kind "unet", "ldm_unet", "clip" or "openclip"; never the VAE."""
     if is_compvis_layout(sd_model):
         res = [("unet", "ldm_unet", sd_model.model.diffusion_model)]
-        conditioner = getattr(sd_model, "conditioner", None)
-        embedders = list(getattr(conditioner, "embedders", None) or []) if conditioner is not None else []
-        if not embedders and isinstance(getattr(sd_model, "cond_stage_model", None), torch.nn.Module):
-            embedders = [sd_model.cond_stage_model]
-        towers = [t for t in (_text_tower(e) for e in embedders) if t is not None]
         names = ("text_encoder", "text_encoder_2")
-        res += [(names[i], kind, module) for i, (kind, module) in enumerate(towers[:2])]
+        res += [(names[i], kind, module) for i, (_, kind, module) in enumerate(_compvis_text_towers(sd_model))]
         return res
     components = sd_model.components() if callable(getattr(sd_model, "components", None)) else \
         {name: getattr(sd_model, name, None) for name in COMPONENT_NAMES}
-    return [(k, "unet" if k == "unet" else "clip", v) for k, v in components.items()
+    kinds = {"unet": "unet", "transformer": "transformer"}
+    return [(k, kinds.get(k, "clip"), v) for k, v in components.items()
             if k in COMPONENT_NAMES and isinstance(v, torch.nn.Module)]
 
 
@@ -151,11 +162,33 @@ def model_components(sd_model) -> dict[str, torch.nn.Module]:
 
 
 def model_family(sd_model, te_count: int) -> str | None:
-    """"SD1", "SD2", "SDXL" (or "SD3") from the model's A1111 flags; SDXL when it has two text encoders."""
+    """"SD1", "SD2", "SDXL" (or "SD3") from the model's A1111 flags; SDXL when it has two text encoders. A Flux-type
+    transformer (the host's `is_flux`, or the transformer's own class) is "Flux" or "Chroma"."""
+    transformer = _transformer(sd_model)
+    if getattr(sd_model, "is_flux", False) is True or (transformer is not None and
+                                                        lora_flux.is_flux_transformer(transformer)):
+        return lora_flux.family_of(transformer) if transformer is not None else "Flux"
     for attr, family in FAMILIES:
         if getattr(sd_model, attr, False) is True:
             return family
     return "SDXL" if te_count == 2 else None
+
+
+def _transformer(sd_model) -> torch.nn.Module | None:
+    components = sd_model.components() if callable(getattr(sd_model, "components", None)) else {}
+    transformer = components.get("transformer", getattr(sd_model, "transformer", None))
+    return transformer if isinstance(transformer, torch.nn.Module) else None
+
+
+def _is_layer(module: torch.nn.Module) -> bool:
+    """A patchable layer: the torch types, and RMSNorm-like modules with a weight of their own (diffusers' and
+    transformers' RMSNorm / T5LayerNorm: the q/k norms of DiT attention, whose scale full-weight files change)."""
+    if isinstance(module, LAYER_TYPES):
+        return True
+    return type(module).__name__ in _NORM_CLASSES and isinstance(getattr(module, "weight", None), torch.nn.Parameter)
+
+
+_NORM_CLASSES = ("RMSNorm", "T5LayerNorm")
 
 
 def _unet_layers(kind: str, unet: torch.nn.Module, layers: dict[str, torch.nn.Module],
@@ -198,7 +231,9 @@ class LayerMap:
 
     `layout` is "diffusers" or "compvis"; `family` the model family the key map refuses other files for;
     `module_paths` {canonical: (component, the module's own path in it)}, where the module really is (canonical
-    text encoder names drop `text_model.`; fused q/k/v rows have no path of their own and are left out)."""
+    text encoder names drop `text_model.`; fused q/k/v rows have no path of their own and are left out).
+    `a1111_names` {canonical: A1111's network_layer_name} on the compvis layout (`diffusion_model_input_blocks_1_1_
+    proj_in`, `transformer_text_model_encoder_layers_0_self_attn_q_proj`): what other extensions match layers by."""
 
     def __init__(self, sd_model):
         sources = model_sources(sd_model)
@@ -215,13 +250,21 @@ class LayerMap:
                 _openclip_layers(name, module, self.layers, self.module_paths)
             else:
                 for path, layer in module.named_modules():
-                    if path and isinstance(layer, LAYER_TYPES):
+                    if path and _is_layer(layer):
                         canonical = f"{name}.{lora_keys.canonical_text_path(path)}"
                         self.layers[canonical] = layer
                         self.module_paths[canonical] = (name, path)
+        self.a1111_names: dict[str, str] = {}
+        if self.layout == "compvis":
+            prefixes = {"unet": "diffusion_model_", **{name: prefix for name, (prefix, _, _) in zip(
+                ("text_encoder", "text_encoder_2"), _compvis_text_towers(sd_model), strict=False)}}
+            self.a1111_names = {canonical: prefixes[component] + path.replace(".", "_")
+                                for canonical, (component, path) in self.module_paths.items() if component in prefixes}
         te_count = sum(1 for k in ("text_encoder", "text_encoder_2") if k in self.components)
         self.family = model_family(sd_model, te_count)
         self.key_map = lora_keys.build_key_map(self.layers, self.structure, te_count, family=self.family)
+        if self.family in lora_flux.FAMILIES:
+            lora_flux.extend_key_map(self.key_map, self.layers)
         digest = hashlib.sha256("\n".join(self.layers).encode()).hexdigest()[:16]
         self.token = f"{len(self.layers)}:{self.family}:{digest}"
 
@@ -230,15 +273,22 @@ class LayerMap:
 
 
 def assign_network_names_to_compvis_modules(sd_model) -> LayerMap | None:
-    """Names every patchable module (`module.network_layer_name`) and stores the map on the model
-    (`sd_model.network_layer_mapping`, A1111's attribute, and `sd_model.network_layer_map`)."""
+    """Names every patchable module and stores the map on the model (`sd_model.network_layer_map`).
+
+    `module.lora_layer_key` is the canonical name this extension works with. `module.network_layer_name` and
+    `sd_model.network_layer_mapping` ({name: module}) are A1111's: on the compvis layout its own names, which other
+    extensions compare against (Regional Prompter watches `diffusion_model_time_embed_0`); the canonical name where
+    A1111 has none (our diffusers host, OpenCLIP's fused q/k/v rows)."""
     if sd_model is None:
         return None
     layer_map = LayerMap(sd_model)
+    mapping = {}
     for name, module in layer_map.layers.items():
-        module.network_layer_name = name
+        module.lora_layer_key = name
+        module.network_layer_name = layer_map.a1111_names.get(name, name)
         module.network_module_path = layer_map.module_paths.get(name)
-    sd_model.network_layer_mapping = layer_map.layers
+        mapping[module.network_layer_name] = module
+    sd_model.network_layer_mapping = mapping
     sd_model.network_layer_map = layer_map
     lora_checkpoint_source.attach(sd_model, layer_map)  # A1111: originals re-read from its checkpoint file
     return layer_map

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import lora_block_weights
@@ -71,7 +72,9 @@ last_report: LoadReport | None = None
 
 def assign_network_names_to_compvis_modules(sd_model) -> None:
     """on_model_loaded callback (A1111 name): names the model's layers and builds its key map."""
-    lora_layers.assign_network_names_to_compvis_modules(sd_model)
+    layer_map = lora_layers.assign_network_names_to_compvis_modules(sd_model)
+    if layer_map is not None:
+        _watch_unet(layer_map.components.get("unet"))
 
 
 def load_network(name: str, network_on_disk: NetworkOnDisk, sd_model=None) -> Network:
@@ -93,7 +96,10 @@ def load_networks(names: list[str], te_multipliers: list[float] | None = None,
     The same file named twice (stem and alias, or two tags) is applied once, with the last weights.
     `block_weights`: per name, {LBW block id: weight} (lora_block_weights.BlockWeights.for_family) or None."""
     with state_lock:
-        return _load_networks(names, te_multipliers, unet_multipliers, dyn_dims, sd_model, block_weights)
+        _adopt_replaced_cache()
+        report = _load_networks(names, te_multipliers, unet_multipliers, dyn_dims, sd_model, block_weights)
+        _remember_applied(sd_model if sd_model is not None else shared.sd_model)
+        return report
 
 
 def _load_networks(names, te_multipliers, unet_multipliers, dyn_dims, sd_model, block_weights=None) -> LoadReport:
@@ -205,10 +211,12 @@ def purge_networks_from_memory() -> None:
 
 
 def network_apply_weights(self: torch.nn.Module) -> None:
-    """Brings one layer to the state the loaded networks want (a no-op when it is there already)."""
-    name = getattr(self, "network_layer_name", None)
+    """Brings one layer to the state the loaded networks want (a no-op when it is there already). Other extensions
+    call it from their own layer forwards, as A1111's patched forwards do."""
+    name = getattr(self, "lora_layer_key", None)
     if name is None:
         return
+    apply_changed_multipliers()
     sd_model = getattr(shared, "sd_model", None)
     layers, plan = {name: self}, {name: lora_plan.contributions_for(name, loaded_networks)}
     if functional_mode() and functional.hookable(self):
@@ -234,14 +242,93 @@ def restore_all(sd_model=None) -> None:
     sd_model = sd_model if sd_model is not None else shared.sd_model
     with state_lock:
         loaded_networks.clear()
+        _remember_applied(sd_model)
         layer_map = lora_layers.get_layer_map(sd_model)
         functional.clear(layer_map.layers)
         patcher.sync(layer_map.layers, {}, original_weights(sd_model), getattr(layer_map, "module_paths", None))
 
 
+# --- changes other extensions make behind load_networks' back ----------------------------------------------------
+# A1111 merges lazily in each layer's forward and compares the loaded networks' (name, te, unet, dyn) there, so
+# extensions change those between steps or even layers: loractl turns the multipliers into properties of the
+# sampling step, LoRA Block Weight's start/stop and Regional Prompter's regions set them from their own callbacks
+# and forwards. Here the merge happens in load_networks; these notice such changes and apply them (the plan then
+# rewrites only the layers whose multiplier changed).
+_applied_state: tuple = (False, ())  # (functional mode, each loaded network's id, name, te, unet, dyn)
+_applied_model = None  # weakref to the model they were applied to
+
+
+def _wanted_state() -> tuple:
+    return functional_mode(), tuple((id(n), n.name, float(n.te_multiplier), float(n.unet_multiplier), n.dyn_dim)
+                                    for n in loaded_networks)
+
+
+def _remember_applied(sd_model) -> None:
+    global _applied_state, _applied_model
+    _applied_state = _wanted_state()
+    _applied_model = weakref.ref(sd_model) if sd_model is not None else None
+
+
+def apply_changed_multipliers(sd_model=None) -> int:
+    """Applies the loaded networks again when a name, multiplier, dyn or lora_functional changed since the last
+    apply (to the model they were applied to); returns the layers written (0, after a tuple comparison, when
+    nothing changed)."""
+    if not loaded_networks and not _applied_state[1]:
+        return 0
+    if _wanted_state() == _applied_state:
+        return 0
+    if sd_model is None:
+        sd_model = _applied_model() if _applied_model is not None else None
+    if sd_model is None:
+        return 0
+    with state_lock:
+        layer_map = lora_layers.get_layer_map(sd_model)
+        try:
+            written = apply_plan(layer_map, lora_plan.build_plan(layer_map.layers, loaded_networks), sd_model)
+        except lora_patcher.PatchError as e:
+            errors.display(e, "applying changed Lora multipliers")
+            loaded_networks.clear()
+            functional.clear(layer_map.layers)
+            written = 0
+        _remember_applied(sd_model)
+    return written
+
+
+def _before_unet(module, args) -> None:
+    apply_changed_multipliers()
+
+
+def _watch_unet(unet) -> None:
+    """Checks for changed multipliers before each UNet call, after every cfg_denoiser callback of the step has run
+    (A1111 would see them in the layers' forwards of that same call)."""
+    if isinstance(unet, torch.nn.Module) and not getattr(unet, "_lora_watched", False):
+        unet.register_forward_pre_hook(_before_unet)
+        unet._lora_watched = True
+
+
+def network_forward(org_module: torch.nn.Module, input, original_forward):
+    """A1111 API (its functional path): the layer's output with the loaded networks, given the layer's unpatched
+    forward. Regional Prompter calls it from its own Linear.forward after changing the multipliers for a region:
+    the change is applied first; then in functional mode this layer's hook adds the networks' output, in merge
+    mode its weights hold them."""
+    network_apply_weights(org_module)
+    return original_forward(org_module, input)
+
+
+def _adopt_replaced_cache() -> None:
+    """LoRA Block Weight empties A1111's network cache by assigning a new dict to `networks.networks_in_memory`
+    (it scales the loaded networks' tensors in place, so they must be read from the file again): the cache this
+    extension really uses is emptied the same way."""
+    global networks_in_memory
+    if networks_in_memory is not lora_loader.networks_in_memory:
+        lora_loader.purge_networks_from_memory(0, [])
+        lora_loader.networks_in_memory.clear()
+        networks_in_memory = lora_loader.networks_in_memory
+
+
 __all__ = [
     "load_networks", "available_networks", "available_network_aliases", "forbidden_network_aliases",
     "available_network_hash_lookup", "loaded_networks", "networks_in_memory", "list_available_networks",
-    "network_apply_weights", "network_restore_weights_from_backup", "network_reset_cached_weight",
+    "network_apply_weights", "network_restore_weights_from_backup", "network_reset_cached_weight", "network_forward",
     "assign_network_names_to_compvis_modules", "Network", "NetworkOnDisk", "NetworkModule", "network",
 ]
