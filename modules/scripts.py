@@ -77,14 +77,13 @@ def load_scripts() -> None:
         syspath = sys.path
         try:
             # Extensions import their own modules by bare name (`import networks`), as in A1111.
-            if script_file.basedir not in sys.path:
-                sys.path = [script_file.basedir] + sys.path
+            sys.path = [script_file.basedir] + sys.path
             current_basedir = script_file.basedir
             loaded_modules[script_file.path] = load_module(script_file.path)
         except Exception:
             errors.report(f"Error loading script: {script_file.path}", exc_info=True)
         finally:
-            # Keep the extension folder importable afterwards: its callbacks import siblings lazily.
-            if script_file.basedir not in syspath:
-                sys.path = syspath + [script_file.basedir]
+            # As in A1111, the folder is importable only while its scripts load: an extension that imports a
+            # sibling later (in a callback) fails here exactly as it would there.
+            sys.path = syspath
             current_basedir = None

@@ -9,6 +9,8 @@ import secrets
 import extra_networks_lora
 import lora_block_weights
 import lora_discovery
+from fastapi import Depends, HTTPException
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from modules import shared
 
@@ -48,9 +50,6 @@ def _auth_dependencies() -> list:
     credentials = _credentials()
     if not credentials:
         return []
-    from fastapi import Depends, HTTPException
-    from fastapi.security import HTTPBasic, HTTPBasicCredentials
-
     def auth(given: HTTPBasicCredentials = Depends(HTTPBasic())) -> bool:  # noqa: B008
         password = credentials.get(given.username)
         if password is not None and secrets.compare_digest(given.password.encode(), password.encode()):

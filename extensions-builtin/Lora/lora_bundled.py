@@ -8,6 +8,14 @@ from __future__ import annotations
 
 import logging
 
+from modules import shared
+
+try:  # the embedding database and its Embedding type; a host without textual inversion has no bundled words
+    from modules import sd_hijack
+    from modules.textual_inversion import textual_inversion
+except ImportError:
+    sd_hijack = textual_inversion = None
+
 logger = logging.getLogger("lora")
 
 _registered: dict[str, object] = {}  # embedding name → the Embedding this module registered
@@ -18,10 +26,6 @@ class BundledHash(str):
 
 
 def _embedding_db():
-    try:
-        from modules import sd_hijack
-    except ImportError:
-        return None
     return getattr(getattr(sd_hijack, "model_hijack", None), "embedding_db", None)
 
 
@@ -35,12 +39,9 @@ def unregister_all() -> None:
 
 def register(networks: list, sd_model=None) -> list[str]:
     """Registers the bundled embeddings of `networks`; returns messages for the job's comments."""
-    from modules import shared
-    from modules.textual_inversion import textual_inversion
-
     unregister_all()
     db = _embedding_db()
-    if db is None:
+    if db is None or textual_inversion is None:
         return []
     messages = []
     to_infotext = bool(getattr(shared.opts, "lora_bundled_ti_to_infotext", True))

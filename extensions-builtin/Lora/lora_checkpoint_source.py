@@ -31,6 +31,11 @@ import time
 import lora_files
 import torch
 
+try:  # both hosts have them; a bare process (a tool, a test without a host) may not
+    from modules import sd_models, shared
+except ImportError:
+    sd_models = shared = None
+
 logger = logging.getLogger("lora")
 
 FileStamp = tuple[int, int, int, int, int]
@@ -344,11 +349,7 @@ def attach(sd_model, layer_map) -> None:
         return
     if getattr(layer_map, "layout", None) != "compvis":
         return
-    try:
-        from modules import sd_models, shared
-        cmd_opts = getattr(shared, "cmd_opts", None)
-    except ImportError:
-        sd_models, cmd_opts = None, None
+    cmd_opts = getattr(shared, "cmd_opts", None)
     try:
         source = build(sd_model, layer_map, sd_models, cmd_opts)
     except Exception as e:  # never stop a model load over this: the patcher has other restore paths
@@ -361,11 +362,8 @@ def attach(sd_model, layer_map) -> None:
 
 
 def _install() -> None:
-    try:
-        from modules import sd_models
-    except ImportError:
-        return
-    install_read_hook(sd_models)
+    if sd_models is not None:
+        install_read_hook(sd_models)
 
 
 _install()

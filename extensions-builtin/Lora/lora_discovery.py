@@ -20,10 +20,12 @@ from typing import Callable
 import lora_files
 import network
 
+from modules import shared
+
 available_networks: dict[str, network.NetworkOnDisk] = {}
 available_network_aliases: dict[str, network.NetworkOnDisk] = {}
 forbidden_network_aliases: dict[str, int] = {}
-available_network_hash_lookup: dict[str, network.NetworkOnDisk] = {}
+available_network_hash_lookup = network.available_network_hash_lookup  # the records fill it as hashes become known
 available_network_paths: dict[str, network.NetworkOnDisk] = {}  # path-qualified name → record
 
 _records: dict[str, network.NetworkOnDisk] = {}  # absolute path → record, reused while (size, mtime) hold
@@ -54,7 +56,6 @@ def natural_sort_key(s: str, regex: re.Pattern = re.compile(r"([0-9]+)")) -> lis
 
 
 def lora_dirs() -> list[str]:
-    from modules import shared
     dirs = [getattr(shared.cmd_opts, "lora_dir", None), getattr(shared.cmd_opts, "lyco_dir_backcompat", None)]
     return [os.path.abspath(d) for d in dirs if d]
 
@@ -210,7 +211,6 @@ def _record(filename: str, root: str, st: os.stat_result | None = None) -> netwo
 def _scan(rescan: Callable[[str, os.stat_result, DirState | None], bool], stat_files: bool) -> bool:
     """Walks the Lora folders and rebuilds the maps when the set of records changed. With stat_files, every
     file is stat'ed (a changed size or mtime gives a new record); without, only new files are looked at."""
-    from modules import shared
     list_hidden = bool(getattr(shared.opts, "list_hidden_files", True))
     ensure_lora_dir()
     with _lock:
@@ -432,3 +432,6 @@ def ambiguous_alias_files(name: str) -> list[network.NetworkOnDisk]:
     if name.lower() not in maps.forbidden:
         return []
     return [e for e in maps.networks.values() if e.alias.lower() == name.lower()]
+
+
+network.set_name_resolver(find_network)

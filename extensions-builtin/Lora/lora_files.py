@@ -9,7 +9,9 @@ import os
 import pickle
 import re
 import struct
+import sys
 
+import safetensors.torch
 import torch
 
 SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
@@ -102,11 +104,9 @@ def decode_metadata(raw: dict) -> dict:
 
 def read_metadata(filename: str) -> dict:
     """Decoded safetensors metadata, through the host's reader when it has one (A1111 API)."""
-    try:
-        from modules import sd_models
-        reader = sd_models.read_metadata_from_safetensors
-    except (ImportError, AttributeError):
-        reader = None
+    # The host has loaded its sd_models by the time a Lora is read; looked up, never imported here (lora_files is
+    # also used by command-line tools that load no host).
+    reader = getattr(sys.modules.get("modules.sd_models"), "read_metadata_from_safetensors", None)
     if reader is not None:
         try:
             return dict(reader(filename) or {})
@@ -128,10 +128,13 @@ _FIRST_LEVEL_ATTENTION = ("down_blocks_0_attentions", "down_blocks.0.attentions"
                           "input_blocks.1.1.", "input_blocks_2_1_", "input_blocks.2.1.")
 # Names only other architectures have; the first of these that any key shows wins.
 _OTHER_ARCHS = (
-    ("Flux", ("double_blocks", "single_blocks", "single_transformer_blocks")),
+    ("Chroma", ("distilled_guidance_layer",)),  # Flux blocks with an approximator instead of modulation Linears
+    ("Flux", ("double_blocks", "single_blocks", "single_transformer_blocks", "guidance_embedder", "guidance_in")),
     ("SD3", ("joint_blocks",)),
     ("Cascade", ("lora_prior_unet_", "lora_prior_te_")),
-    ("DiT", ("lora_transformer_", "transformer.transformer_blocks")),
+    # diffusers-named transformer layers that do not say which DiT, and T5 text-encoder layers (Flux, SD3, ...)
+    ("DiT", ("lora_transformer_", "transformer.transformer_blocks", "lycoris_transformer_blocks",
+             "base_model.model.transformer_blocks", "SelfAttention", "DenseReluDense")),
 )
 _FAMILIES = frozenset({"SD1", "SD2", "SDXL"})
 # CLIP width of the first text encoder → families, by key prefix: kohya writes `lora_te_` only for one-encoder
@@ -264,7 +267,6 @@ def load_state_dict(filename: str) -> dict[str, torch.Tensor]:
     ext = os.path.splitext(filename)[1].lower()
     try:
         if ext == ".safetensors":
-            import safetensors.torch
             # copies: load_file's tensors are views of a shared map of the file, so a file rewritten in place
             # would change (or, when shorter, crash) a network that is loaded and merged
             return {k: v.clone() for k, v in safetensors.torch.load_file(filename, device="cpu").items()}

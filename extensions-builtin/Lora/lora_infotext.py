@@ -6,6 +6,8 @@ import re
 
 import lora_discovery
 
+from modules import paths_internal
+
 re_lora_tag = re.compile(r"<(lora|lyco):([^:>]+)")
 re_addnet_module = re.compile(r"^AddNet Module (\d+)$")
 re_trailing_hash = re.compile(r"\(([0-9a-fA-F]+)\)\s*$")
@@ -43,7 +45,6 @@ def infotext_pasted(infotext: str, d: dict) -> None:
 
 
 def _addnet_extension_installed() -> bool:
-    from modules import paths_internal
     folder = paths_internal.extensions_dir
     return os.path.isdir(folder) and any("additional-networks" in x.lower() for x in os.listdir(folder))
 

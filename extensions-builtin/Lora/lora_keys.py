@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+import lora_files  # the key/shape family heuristics live with the header reader
 import torch
 
 # diffusers resnet part → compvis ResBlock part (table 3.4, map_res)
@@ -251,7 +252,7 @@ KEY_ROWS: tuple[KeyRow, ...] = (
     KeyRow("text_encoder_2", "lora_te2_", "bare", source="OneTrainer (text_projection)"),
     KeyRow("text_encoder_2", "text_encoder_2.", "text_model", ".", source="PEFT / diffusers SDXL"),
     KeyRow("text_encoder_2", "text_encoder_2.", "bare", "."),
-    KeyRow("transformer", "transformer.", "diffusers", ".", source="PEFT / diffusers DiT (no such host component yet)"),
+    KeyRow("transformer", "transformer.", "diffusers", ".", source="PEFT / diffusers / ai-toolkit / SimpleTuner DiT"),
 )
 
 
@@ -266,6 +267,8 @@ PART_RENAMES = {
     "lora_linear_layer.up.weight": "lora_up.weight",
     "lora_magnitude_vector": "dora_scale",
     "lora_magnitude_vector.weight": "dora_scale",
+    "down.weight": "lora_down.weight",  # XLabs' LoRALinearLayer (`processor.qkv_lora1.down.weight`)
+    "up.weight": "lora_up.weight",
 }
 # PEFT writes the adapter name when a raw state dict is saved (`lora_A.default.weight`, `lora_B.default_0.weight`)
 _re_adapter_name = re.compile(r"^(?:(lora_A|lora_B)\.(?!weight$)[^.]+\.weight|(lora_magnitude_vector)\.(?!weight$)[^.]+"
@@ -338,6 +341,8 @@ class KeyMap:
         self.aliases = aliases
         self.collisions = collisions or {}
         self.family = family
+        # virtual layer (a file layer that is several loaded layers, e.g. Flux's fused qkv) → lora_flux.FusedLayer
+        self.fused: dict[str, Any] = {}
 
     def resolve(self, base: str) -> str | None:
         return self.aliases.get(base)
@@ -519,12 +524,10 @@ def parse_state_dict(state_dict: Mapping[str, torch.Tensor], key_map: KeyMap,
     embeddings, the file's model family from its keys and shapes. A file that clearly belongs to another
     family than the model's is refused whole (every key unmatched): applying the layers whose names happen to
     fit would change the model without doing what the file was made for."""
-    import lora_files  # the key/shape family heuristics live with the header reader
-
     parsed = ParsedFile(tensors=dict(state_dict))
     parsed.bundle_embeddings, parsed.bad_bundle_keys = parse_bundle_embeddings(state_dict)
     parsed.version_hint = lora_files.version_hint_from_keys(state_dict)
-    if parsed.version_hint and key_map.family and parsed.version_hint != key_map.family:
+    if not fits_family(parsed.version_hint, key_map.family):
         parsed.refused = f"it looks like {article(parsed.version_hint)} {parsed.version_hint} LoRA, the loaded " \
                          f"model is {key_map.family}"
         parsed.unmatched = [k for k in state_dict if not k.startswith(BUNDLE_PREFIX)]
@@ -566,6 +569,16 @@ def parse_state_dict(state_dict: Mapping[str, torch.Tensor], key_map: KeyMap,
                 parsed.tensors[alpha_key] = torch.tensor(alpha)
                 parts["alpha"] = alpha_key
     return parsed
+
+
+# File families that fit a loaded family of another name: Flux.1 and Chroma share their blocks; "DiT" (diffusers-named
+# transformer keys, or T5 keys alone, that tell no more) fits any transformer family.
+_FITS = {"Flux": {"Chroma"}, "Chroma": {"Flux"}, "DiT": {"Flux", "Chroma", "SD3"}}
+
+
+def fits_family(hint: str | None, family: str | None) -> bool:
+    """Whether a file whose keys look like `hint` may be applied to a model of `family` (unknown either way: yes)."""
+    return not hint or not family or hint == family or family in _FITS.get(hint, ())
 
 
 def article(family: str) -> str:

@@ -5,6 +5,7 @@ components.
 """
 from __future__ import annotations
 
+import gradio as gr
 import lora_discovery
 import networks
 
@@ -23,15 +24,15 @@ def _purge() -> None:
 
 
 def options(with_components: bool = False) -> dict[str, shared.OptionInfo]:
-    gr = None
-    if with_components:
-        import gradio as gr
+    def component(kind: str):
+        return getattr(gr, kind) if with_components else None
+
     opts = {
         "sd_lora": shared.OptionInfo(
-            "None", "Add network to prompt", gr.Dropdown if gr else None, _sd_lora_choices,
+            "None", "Add network to prompt", component("Dropdown"), _sd_lora_choices,
             refresh=lora_discovery.list_available_networks),
         "lora_preferred_name": shared.OptionInfo(
-            "Alias from file", "When adding to prompt, refer to Lora by", gr.Radio if gr else None,
+            "Alias from file", "When adding to prompt, refer to Lora by", component("Radio"),
             {"choices": ["Alias from file", "Filename"]}),
         "lora_add_hashes_to_infotext": shared.OptionInfo(True, "Add Lora hashes to infotext"),
         "lora_bundled_ti_to_infotext": shared.OptionInfo(
@@ -40,10 +41,10 @@ def options(with_components: bool = False) -> dict[str, shared.OptionInfo]:
         "lora_show_all": shared.OptionInfo(False, "Always show all networks on the Lora page").info(
             "otherwise, those detected as for incompatible version of Stable Diffusion will be hidden"),
         "lora_hide_unknown_for_versions": shared.OptionInfo(
-            [], "Hide networks of unknown versions for model versions", gr.CheckboxGroup if gr else None,
+            [], "Hide networks of unknown versions for model versions", component("CheckboxGroup"),
             {"choices": ["SD1", "SD2", "SDXL"]}),
         "lora_in_memory_limit": shared.OptionInfo(
-            2, "Number of Lora networks to keep cached in memory", gr.Number if gr else None, {"precision": 0},
+            2, "Number of Lora networks to keep cached in memory", component("Number"), {"precision": 0},
             onchange=_purge).info("besides the current job's; A1111's default is 0, which re-reads a file on every "
                                   "switch back to it"),
         "lora_not_found_warning_console": shared.OptionInfo(

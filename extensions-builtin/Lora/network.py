@@ -9,10 +9,13 @@ import enum
 import json
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 import lora_identity
 import lyco_helpers
 import torch
+
+from modules import extra_networks, shared
 
 metadata_tags_order = {"ss_sd_model_name": 1, "ss_resolution": 2, "ss_clip_skip": 3, "ss_num_train_images": 10,
                        "ss_tag_frequency": 20}
@@ -52,6 +55,21 @@ def detect_version(metadata: dict, version_hint: str | None = None) -> SdVersion
     if metadata:
         return SdVersion.SD1
     return SdVersion.Unknown
+
+
+# shorthash → record (A1111's `networks.available_network_hash_lookup`: lora_discovery re-exports this dict).
+available_network_hash_lookup: dict[str, NetworkOnDisk] = {}
+# How a prompt name resolves to a record. Name resolution lives in lora_discovery, which imports this module, so it
+# hands its resolver over at import (set_name_resolver) instead of this module importing it back.
+_name_resolver: list[Callable[[str], NetworkOnDisk | None]] = []
+
+
+def set_name_resolver(find_network: Callable[[str], NetworkOnDisk | None]) -> None:
+    _name_resolver[:] = [find_network]
+
+
+def _find_network(name: str) -> NetworkOnDisk | None:
+    return _name_resolver[0](name) if _name_resolver else None
 
 
 class NetworkOnDisk:
@@ -112,8 +130,7 @@ class NetworkOnDisk:
         self.hash = v or None
         self.shorthash = self.hash[0:12] if self.hash else None
         if self.shorthash:
-            import lora_discovery
-            lora_discovery.available_network_hash_lookup[self.shorthash] = self
+            available_network_hash_lookup[self.shorthash] = self
 
     def read_hash(self) -> None:
         """Computes the hash on first use (tensor-data "addnet" hash for safetensors, else file sha256)."""
@@ -122,18 +139,14 @@ class NetworkOnDisk:
 
     def get_alias(self) -> str:
         """The name a card inserts: the alias when it resolves back to this file, else the unique name."""
-        import lora_discovery
-
-        from modules import shared
         if getattr(shared.opts, "lora_preferred_name", "Alias from file") == "Filename":
             return self.name
-        if self.alias != self.name and lora_discovery.find_network(self.alias) is self:
+        if self.alias != self.name and _find_network(self.alias) is self:
             return self.alias
         return self.name
 
     def get_user_metadata(self) -> dict:
         """The sidecar `<stem>.json` (description, activation text, preferred weight, ...)."""
-        from modules import extra_networks
         return extra_networks.get_user_metadata(self.filename)
 
     def __repr__(self) -> str:

@@ -1,8 +1,12 @@
-"""The Lora card editor (A1111 name): sidecar fields, file and training facts, training tags."""
+"""The Lora card editor (A1111 name): sidecar fields, file and training facts, training tags.
+
+The rows, tags and random prompt are host-neutral; `LoraUserMetadataEditor` here is our host's dialog, and
+ui_edit_user_metadata_a1111.py builds the same editor from A1111's gradio components."""
 from __future__ import annotations
 
 import datetime
 import math
+import random
 import re
 
 from modules import ui_extra_networks_user_metadata
@@ -76,37 +80,55 @@ def _resolutions(bucket_info) -> tuple[str, str] | None:
     return text, ", ".join(ordered)
 
 
+def lora_table_rows(metadata: dict) -> list[tuple]:
+    """The Lora rows of the editor's file table: (label, text) or (label, short text, full text)."""
+    rows: list[tuple] = []
+    labels = {"ss_output_name": "Output name:", "ss_sd_model_name": "Model:", "ss_clip_skip": "Clip skip:",
+              "ss_network_module": "Kohya module:"}
+    for key, label in labels.items():
+        value = metadata.get(key)
+        if value is not None and str(value) != "None":
+            rows.append((label, str(value)))
+    started = metadata.get("ss_training_started_at")
+    if started:
+        try:
+            when = datetime.datetime.fromtimestamp(float(started), datetime.timezone.utc)
+            rows.append(("Date trained:", when.strftime("%Y-%m-%d %H:%M")))
+        except (TypeError, ValueError, OverflowError):
+            pass
+    resolutions = _resolutions(metadata.get("ss_bucket_info"))
+    if resolutions:
+        label = "Resolutions:" if "," in resolutions[1] else "Resolution:"
+        rows.append((label, resolutions[0], resolutions[1]))
+    image_count = 0
+    dataset_dirs = metadata.get("ss_dataset_dirs")
+    if isinstance(dataset_dirs, dict):
+        for params in dataset_dirs.values():
+            count = metadata_count(params.get("img_count", 0)) if isinstance(params, dict) else None
+            image_count = min(MAX_COUNT, image_count + (count or 0))
+    if image_count:
+        rows.append(("Dataset size:", str(image_count)))
+    return rows
+
+
+def random_prompt(tags: list[tuple[str, int]], rng: random.Random | None = None) -> str:
+    """A1111's "Generate": each tag with probability count / highest count, brackets escaped, sorted."""
+    rng = rng or random
+    highest = tags[0][1] if tags else 0
+    picked = []
+    for tag, count in tags:
+        if highest and count > rng.random() * highest:
+            for bracket in "({[]})":
+                tag = tag.replace(bracket, "\\" + bracket)
+            picked.append(tag)
+    return ", ".join(sorted(picked))
+
+
 class LoraUserMetadataEditor(ui_extra_networks_user_metadata.UserMetadataEditor):
+    """The editor for our host, whose dialog is built in the browser from editor_data (fields, table, tags)."""
+
     def get_metadata_table(self, name: str) -> list[tuple]:
-        table = super().get_metadata_table(name)
-        item = self.get_item(name)
-        metadata = item.get("metadata") or {}
-        labels = {"ss_output_name": "Output name:", "ss_sd_model_name": "Model:", "ss_clip_skip": "Clip skip:",
-                  "ss_network_module": "Kohya module:"}
-        for key, label in labels.items():
-            value = metadata.get(key)
-            if value is not None and str(value) != "None":
-                table.append((label, str(value)))
-        started = metadata.get("ss_training_started_at")
-        if started:
-            try:
-                when = datetime.datetime.fromtimestamp(float(started), datetime.timezone.utc)
-                table.append(("Date trained:", when.strftime("%Y-%m-%d %H:%M")))
-            except (TypeError, ValueError, OverflowError):
-                pass
-        resolutions = _resolutions(metadata.get("ss_bucket_info"))
-        if resolutions:
-            label = "Resolutions:" if "," in resolutions[1] else "Resolution:"
-            table.append((label, resolutions[0], resolutions[1]))
-        image_count = 0
-        dataset_dirs = metadata.get("ss_dataset_dirs")
-        if isinstance(dataset_dirs, dict):
-            for params in dataset_dirs.values():
-                count = metadata_count(params.get("img_count", 0)) if isinstance(params, dict) else None
-                image_count = min(MAX_COUNT, image_count + (count or 0))
-        if image_count:
-            table.append(("Dataset size:", str(image_count)))
-        return table
+        return super().get_metadata_table(name) + lora_table_rows(self.get_item(name).get("metadata") or {})
 
     def editor_fields(self, name: str, user_metadata: dict) -> list[dict]:
         item = self.get_item(name)

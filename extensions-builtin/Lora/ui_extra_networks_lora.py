@@ -2,21 +2,52 @@
 
 Items are cached per file and rebuilt only when the file's record, its neighbours (preview, sidecar JSON,
 description), its hash or the name maps change, so rescanning ten thousand LoRAs rebuilds only what changed.
+
+Two hosts: ours sends card data as JSON (`cards_json`) and its lister takes the discovery walk's listings (`prime`,
+`names_in`); A1111 v1.10.1 renders each item into HTML itself (`create_html` → `create_item_html`) with a
+`MassFileLister` it resets on every render. Those extras are detected, never assumed.
 """
 from __future__ import annotations
 
+import html
+import json
 import math
 import os
 
 import lora_discovery
+import lora_hashing
+import lora_layers
 import lora_tag_names
 import networks
+import ui_edit_user_metadata
+import ui_edit_user_metadata_a1111
 
-from modules import errors, shared, ui_extra_networks
-from modules.ui_extra_networks import quote_js
+from modules import errors, shared, ui_extra_networks, ui_extra_networks_user_metadata
+
+# Our host builds the card pane from JSON; A1111 from the HTML its page class renders (create_item_html).
+HOST_CARDS_JSON = hasattr(ui_extra_networks.ExtraNetworksPage, "cards_json")
+# Our host's editor dialog is built in the browser from editor_fields; A1111's from gradio components.
+HOST_EDITOR_FIELDS = hasattr(ui_extra_networks_user_metadata.UserMetadataEditor, "editor_fields")
 
 _versions = ("Unknown", "SD1", "SD2", "SDXL")
 SEARCH_TAGS = 24  # training tags a card can be found by (the editor's tag cloud shows as many)
+
+
+def quote_js(s) -> str:
+    """A JS string literal (JSON rules: quotes, backslashes and newlines are safe; A1111's own quote_js leaves
+    newlines raw, which breaks a card whose activation text has several lines)."""
+    return json.dumps(str(s), ensure_ascii=False)
+
+
+def _model_family() -> str:
+    """The loaded model's family ("SD1", "SD2", "SDXL", ...), "" without a model: the host's own answer when it
+    has one (ours does not wait for a model that is still loading), else A1111's `is_sdxl`/`is_sd2`/`is_sd1`."""
+    if hasattr(ui_extra_networks, "loaded_model_family"):
+        return ui_extra_networks.loaded_model_family()
+    model = getattr(shared, "sd_model", None)
+    if model is None:
+        return ""
+    return lora_layers.model_family(model, 0) or "Unknown"
 
 
 def _version_name(value) -> str:
@@ -46,9 +77,8 @@ def _load_error(lora_on_disk) -> str | None:
 
 def _training_tags(metadata: dict) -> str:
     """The most frequent training tags, for search."""
-    from ui_edit_user_metadata import build_tags
     try:
-        return ", ".join(tag for tag, _ in build_tags(metadata)[:SEARCH_TAGS])
+        return ", ".join(tag for tag, _ in ui_edit_user_metadata.build_tags(metadata)[:SEARCH_TAGS])
     except Exception:  # odd ss_tag_frequency shapes must not lose the card
         return ""
 
@@ -68,19 +98,24 @@ class ExtraNetworksPageLora(ui_extra_networks.ExtraNetworksPage):
         self._suffix_cache: tuple[tuple, tuple[str, ...]] = ((), ())
         self._tabnames: set[str] = set()
         try:
-            import lora_hashing
             lora_hashing.start()  # the web UI hashes new files in the background
-            lora_hashing.on_finished(self._rebuild_cards)
+            if HOST_CARDS_JSON:  # A1111 shows new hashes at the next render
+                lora_hashing.on_finished(self._rebuild_cards)
         except Exception as e:
             errors.display(e, "starting the Lora background hashing")
 
+    def _prime_lister(self, replace: bool) -> None:
+        """The discovery walk already stat'ed every file: our host's lister takes its listings (A1111's has no
+        `prime` and lists each folder once per render itself)."""
+        prime = getattr(self.lister, "prime", None)
+        if callable(prime):
+            prime(lora_discovery.dir_listings(), replace=replace)
+
     def refresh(self) -> None:
         networks.list_available_networks()
-        # The discovery walk already stat'ed every file: the page's look-ups use its listings.
-        self.lister.prime(lora_discovery.dir_listings())
+        self._prime_lister(replace=True)
 
     def items_version(self):
-        import lora_hashing
         return lora_discovery.maps_generation, len(networks.available_networks), lora_hashing.status()["generation"]
 
     def cards_json(self, tabname: str):
@@ -97,7 +132,6 @@ class ExtraNetworksPageLora(ui_extra_networks.ExtraNetworksPage):
                 errors.display(e, "preparing Lora cards")
 
     def background_status(self) -> dict | None:
-        import lora_hashing
         status = lora_hashing.status()
         return {"task": "hashing", "label": "Hashing", **status}
 
@@ -131,13 +165,17 @@ class ExtraNetworksPageLora(ui_extra_networks.ExtraNetworksPage):
         """The item for a record, reused while the record, its neighbouring files and the name maps hold."""
         dirname, base = os.path.split(lora_on_disk.filename)
         stem = os.path.splitext(base)[0]
-        listing = self.lister.names_in(dirname)
+        names_in = getattr(self.lister, "names_in", None)
+        listing = names_in(dirname) if callable(names_in) else None
         token = self._token(lora_on_disk)
         cached = self._item_cache.get(lora_on_disk.filename)
         if cached is not None and cached.entry is lora_on_disk and cached.token == token \
-                and cached.listing is listing:  # nothing in the folder changed
+                and listing is not None and cached.listing is listing:  # nothing in the folder changed
             return cached.item
-        signature = tuple(listing.get(stem + s) for s in self._suffixes())
+        if listing is not None:
+            signature = tuple(listing.get(stem + s) for s in self._suffixes())
+        else:  # A1111's lister: one folder listing per render, then a dict look-up per neighbour
+            signature = tuple(self.lister.find(os.path.join(dirname, stem + s)) for s in self._suffixes())
         if cached is not None and cached.entry is lora_on_disk and cached.token == token \
                 and cached.signature == signature:  # the folder changed, but not this file's neighbours
             cached.listing = listing
@@ -172,7 +210,7 @@ class ExtraNetworksPageLora(ui_extra_networks.ExtraNetworksPage):
             "alias": alias,
             "filename": lora_on_disk.filename,
             "shorthash": getattr(lora_on_disk, "shorthash", None) or "",
-            "preview": self.find_preview(path) or self.find_embedded_preview(path, name, metadata),
+            "preview": self.find_preview(path) or self._embedded_preview(path, name, metadata),
             "description": self.find_description(path),
             "search_terms": search_terms,
             "local_preview": f"{path}.{shared.opts.samples_format}",
@@ -220,7 +258,7 @@ class ExtraNetworksPageLora(ui_extra_networks.ExtraNetworksPage):
         """A1111's rule: hide LoRAs made for another model family unless `lora_show_all`."""
         if getattr(shared.opts, "lora_show_all", False):
             return False
-        family = ui_extra_networks.loaded_model_family()
+        family = _model_family()
         if family in ("", "Unknown"):
             return False
         if sd_version == "Unknown":
@@ -234,19 +272,23 @@ class ExtraNetworksPageLora(ui_extra_networks.ExtraNetworksPage):
 
     def list_items(self):
         # The discovery walk's listings fill folders the lister has not seen (the first build after start).
-        self.lister.prime(lora_discovery.dir_listings(), replace=False)
+        self._prime_lister(replace=False)
         # Copy first: a rescan from another thread may replace entries while we iterate.
         entries = list(networks.available_networks.items())
         live = set()
-        for name, lora_on_disk in entries:
+        for index, (name, lora_on_disk) in enumerate(entries):
             live.add(lora_on_disk.filename)
             try:
                 item = self._cached_item(lora_on_disk)
             except Exception as e:  # one unreadable file must not hide the others
                 errors.display(e, f"creating the Lora card for {name}")
-                item = {"name": name, "filename": getattr(lora_on_disk, "filename", ""), "prompt": None,
-                        "search_terms": [name], "sort_keys": {"name": name.lower()},
+                filename = getattr(lora_on_disk, "filename", "")
+                item = {"name": name, "filename": filename, "prompt": quote_js(""), "negative_prompt": quote_js(""),
+                        "prompt_parts": [], "search_terms": [name], "sort_keys": {"name": name.lower()},
+                        "local_preview": f"{os.path.splitext(filename)[0]}.{shared.opts.samples_format}",
                         "error": f"{type(e).__name__}: {e}"}
+            if not HOST_CARDS_JSON:  # A1111's "Sort by path" sorts by this key: the listing's natural path order
+                item = {**item, "sort_keys": {"default": index, **(item.get("sort_keys") or {})}}
             yield item
         for filename in [f for f in self._item_cache if f not in live]:
             del self._item_cache[filename]
@@ -255,6 +297,33 @@ class ExtraNetworksPageLora(ui_extra_networks.ExtraNetworksPage):
         dirs = [getattr(shared.cmd_opts, "lora_dir", None), getattr(shared.cmd_opts, "lyco_dir_backcompat", None)]
         return [d for d in dirs if d]
 
+    def _embedded_preview(self, path: str, name: str, metadata: dict) -> str | None:
+        try:
+            return self.find_embedded_preview(path, name, metadata)
+        except (ValueError, TypeError):  # A1111's reads ssmd_cover_images as JSON text; an odd value has none
+            return None
+
     def create_user_metadata_editor(self, ui, tabname: str):
-        from ui_edit_user_metadata import LoraUserMetadataEditor
-        return LoraUserMetadataEditor(ui, tabname, self)
+        editor = ui_edit_user_metadata.LoraUserMetadataEditor if HOST_EDITOR_FIELDS else \
+            ui_edit_user_metadata_a1111.LoraUserMetadataEditor
+        return editor(ui, tabname, self)
+
+    # --- A1111's HTML cards ---------------------------------------------------------------------------------------
+    def create_item_html(self, tabname: str, item: dict, template: str | None = None):
+        """A1111 renders cards from items itself: what it puts into the page unescaped (search terms: training
+        tags, aliases) is escaped here, a card's problem is shown in its description, and the card gets what
+        this extension's javascript/lora_cards_drag.js needs to drag it into a prompt."""
+        adapted = dict(item)
+        adapted["search_terms"] = [html.escape(str(t)) for t in item.get("search_terms") or []]
+        error = item.get("error")
+        if error:
+            description = item.get("description") or ""
+            if getattr(shared.opts, "extra_networks_card_description_is_html", False):
+                adapted["description"] = f"⚠ {html.escape(str(error))}<br>{description}"
+            else:
+                adapted["description"] = f"⚠ {error}\n{description}"
+        res = super().create_item_html(tabname, adapted, template)
+        if isinstance(res, str) and res.startswith('<div class="card" ') and item.get("prompt_parts"):
+            parts = html.escape(json.dumps(item["prompt_parts"], ensure_ascii=False))
+            res = f'<div class="card" draggable="true" data-lora-prompt="{parts}" ' + res[len('<div class="card" '):]
+        return res

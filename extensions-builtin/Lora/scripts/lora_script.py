@@ -1,14 +1,18 @@
 """The Lora extension's webui script (A1111 file name). Imported with the extension folder on sys.path."""
 import extra_networks_lora
+import lora  # noqa: F401  (A1111's old names, imported by other extensions)
 import lora_api
 import lora_infotext
+import lora_patches
 import lora_settings
 import networks
+import ui_extra_networks_lora
 
 from modules import errors, extra_networks, script_callbacks, ui_extra_networks
 
 lora_settings.register()  # so the options exist without a UI; on_ui_settings adds the components
 
+networks.originals = lora_patches.LoraPatches()  # A1111 attribute: the torch forwards as they were (no patching)
 networks.extra_network_lora = extra_networks_lora.ExtraNetworkLora()
 extra_networks.register_extra_network(networks.extra_network_lora)
 extra_networks.register_extra_network_alias(networks.extra_network_lora, "lyco")
@@ -24,11 +28,9 @@ def before_ui() -> None:
     extra_networks.register_extra_network(networks.extra_network_lora)
     extra_networks.register_extra_network_alias(networks.extra_network_lora, "lyco")
     try:
-        import ui_extra_networks_lora
-    except ImportError as e:
-        errors.display(e, "loading the Lora card page")
-        return
-    ui_extra_networks.register_page(ui_extra_networks_lora.ExtraNetworksPageLora())
+        ui_extra_networks.register_page(ui_extra_networks_lora.ExtraNetworksPageLora())
+    except Exception as e:  # the web UI must come up without the card page rather than not at all
+        errors.display(e, "creating the Lora card page")
 
 
 script_callbacks.on_model_loaded(networks.assign_network_names_to_compvis_modules)
