@@ -16,7 +16,7 @@ MAX_GROUPS = 5
 @dataclass
 class Coverage:
     name: str
-    matched: int  # layers the network changes
+    matched: int  # file layers the network applies
     file_layers: int  # layers the file names: matched, failed to build, not understood, and unmatched ones
     unmatched: list[tuple[str, int]] = field(default_factory=list)  # (key group, keys) naming no layer
     not_understood: list[tuple[str, int]] = field(default_factory=list)  # (part, keys) no network type uses
@@ -28,7 +28,7 @@ class Coverage:
 
     @property
     def other_family(self) -> bool:
-        return bool(self.hint and self.family and self.hint != self.family)
+        return not lora_keys.fits_family(self.hint, self.family)
 
     @property
     def unmatched_count(self) -> int:
@@ -59,9 +59,11 @@ def coverage_of(net, family: str | None) -> Coverage:
     hint = getattr(net, "version_hint", None)
     if hint is None and getattr(net, "network_on_disk", None) is not None:
         hint = getattr(net.network_on_disk, "version_hint", None)
+    # file layers, not loaded ones: a fused file layer (Flux's qkv) changes several loaded layers under one name
+    matched = len({getattr(m, "network_key", name) for name, m in net.modules.items()})
     return Coverage(
-        name=net.name, matched=len(net.modules),
-        file_layers=len(net.modules) + len(load_errors) + len(unsupported_layers) + len(unmatched_layers),
+        name=net.name, matched=matched,
+        file_layers=matched + len(load_errors) + len(unsupported_layers) + len(unmatched_layers),
         unmatched=lora_keys.group_keys(unmatched),
         not_understood=_grouped_parts(not_understood, {getattr(m, "network_key", "") for m in net.modules.values()}),
         failed=len(load_errors), hint=hint, family=family, refused=getattr(net, "refused", None),

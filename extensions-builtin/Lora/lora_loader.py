@@ -20,6 +20,7 @@ import network_lokr
 import network_lora
 import network_norm
 import network_oft
+import network_rows
 import torch
 
 logger = logging.getLogger("lora")
@@ -89,11 +90,36 @@ def parse_state_dict(net: network.Network, state_dict: dict, layer_map) -> netwo
         if module is None:
             net.unsupported_keys.extend(parts.values())
             continue
+        fused = layer_map.key_map.fused.get(canonical)
+        if fused is not None:
+            try:
+                pieces = _split_fused(module, fused, layer_map)
+            except Exception as e:
+                net.load_errors[canonical] = f"{bases[canonical]}: {e}"
+                continue
+        else:
+            pieces = {canonical: module}
+        twice = [target for target in pieces if target in net.modules]
+        if twice:  # a fused file layer and a layer of its own for the same weight: the first one wins
+            net.load_errors[canonical] = f"{bases[canonical]}: {twice[0]} is already changed by " \
+                                         f"{net.modules[twice[0]].network_key} in this file; not applied twice"
+            continue
         net.unused_keys.extend(key for part, key in parts.items()
                                if part not in module.parts_used and network_lora.PART_ALIASES.get(part)
                                not in module.parts_used)
-        net.modules[canonical] = module
+        net.modules.update(pieces)
     return net
+
+
+def _split_fused(module: network.NetworkModule, fused, layer_map) -> dict:
+    """{real layer: module} of a file layer that is several loaded layers (Flux's fused qkv, network_rows), each
+    checked against its layer."""
+    pieces = network_rows.split(module, fused, layer_map.layers)
+    for piece in pieces.values():
+        shape = _target_weight_shape(piece.sd_module)
+        if shape is not None:
+            piece.validate(shape)
+    return pieces
 
 
 def load_network(name: str, network_on_disk: network.NetworkOnDisk, layer_map) -> network.Network:
