@@ -100,14 +100,14 @@ def main() -> None:
         return total, changed, distinct
 
     rows = []
-    shared.opts.lora_functional = False
+    shared.opts.data["lora_functional"] = False
     for prompt in SCHEDULES:
         runs = [run_pass(prompt) for _ in range(args.repeats)]
         total = statistics.median(r[0] for r in runs)
         k = runs[0][2]
         rows.append((prompt, k, total, total / (k * one_apply)))
 
-    shared.opts.lora_functional = True
+    shared.opts.data["lora_functional"] = True
     unet = model.components()["unet"]
     latents = torch.randn(2, 4, 64, 64, dtype=dtype)
     context = torch.randn(2, 77, 768, dtype=dtype)
@@ -123,7 +123,7 @@ def main() -> None:
         runs = [run_pass(prompt) for _ in range(args.repeats)]
         changed = [t for r in runs for t in r[1]]
         functional.append((prompt, statistics.median(changed) if changed else 0.0))
-    shared.opts.lora_functional = False
+    shared.opts.data["lora_functional"] = False
     exact = bench.weights_checksum(model) == checksum
 
     print(f"SD1.5 shapes, {args.dtype}, CPU, {torch.get_num_threads()} threads, {args.steps} steps, median of "

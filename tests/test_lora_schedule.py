@@ -87,7 +87,7 @@ def _run_pass(model, prompt: str, steps: int, hires: bool = False):
 
 @pytest.mark.parametrize("functional", [False, True])
 def test_a_scheduled_job_follows_the_keyframes_and_restores_exactly(tiny_sd1, write_lora, monkeypatch, functional):
-    monkeypatch.setattr(shared.opts, "lora_functional", functional, raising=False)
+    monkeypatch.setitem(shared.opts.data, "lora_functional", functional)
     write_lora("sched", tiny_sd1, seed=9)
     base, base_out = _unet_weight(tiny_sd1), _unet_output(tiny_sd1)
     seen, _ = _run_pass(tiny_sd1, "<lora:sched:1>", 1)
