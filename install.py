@@ -47,7 +47,8 @@ def ensure_packages(with_tests: bool) -> None:
         f.write(digest)
 
 
-MODEL_SOURCES = ("modules/default_models.py", "scripts/make_demo_loras.py")
+MODEL_SOURCES = ("modules/default_models.py", "modules/default_models_dit.py", "modules/t5_tokenizer.py",
+                 "scripts/make_demo_loras.py")
 
 
 def _models_stamp(models_path: str) -> tuple[str, str]:
@@ -75,10 +76,11 @@ def ensure_models(data_dir: str) -> None:
     from modules.default_models import ensure_default_models
     from scripts.make_demo_loras import make_demo_loras
 
-    sd1_dir, sdxl_dir = ensure_default_models(models_path)[:2]
+    folders = ensure_default_models(models_path)
+    sd1_dir, sdxl_dir = folders[:2]
     loras = make_demo_loras(os.path.join(models_path, "Lora"), sd1_dir, sdxl_dir)
     with open(stamp, "w", encoding="utf8") as f:  # only the models must exist: a deleted demo LoRA stays deleted
-        json.dump({"digest": digest, "paths": [sd1_dir, sdxl_dir], "demo_loras": loras}, f)
+        json.dump({"digest": digest, "paths": list(folders), "demo_loras": loras}, f)
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ startup_started = time.time()
 
 def initialize() -> None:
     """Loads extension scripts and lists checkpoints; the model itself loads in the background."""
-    from modules import extra_networks, scripts, sd_models, shared
+    from modules import extra_networks, scripts, sd_models, sd_modules, shared
 
     sd_models.list_models()
     if shared.cmd_opts.ckpt:  # an explicit --ckpt wins over the saved setting for this run
@@ -28,6 +28,7 @@ def initialize() -> None:
     extra_networks.register_default_extra_networks()
     scripts.load_scripts()
     shared.opts.onchange("sd_model_checkpoint", _on_checkpoint_option_change, call=False)
+    shared.opts.onchange(sd_modules.OPTION, _on_checkpoint_option_change, call=False)  # the picked TE / VAE files
 
 
 def _on_checkpoint_option_change() -> None:

@@ -12,6 +12,9 @@ parser.add_argument("--ckpt", type=str, default=None,
                     help="checkpoint to load at start: a .safetensors/.ckpt file or a diffusers folder")
 parser.add_argument("--ckpt-dir", type=str, default=None,
                     help="folder with checkpoints (default models/Stable-diffusion)")
+parser.add_argument("--vae-dir", type=str, default=None, help="folder with VAE files (default models/VAE)")
+parser.add_argument("--text-encoder-dir", type=str, default=None,
+                    help="folder with text encoder files, e.g. clip_l, t5xxl (default models/text_encoder)")
 parser.add_argument("--ui-settings-file", type=str, default=os.path.join(data_path, "config.json"))
 parser.add_argument("--port", type=int, default=7860)
 parser.add_argument("--listen", action="store_true", help="bind to 0.0.0.0 instead of 127.0.0.1")

@@ -1,7 +1,8 @@
-"""The embedded default models: tiny SD1- and SDXL-architecture diffusers pipelines with seeded random weights.
+"""The embedded default models: tiny SD1-, SDXL- and FLUX.1-architecture diffusers pipelines with seeded random
+weights (the Flux one is made by modules/default_models_dit.py).
 
-Built offline at set-up (never fetched), into `models/Stable-diffusion/tiny-sd1` and `tiny-sdxl`, with a real CLIP
-tokenizer made from the BPE file of open_clip_torch. They keep the real block layout (so LoRA key names are
+Built offline at set-up (never fetched), into `models/Stable-diffusion/tiny-sd1`, `tiny-sdxl` and `tiny-flux`, with a
+real CLIP tokenizer made from the BPE file of open_clip_torch. They keep the real block layout (so LoRA key names are
 real kohya names) at a width that runs a 64x64 image in well under a second on a CPU, and they follow the
 families' head and group-norm rules, so they survive a round trip through the single-file layout unchanged.
 
@@ -42,6 +43,8 @@ UNET_SDXL = {
     "projection_class_embeddings_input_dim": 6 * 8 + 64,
 }
 SEEDS = {"sd1": 1234, "sdxl": 4321}
+ALL_SEEDS = dict(SEEDS, flux=5678)
+FAMILIES = ("sd1", "sdxl", "flux")  # built in this order; the first one is the model a fresh install loads
 
 
 def _tame_unet(unet) -> None:
@@ -84,6 +87,9 @@ def build_components(family: str) -> dict[str, torch.nn.Module]:
 
 def build_tiny_pipeline(family: str):
     from modules import sd_models_diffusers
+    if family == "flux":
+        from modules import default_models_dit
+        return default_models_dit.build_tiny_pipeline(family)
     return sd_models_diffusers.assemble_pipeline(family, build_components(family))
 
 
@@ -96,7 +102,8 @@ def _is_complete(folder: str) -> bool:
 
 
 def build_tiny_model(family: str, folder: str) -> str:
-    """Writes the tiny diffusers folder for family ("sd1" or "sdxl") atomically (a temporary folder renamed)."""
+    """Writes the tiny diffusers folder for family ("sd1", "sdxl" or "flux") atomically (a temporary folder
+    renamed)."""
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".building-", dir=parent)
@@ -104,7 +111,7 @@ def build_tiny_model(family: str, folder: str) -> str:
         pipe = build_tiny_pipeline(family)
         pipe.save_pretrained(tmp, safe_serialization=True)
         with open(os.path.join(tmp, STAMP), "w", encoding="utf8") as f:
-            json.dump({"version": BUILD_VERSION, "family": family, "seed": SEEDS[family]}, f)
+            json.dump({"version": BUILD_VERSION, "family": family, "seed": ALL_SEEDS[family]}, f)
         if os.path.exists(folder):
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -114,17 +121,17 @@ def build_tiny_model(family: str, folder: str) -> str:
     return folder
 
 
-def ensure_default_models(models_path: str) -> tuple[str, str]:
-    """The tiny SD1 and SDXL folders under models_path/Stable-diffusion, built when missing or outdated."""
+def ensure_default_models(models_path: str) -> tuple[str, ...]:
+    """The tiny SD1, SDXL and Flux folders under models_path/Stable-diffusion, built when missing or outdated."""
     ckpt_dir = os.path.join(models_path, "Stable-diffusion")
     result = []
-    for family in ("sd1", "sdxl"):
+    for family in FAMILIES:
         folder = os.path.join(ckpt_dir, f"tiny-{family}")
         if not _is_complete(folder):
             print(f"Building the tiny default model {folder}", flush=True)
             build_tiny_model(family, folder)
         result.append(folder)
-    return result[0], result[1]
+    return tuple(result)
 
 
 if __name__ == "__main__":

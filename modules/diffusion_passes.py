@@ -2,14 +2,15 @@
 (img2img, the hires fix's second pass), with one seed per image, progress in shared.state and interrupt.
 
 The img2img pipeline is built from the loaded pipeline's own components (`StableDiffusionImg2ImgPipeline(
-**pipe.components)`, the SDXL one for SDXL): the same module objects, so no weight exists twice and whatever the
-Lora patcher wrote is what both passes use.
+**pipe.components)`, the SDXL, Flux or Chroma one for those): the same module objects, so no weight exists twice
+and whatever the Lora patcher wrote is what both passes use. What differs for the Flux family (prompts through T5,
+distilled guidance, packed latents) is in modules/dit_generation.py.
 """
 from __future__ import annotations
 
 import torch
 
-from modules import prompt_encoder, samplers, script_callbacks, shared
+from modules import dit_generation, prompt_encoder, samplers, script_callbacks, shared
 
 _IMG2IMG_ATTR = "_img2img_pipeline"
 
@@ -47,6 +48,8 @@ def _step_callbacks(pipeline, total: int, conditioning: dict):
 def img2img_pipeline(sd_model):
     """The img2img pipeline over the loaded pipeline's components, built once per model (rebuilt if a component
     was swapped)."""
+    if getattr(sd_model, "is_flux", False):
+        return dit_generation.img2img_pipeline(sd_model)
     pipe = sd_model.pipe
     components = pipe.components
     cached = sd_model.__dict__.get(_IMG2IMG_ATTR)
@@ -65,22 +68,34 @@ def img2img_pipeline(sd_model):
     return img2img
 
 
-def encode_conditioning(sd_model, prompts: list[str], negative_prompts: list[str]) -> dict[str, torch.Tensor]:
+def encode_conditioning(sd_model, prompts: list[str], negative_prompts: list[str], p=None) -> dict[str, torch.Tensor]:
+    if getattr(sd_model, "is_flux", False):
+        return dit_generation.encode(sd_model, prompts, negative_prompts, float(getattr(p, "cfg_scale", 1.0)), p)
     with torch.inference_mode():
         return prompt_encoder.encode(sd_model, prompts, negative_prompts)
 
 
+def _guidance(p, sd_model) -> dict:
+    if getattr(sd_model, "is_flux", False):
+        return dit_generation.guidance_kwargs(p, sd_model)
+    return {"guidance_scale": p.cfg_scale}
+
+
 def txt2img(p, sd_model, seeds: list[int], output_type: str = "pil") -> list | torch.Tensor:
-    """The first pass: PIL images, or the latents (B, 4, H/8, W/8) when output_type is "latent"."""
+    """The first pass: PIL images, or the latents (B, C, H/8, W/8) when output_type is "latent"."""
     pipe = sd_model.pipe
     pipe.scheduler = samplers.scheduler_for(p.sampler_name, sd_model)
-    conditioning = encode_conditioning(sd_model, p.prompts, p.negative_prompts)
+    conditioning = encode_conditioning(sd_model, p.prompts, p.negative_prompts, p)
     on_step_end = _step_callbacks(pipe, p.steps, conditioning)
     with torch.inference_mode():
-        result = pipe(**conditioning, num_inference_steps=p.steps, guidance_scale=p.cfg_scale, width=p.width,
+        result = pipe(**conditioning, **_guidance(p, sd_model), num_inference_steps=p.steps, width=p.width,
                       height=p.height, generator=generators(seeds), num_images_per_prompt=1,
                       callback_on_step_end=on_step_end, output_type=output_type)
-    return result.images if output_type == "latent" else list(result.images)
+    if output_type != "latent":
+        return list(result.images)
+    if getattr(sd_model, "is_flux", False):
+        return dit_generation.unpack_latents(sd_model, result.images, p.width, p.height)
+    return result.images
 
 
 def schedule_for_exact_steps(steps: int, strength: float) -> int:
@@ -107,12 +122,18 @@ def img2img(p, sd_model, init: list | torch.Tensor, seeds: list[int], prompts: l
         return decode_latents(sd_model, init) if isinstance(init, torch.Tensor) else [x.copy() for x in init]
     pipe = img2img_pipeline(sd_model)
     pipe.scheduler = samplers.scheduler_for(sampler_name, sd_model)
-    conditioning = encode_conditioning(sd_model, prompts, negative_prompts)
+    conditioning = encode_conditioning(sd_model, prompts, negative_prompts, p)
     on_step_end = _step_callbacks(pipe, count, conditioning)
+    size = {}
+    if getattr(sd_model, "is_flux", False):  # the pipeline would take the size from the config, not the image
+        size = {"width": p.width, "height": p.height} if not isinstance(init, torch.Tensor) else \
+            {"width": init.shape[-1] * pipe.vae_scale_factor, "height": init.shape[-2] * pipe.vae_scale_factor}
     with torch.inference_mode():
-        result = pipe(**conditioning, image=init, strength=strength, num_inference_steps=schedule_length,
-                      guidance_scale=p.cfg_scale, generator=generators(seeds), num_images_per_prompt=1,
+        result = pipe(**conditioning, **_guidance(p, sd_model), **size, image=init, strength=strength,
+                      num_inference_steps=schedule_length, generator=generators(seeds), num_images_per_prompt=1,
                       callback_on_step_end=on_step_end, output_type=output_type)
+    if output_type == "latent" and getattr(sd_model, "is_flux", False):
+        return dit_generation.unpack_latents(sd_model, result.images, size["width"], size["height"])
     return result.images if output_type == "latent" else list(result.images)
 
 
@@ -122,9 +143,14 @@ def _needs_upcast(vae):
 
 
 def _latents_stats(vae, latents: torch.Tensor):
+    """(mean, std) the pipelines shift latents by: SDXL-style per-channel stats, or Flux/SD3's `shift_factor`."""
     mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
     if mean is None or std is None:
-        return None
+        shift = getattr(vae.config, "shift_factor", None)
+        if not shift:
+            return None
+        one = torch.ones((), device=latents.device, dtype=latents.dtype)
+        return one * shift, one
     shape = (1, latents.shape[1], 1, 1)
     return (torch.tensor(mean).view(shape).to(latents.device, latents.dtype),
             torch.tensor(std).view(shape).to(latents.device, latents.dtype))

@@ -22,10 +22,12 @@ def create_processing(init_image: Any, prompt: str, negative_prompt: str, steps:
 
 def img2img_ui(init_image: Any, prompt: str, negative_prompt: str, steps: float, sampler_name: str,
                resize_mode: int, width: float, height: float, denoising_strength: float, seed: float,
-               batch_size: float, n_iter: float, cfg_scale: float, progress_bar: Any = None):
+               batch_size: float, n_iter: float, cfg_scale: float, progress_bar: Any = None,
+               distilled_cfg_scale: float | None = None):
     """The img2img Generate button: returns (images, infotext HTML, generation info state)."""
     from modules import ui_job
 
     p = create_processing(init_image, prompt, negative_prompt, steps, sampler_name, resize_mode, width, height,
                           denoising_strength, seed, batch_size, n_iter, cfg_scale)
+    p.distilled_cfg_scale = None if distilled_cfg_scale is None else float(distilled_cfg_scale)
     return ui_job.run_for_ui(p, progress_bar)

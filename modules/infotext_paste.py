@@ -67,6 +67,7 @@ def field_values(text: str, current: dict[str, Any]) -> dict[str, Any]:
         "steps": _number(params.get("Steps"), int, current.get("steps")),
         "sampler_name": sampler if sampler in samplers.all_samplers else current.get("sampler_name"),
         "cfg_scale": _number(params.get("CFG scale"), float, current.get("cfg_scale")),
+        "distilled_cfg_scale": _number(params.get("Distilled CFG Scale"), float, current.get("distilled_cfg_scale")),
         "seed": _number(params.get("Seed"), int, current.get("seed")),
         "width": _number(params.get("Size-1"), int, current.get("width")),
         "height": _number(params.get("Size-2"), int, current.get("height")),

@@ -88,7 +88,7 @@ class OriginalWeights:
             return None
         if tensor is None:
             return None
-        if ref is not None and ref.transform in ("conv1x1", "transpose"):
+        if ref is not None and ref.transform in ("conv1x1", "transpose", "swap_halves"):
             tensor = sd_models_ldm.read_ref(ref, {key: tensor}).contiguous()
         dtype = self.dtypes.get((component, name))
         return tensor.to(dtype) if dtype is not None else tensor
@@ -169,8 +169,9 @@ class OriginalWeights:
             # one of `parts` equal row blocks (OpenCLIP's fused q/k/v): only those rows
             rows = shape[0] // ref.parts
             row_bytes = nbytes // shape[0] if shape[0] else 0
-            offset, nbytes = offset + ref.index * rows * row_bytes, rows * row_bytes
-            shape = [rows, *shape[1:]]
+            span = getattr(ref, "span", 1)  # BFL's linear1: the MLP part is 4 of 7 blocks
+            offset, nbytes = offset + ref.index * rows * row_bytes, span * rows * row_bytes
+            shape = [span * rows, *shape[1:]]
         return dtype, shape, offset, nbytes
 
     def _read_unchanged(self, filename: str, key: str, ref) -> torch.Tensor | None:

@@ -24,6 +24,7 @@ from modules import (
     sd_hijack,
     shared,
 )
+from modules.errors import JobInputError
 from modules.extra_networks import re_extra_net
 
 opt_C = 4
@@ -46,7 +47,8 @@ class StableDiffusionProcessing:
                  s_tmin: float | None = None, s_noise: float | None = None, override_settings: dict | None = None,
                  override_settings_restore_afterwards: bool = True, sampler_index: int | None = None,
                  refiner_checkpoint: str | None = None, refiner_switch_at: float | None = None,
-                 disable_extra_networks: bool = False, comments: dict | None = None, **kwargs):
+                 disable_extra_networks: bool = False, comments: dict | None = None,
+                 distilled_cfg_scale: float | None = None, **kwargs):
         self.sd_model = sd_model
         self.outpath_samples = outpath_samples
         self.outpath_grids = outpath_grids
@@ -56,11 +58,14 @@ class StableDiffusionProcessing:
         self.seed = seed
         self.subseed = subseed
         self.sampler_name = sampler_name or samplers.default_sampler_name
+        self.sampler_given = bool(sampler_name)  # else the loaded model's default is used (Flux: Euler)
         self.scheduler = scheduler
         self.batch_size = int(batch_size)
         self.n_iter = int(n_iter)
         self.steps = int(steps)
         self.cfg_scale = float(cfg_scale)
+        # FLUX.1-dev's guidance embedding (Forge's field); None: 3.5 (modules/dit_generation.py)
+        self.distilled_cfg_scale = None if distilled_cfg_scale is None else float(distilled_cfg_scale)
         self.width = int(width)
         self.height = int(height)
         self.do_not_save_samples = do_not_save_samples
@@ -366,6 +371,10 @@ def process_images_inner(p: StableDiffusionProcessing) -> Processed:
     if p.sd_model is None:
         p.sd_model = shared.sd_model
     sd_model = p.sd_model
+    try:
+        p.sampler_name = samplers.check(p.sampler_name if getattr(p, "sampler_given", True) else None, sd_model)
+    except ValueError as e:
+        raise JobInputError(f"sampler_name: {e}") from None
     _setup_prompts_and_seeds(p)
     p.setup_prompts()
 

@@ -35,6 +35,11 @@ def _check(p) -> None:
         raise JobInputError(f"hr_upscaler: {e}") from None
     if p.hr_sampler_name is not None and p.hr_sampler_name not in samplers.all_samplers:
         raise JobInputError(f"hr_sampler_name: sampler not found: {p.hr_sampler_name}")
+    if p.hr_sampler_name is not None:
+        try:
+            samplers.check(p.hr_sampler_name, p.sd_model)
+        except ValueError as e:
+            raise JobInputError(f"hr_sampler_name: {e}") from None
     if p.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
         raise JobInputError("hr_checkpoint_name: a second checkpoint for the hires pass is not supported by this "
                             "host; leave it empty")

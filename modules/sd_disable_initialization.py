@@ -249,8 +249,10 @@ class LoadStateDictOnMeta(ReplaceHelper):
     """
 
     def __init__(self, state_dict: MutableMapping[str, torch.Tensor], device: Any,
-                 weight_dtype_conversion: dict | None = None, force: bool = False) -> None:
+                 weight_dtype_conversion: dict | None = None, force: bool = False,
+                 keep_file_dtype: set[str] | frozenset = frozenset()) -> None:
         super().__init__()
+        self.keep_file_dtype = keep_file_dtype  # keys loaded in the file's dtype (fp8 weights kept at their size)
         self.force = force  # act even with --disable-model-loading-ram-optimization (for a skeleton on meta)
         self.state_dict = state_dict
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -281,6 +283,8 @@ class LoadStateDictOnMeta(ReplaceHelper):
         return staged if staged.is_contiguous() else staged.contiguous()
 
     def get_weight_dtype(self, key: str) -> torch.dtype | None:
+        if key in self.keep_file_dtype:
+            return None
         return self.weight_dtype_conversion.get(key.split(".", 1)[0], self.default_dtype)
 
     def __enter__(self) -> LoadStateDictOnMeta:
@@ -403,14 +407,15 @@ def build_on_meta(module_factory: Callable[[], torch.nn.Module]) -> torch.nn.Mod
 def load_state_dict_lean(module_factory: Callable[[], torch.nn.Module] | torch.nn.Module,
                          state_dict: MutableMapping[str, torch.Tensor], device: Any = "cpu",
                          dtype: torch.dtype | None = None, *, strict: bool = True,
-                         weight_dtype_conversion: dict | None = None) -> tuple[torch.nn.Module, Any]:
+                         weight_dtype_conversion: dict | None = None,
+                         keep_file_dtype: set[str] | frozenset = frozenset()) -> tuple[torch.nn.Module, Any]:
     """Builds `module_factory()` on meta without init and loads `state_dict` into it, draining the dict.
 
     `module_factory` may also be a skeleton from build_on_meta(), which is then filled in place. Returns
     (module, torch's IncompatibleKeys). Floating-point parameters become `dtype` (None keeps the file's); a
-    per-prefix `weight_dtype_conversion` overrides it. Entries the module took are popped from `state_dict`, so
-    what is left afterwards is exactly what it did not use. Raises RuntimeError when `strict` finds missing or
-    unexpected keys, or when any tensor would be left on meta.
+    per-prefix `weight_dtype_conversion` overrides it; keys in `keep_file_dtype` keep the file's dtype. Entries
+    the module took are popped from `state_dict`, so what is left afterwards is exactly what it did not use.
+    Raises RuntimeError when `strict` finds missing or unexpected keys, or when any tensor would be left on meta.
     """
     conversion = dict(weight_dtype_conversion or {})
     if dtype is not None:
@@ -434,7 +439,7 @@ def load_state_dict_lean(module_factory: Callable[[], torch.nn.Module] | torch.n
         return module, result
 
     module = given if given is not None else build_on_meta(module_factory)
-    with LoadStateDictOnMeta(state_dict, device, conversion, force=on_meta):
+    with LoadStateDictOnMeta(state_dict, device, conversion, force=on_meta, keep_file_dtype=keep_file_dtype):
         result = module.load_state_dict(state_dict, strict=strict)
     left_on_meta = [name for name, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
     if left_on_meta:

@@ -14,7 +14,16 @@ import time
 
 import torch
 
-from modules import devices, errors, hashes, original_weights, script_callbacks, sd_models_diffusers, shared
+from modules import (
+    devices,
+    errors,
+    hashes,
+    original_weights,
+    script_callbacks,
+    sd_models_diffusers,
+    sd_modules,
+    shared,
+)
 from modules.sd_models_diffusers import ModelType  # noqa: F401  (A1111 name)
 from modules.sd_models_ldm import CheckpointFormatError
 
@@ -43,6 +52,8 @@ def _weights_file_for_hash(path: str) -> str:
         return path
     for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
         candidate = os.path.join(path, "unet", name)
+        if not os.path.isfile(candidate):  # Flux, Chroma
+            candidate = os.path.join(path, "transformer", name)
         if os.path.isfile(candidate):
             return candidate
     return os.path.join(path, "model_index.json")
@@ -184,8 +195,14 @@ def get_closet_checkpoint_match(search_string: str) -> CheckpointInfo | None:
     return matches[0] if matches else None
 
 
+def _fallback() -> CheckpointInfo:
+    """The first listed checkpoint; the tiny SD1 default model before the other tiny ones (tiny-flux sorts first)."""
+    listed = list(checkpoints_list.values())
+    return next((x for x in listed if x.name == "tiny-sd1"), listed[0])
+
+
 def select_checkpoint() -> CheckpointInfo:
-    """The checkpoint to load: the setting, else --ckpt, else the first one listed."""
+    """The checkpoint to load: the setting, else --ckpt, else the first one listed (tiny-sd1 when present)."""
     if not checkpoints_list:
         list_models()
     wanted = shared.opts.data.get("sd_model_checkpoint")
@@ -200,7 +217,7 @@ def select_checkpoint() -> CheckpointInfo:
     if not checkpoints_list:
         raise FileNotFoundError(f"No checkpoints found in {checkpoint_dir()}: put a .safetensors file or a diffusers "
                                 f"folder there, or pass --ckpt; `python install.py` builds the tiny default models")
-    first = next(iter(checkpoints_list.values()))
+    first = _fallback()
     if wanted:
         print(f"Checkpoint {wanted} not found; loading fallback {first.title}")
     return first
@@ -324,8 +341,11 @@ def _activate(checkpoint_info: CheckpointInfo, sd_model, started: float):
     model_data.was_loaded_at_least_once = True
     shared.opts.data["sd_model_checkpoint"] = checkpoint_info.title
     script_callbacks.model_loaded_callback(sd_model)
-    print(f"Model {checkpoint_info.title} loaded in {time.time() - started:.1f}s "
-          f"({sd_model.family}, {devices.device}, {devices.dtype})", flush=True)
+    detail = f"{sd_model.family}, {devices.device}, {sd_model.dtype}"
+    if sd_model.is_flux:
+        from modules import sd_models_dit
+        detail += f"; {sd_models_dit.describe_memory(sd_model)}"
+    print(f"Model {checkpoint_info.title} loaded in {time.time() - started:.1f}s ({detail})", flush=True)
     return sd_model
 
 
@@ -345,13 +365,15 @@ def load_model(checkpoint_info: CheckpointInfo | None = None, already_loaded_sta
         except OSError as e:
             errors.display(e, f"hashing {checkpoint_info.filename}")
         try:
+            modules = sd_modules.selected_paths()
             prepared = sd_models_diffusers.prepare(checkpoint_info.filename, devices.device, devices.dtype,
-                                                   checkpoint_info)
+                                                   checkpoint_info, modules)
         except Exception as e:
             raise _failed(checkpoint_info, e) from e
 
         previous = model_data.sd_model
         previous_info = getattr(previous, "sd_checkpoint_info", None)
+        previous_modules = list(getattr(previous, "additional_modules", ()))
         keep = previous is not None and not (previous_info is not None and _can_load_again(previous))
         if previous is not None and not keep:
             previous = None
@@ -360,32 +382,49 @@ def load_model(checkpoint_info: CheckpointInfo | None = None, already_loaded_sta
             sd_model = prepared.fill()
         except Exception as e:
             if previous is None and previous_info is not None:
-                _load_back(previous_info, e)
+                _load_back(previous_info, e, previous_modules)
             raise _failed(checkpoint_info, e) from e
         finally:
             del prepared
+        if sd_model.is_flux and not os.path.isdir(checkpoint_info.filename):
+            sd_model.additional_modules = tuple(modules)
         del previous
         return _activate(checkpoint_info, sd_model, started)
 
 
-def _load_back(previous_info: CheckpointInfo, cause: BaseException) -> None:
-    """After a failed switch: loads the model that was unloaded for it again (its file is unchanged)."""
+def _load_back(previous_info: CheckpointInfo, cause: BaseException, modules: list[str]) -> None:
+    """After a failed switch: loads the model that was unloaded for it again (its files are unchanged), with the
+    text encoder / VAE files it had, which are selected again."""
     started = time.time()
     print(f"Loading {previous_info.title} back after: {cause}", flush=True)
     try:
-        sd_model = sd_models_diffusers.load(previous_info.filename, devices.device, devices.dtype, previous_info)
+        sd_model = sd_models_diffusers.load(previous_info.filename, devices.device, devices.dtype, previous_info,
+                                            modules)
     except Exception as e:
         errors.display(e, f"loading {previous_info.title} back")
         return
+    if modules:
+        sd_model.additional_modules = tuple(modules)
+        available = {p: n for n, p in sd_modules.list_modules().items()}
+        shared.opts.data[sd_modules.OPTION] = [available.get(p, p) for p in modules]
     _activate(previous_info, sd_model, started)
 
 
+def modules_changed(current) -> bool:
+    """Whether the loaded model took picked text encoder / VAE files and the pick changed since."""
+    if not getattr(current, "is_flux", False) or os.path.isdir(getattr(current, "sd_model_checkpoint", "") or ""):
+        return False
+    return tuple(sd_modules.selected_paths()) != tuple(getattr(current, "additional_modules", ()))
+
+
 def reload_model_weights(sd_model=None, info: CheckpointInfo | None = None, forced_reload: bool = False):
-    """Loads the selected checkpoint unless it is the loaded one already."""
+    """Loads the selected checkpoint unless it is the loaded one already (with the picked text encoder / VAE
+    files, for a model that takes them)."""
     with model_data.lock:
         checkpoint_info = info or select_checkpoint()
         current = model_data.sd_model
         if (current is not None and not forced_reload
-                and getattr(current.sd_checkpoint_info, "filename", None) == checkpoint_info.filename):
+                and getattr(current.sd_checkpoint_info, "filename", None) == checkpoint_info.filename
+                and not modules_changed(current)):
             return current
         return load_model(checkpoint_info)

@@ -35,21 +35,36 @@ TOKENIZER_KINDS = {"sd1": {"tokenizer": "clip"}, "sd2": {"tokenizer": "openclip"
                    "sdxl": {"tokenizer": "clip", "tokenizer_2": "openclip"}}
 
 
-class ModelType(enum.Enum):  # A1111's sd_models.ModelType
+class ModelType(enum.Enum):  # A1111's sd_models.ModelType, and the transformer families after it
     SD1 = 1
     SD2 = 2
     SDXL = 3
     SSD = 4
     SD3 = 5
+    FLUX = 6
+    CHROMA = 7
+
+
+MODEL_TYPES = {"sd1": ModelType.SD1, "sd2": ModelType.SD2, "sdxl": ModelType.SDXL, "sd3": ModelType.SD3,
+               "flux": ModelType.FLUX, "chroma": ModelType.CHROMA}
+COMPONENTS = {"sd": ("unet", "text_encoder", "text_encoder_2", "vae"),
+              "flux": ("transformer", "text_encoder", "text_encoder_2", "vae"),
+              "chroma": ("transformer", "text_encoder", "vae")}  # Chroma's only text encoder is T5
 
 
 class DiffusersSdModel:
-    """What `shared.sd_model` is on this host: the pipeline plus A1111's model attributes."""
+    """What `shared.sd_model` is on this host: the pipeline plus A1111's model attributes.
 
-    def __init__(self, pipe, family: str, checkpoint_info=None, original_weights: OriginalWeights | None = None):
+    family: "sd1", "sd2", "sdxl", "flux" or "chroma"; `variant` ("dev", "schnell", "chroma") for the Flux family.
+    The denoiser is `unet` (SD) or `transformer` (Flux, Chroma; `unet` is None)."""
+
+    def __init__(self, pipe, family: str, checkpoint_info=None, original_weights: OriginalWeights | None = None,
+                 variant: str | None = None):
         self.pipe = pipe
         self.family = family
-        self.unet = pipe.unet
+        self.variant = variant
+        self.unet = getattr(pipe, "unet", None)
+        self.transformer = getattr(pipe, "transformer", None)
         self.vae = pipe.vae
         self.text_encoder = pipe.text_encoder
         self.text_encoder_2 = getattr(pipe, "text_encoder_2", None)
@@ -59,20 +74,24 @@ class DiffusersSdModel:
         self.is_sd2 = family == "sd2"
         self.is_sdxl = family == "sdxl"
         self.is_ssd = False
-        self.is_sd3 = False
-        self.model_type = {"sd1": ModelType.SD1, "sd2": ModelType.SD2, "sdxl": ModelType.SDXL}[family]
+        self.is_sd3 = family == "sd3"
+        self.is_flux = family in ("flux", "chroma")  # Chroma is a Flux.1-schnell derivative (same blocks)
+        self.is_chroma = family == "chroma"
+        self.model_type = MODEL_TYPES[family]
         self.sd_checkpoint_info = checkpoint_info
         self.sd_model_checkpoint = getattr(checkpoint_info, "filename", None)
         self.sd_model_hash = getattr(checkpoint_info, "shorthash", None)
         self.original_weights = original_weights
         self.file_stamps: dict[str, tuple] = {}  # the files it was read from, as they were
+        self.additional_modules: tuple[str, ...] = ()  # the VAE / text encoder files picked for it
         self.base_scheduler_config = dict(pipe.scheduler.config)
-        self.device = pipe.unet.device
-        self.dtype = pipe.unet.dtype
+        denoiser = self.unet if self.unet is not None else self.transformer
+        self.device = denoiser.device
+        self.dtype = denoiser.dtype  # the compute dtype (fp8 weights report their layers' compute dtype)
 
     def components(self) -> dict[str, torch.nn.Module | None]:
-        return {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2,
-                "vae": self.vae}
+        names = COMPONENTS.get(self.family, COMPONENTS["sd"])
+        return {name: getattr(self, name) for name in names}
 
     def __repr__(self) -> str:
         return f"DiffusersSdModel({self.family}, {self.sd_model_checkpoint!r})"
@@ -107,11 +126,14 @@ def folder_family(folder: str) -> str:
     except (OSError, ValueError) as e:
         raise sd_models_ldm.CheckpointFormatError(f"{folder}: cannot read model_index.json: {e}") from None
     name = index.get("_class_name", "")
+    from modules import sd_models_dit
+    if sd_models_dit.index_family(index):
+        return sd_models_dit.index_family(index)
     if "XL" in name:
         return "sdxl"
     if name not in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"):
         raise sd_models_ldm.CheckpointFormatError(f"{folder}: {name or 'an unknown pipeline'} is not an SD1/SD2/SDXL "
-                                                  f"pipeline")
+                                                  f"pipeline (nor Flux or Chroma)")
     try:
         with open(os.path.join(folder, "text_encoder", "config.json"), encoding="utf8") as f:
             hidden = json.load(f).get("hidden_size")
@@ -120,7 +142,7 @@ def folder_family(folder: str) -> str:
     return "sd2" if hidden == 1024 else "sd1"
 
 
-def _component_weight_files(folder: str) -> dict[str, str]:
+def component_weight_files(folder: str) -> dict[str, str]:
     """{tensor key: file} of one component folder, as from_pretrained picks them (non-variant safetensors)."""
     from safetensors import safe_open
 
@@ -138,10 +160,10 @@ def _component_weight_files(folder: str) -> dict[str, str]:
     return {}
 
 
-def _folder_refs(folder: str, components: dict[str, torch.nn.Module]):
+def folder_refs(folder: str, components: dict[str, torch.nn.Module]):
     refs, dtypes = {}, {}
     for component, module in components.items():
-        files = _component_weight_files(os.path.join(folder, component))
+        files = component_weight_files(os.path.join(folder, component))
         for key, tensor in module.state_dict().items():
             for candidate in (key, "text_model." + key, sd_models_ldm.strip_text_model(key)):
                 if candidate in files:
@@ -155,7 +177,7 @@ def _folder_stamps(folder: str) -> dict[str, original_weights.FileStamp]:
     """The stamps of every weight file a folder load may read (taken before it reads them)."""
     stamps = {}
     for component in ("unet", "text_encoder", "text_encoder_2", "vae"):
-        for path in set(_component_weight_files(os.path.join(folder, component)).values()):
+        for path in set(component_weight_files(os.path.join(folder, component)).values()):
             stamps[path] = original_weights.file_stamp(path)
     return stamps
 
@@ -163,6 +185,9 @@ def _folder_stamps(folder: str) -> dict[str, original_weights.FileStamp]:
 def load_diffusers_folder(folder: str, device: torch.device, dtype: torch.dtype, checkpoint_info=None
                           ) -> DiffusersSdModel:
     family = folder_family(folder)
+    if family in ("flux", "chroma"):
+        from modules import sd_models_dit
+        return sd_models_dit.load_folder(folder, family, device, dtype, checkpoint_info)
     stamps = _folder_stamps(folder)
     kwargs = dict(torch_dtype=dtype, local_files_only=True, use_safetensors=True)
     if family != "sdxl":
@@ -174,15 +199,15 @@ def load_diffusers_folder(folder: str, device: torch.device, dtype: torch.dtype,
     # diffusers assigns the safetensors maps' own tensors when the dtype matches: copy them into memory
     mapped_memory.copy_out_of_files(components)
     pipe.set_progress_bar_config(disable=True)
-    _refuse_changed(stamps, folder)
-    refs, dtypes = _folder_refs(folder, components)
+    refuse_changed(stamps, folder)
+    refs, dtypes = folder_refs(folder, components)
     source = OriginalWeights(refs, dtypes, stamps) if refs else None
     model = DiffusersSdModel(pipe, family, checkpoint_info, source)
     model.file_stamps = stamps
     return model
 
 
-def _refuse_changed(stamps: dict, what: str) -> None:
+def refuse_changed(stamps: dict, what: str) -> None:
     changed = original_weights.changed_files(stamps)
     if changed:
         raise sd_models_ldm.CheckpointFormatError(
@@ -298,8 +323,8 @@ class PreparedLoad:
         return fill()
 
 
-def _prepare_single_file(filename: str, device: torch.device, dtype: torch.dtype, checkpoint_info=None
-                         ) -> PreparedLoad:
+def _prepare_single_file(filename: str, device: torch.device, dtype: torch.dtype, checkpoint_info=None,
+                         module_files: list[str] | None = None) -> PreparedLoad:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -307,6 +332,10 @@ def _prepare_single_file(filename: str, device: torch.device, dtype: torch.dtype
 
     stamps = {filename: original_weights.file_stamp(filename)}  # before anything is read
     tensors = read_checkpoint_tensors(filename)
+    from modules import sd_models_dit
+    if sd_models_dit.holds_transformer_era_parts(tensors.keys()):
+        return sd_models_dit.prepare_files(filename, tensors, stamps, list(module_files or []), device, dtype,
+                                           checkpoint_info)
     family = sd_models_ldm.detect_family(tensors.keys())
     if family == "sd1":
         _normalise_sd1_clip_keys(tensors)
@@ -356,7 +385,7 @@ def _prepare_single_file(filename: str, device: torch.device, dtype: torch.dtype
                 refs[(component, key)] = (filename, ref.key, ref)
             for key, tensor in module.state_dict().items():
                 dtypes[(component, key)] = tensor.dtype
-        _refuse_changed(stamps, filename)
+        refuse_changed(stamps, filename)
         scheduler_config = dict(SCHEDULER_CONFIG, prediction_type=_sidecar_prediction_type(filename, family))
         pipe = assemble_pipeline(family, components, scheduler_config)
         pipe.set_progress_bar_config(disable=True)
@@ -369,20 +398,23 @@ def _prepare_single_file(filename: str, device: torch.device, dtype: torch.dtype
     return PreparedLoad(filename, fill)
 
 
-def load_single_file(filename: str, device: torch.device, dtype: torch.dtype, checkpoint_info=None
-                     ) -> DiffusersSdModel:
-    return _prepare_single_file(filename, device, dtype, checkpoint_info).fill()
+def load_single_file(filename: str, device: torch.device, dtype: torch.dtype, checkpoint_info=None,
+                     module_files: list[str] | None = None) -> DiffusersSdModel:
+    return _prepare_single_file(filename, device, dtype, checkpoint_info, module_files).fill()
 
 
-def prepare(filename: str, device: torch.device, dtype: torch.dtype, checkpoint_info=None) -> PreparedLoad:
-    """Checks a checkpoint without reading its weights (raises CheckpointFormatError saying what is wrong)."""
+def prepare(filename: str, device: torch.device, dtype: torch.dtype, checkpoint_info=None,
+            module_files: list[str] | None = None) -> PreparedLoad:
+    """Checks a checkpoint without reading its weights (raises CheckpointFormatError saying what is wrong).
+    `module_files`: separately picked text encoder / VAE files (Flux single files; ignored otherwise)."""
     if os.path.isdir(filename):
         folder_family(filename)
         return PreparedLoad(filename, lambda: load_diffusers_folder(filename, device, dtype, checkpoint_info))
     if not os.path.isfile(filename):
         raise sd_models_ldm.CheckpointFormatError(f"{filename}: no such file")
-    return _prepare_single_file(filename, device, dtype, checkpoint_info)
+    return _prepare_single_file(filename, device, dtype, checkpoint_info, module_files)
 
 
-def load(filename: str, device: torch.device, dtype: torch.dtype, checkpoint_info=None) -> DiffusersSdModel:
-    return prepare(filename, device, dtype, checkpoint_info).fill()
+def load(filename: str, device: torch.device, dtype: torch.dtype, checkpoint_info=None,
+         module_files: list[str] | None = None) -> DiffusersSdModel:
+    return prepare(filename, device, dtype, checkpoint_info, module_files).fill()

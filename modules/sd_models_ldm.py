@@ -25,7 +25,8 @@ TEXT_PREFIXES = {
     "sdxl": {"text_encoder": ("conditioner.embedders.0.transformer.", "clip"),
              "text_encoder_2": ("conditioner.embedders.1.model.", "openclip")},
 }
-VAE_SCALING = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
+VAE_SCALING = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025, "flux": 0.3611, "chroma": 0.3611, "sd3": 1.5305}
+VAE_SHIFT = {"flux": 0.1159, "chroma": 0.1159, "sd3": 0.0609}
 
 
 class CheckpointFormatError(ValueError):
@@ -35,9 +36,12 @@ class CheckpointFormatError(ValueError):
 @dataclass(frozen=True)
 class LdmRef:
     key: str  # the checkpoint's key
-    transform: str = ""  # "" | "conv1x1" (ldm 1x1 conv ↔ diffusers linear) | "transpose" | "rows"
-    index: int = 0  # for "rows": which of `parts` equal row blocks (OpenCLIP's fused q/k/v)
+    # "" | "conv1x1" (ldm 1x1 conv ↔ diffusers linear) | "transpose" | "rows" | "swap_halves" (BFL's shift, scale ↔
+    # diffusers' scale, shift)
+    transform: str = ""
+    index: int = 0  # for "rows": the first of `parts` equal row blocks (OpenCLIP's fused q/k/v, BFL's qkv/linear1)
     parts: int = 1
+    span: int = 1  # for "rows": how many of those blocks
 
 
 def detect_family(keys) -> str:
@@ -125,7 +129,8 @@ _re_vae_block = re.compile(r"^(encoder|decoder)\.(down_blocks|up_blocks)\.(\d+)\
 _re_vae_mid = re.compile(r"^(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(.+)$")
 
 
-def vae_ref(key: str, vae_levels: int) -> LdmRef | None:
+def vae_ref(key: str, vae_levels: int, prefix: str = VAE_PREFIX) -> LdmRef | None:
+    """The ldm-layout tensor of a diffusers VAE parameter (BFL's `ae.safetensors` is this layout without a prefix)."""
     path, _, param = key.rpartition(".")
     if m := _re_vae_block.match(path):
         side, _, i, kind, j, rest = m.groups()
@@ -133,20 +138,20 @@ def vae_ref(key: str, vae_levels: int) -> LdmRef | None:
         level = "down" if side == "encoder" else "up"
         if kind == "resnets":
             rest = "nin_shortcut" if rest == "conv_shortcut" else rest
-            return LdmRef(f"{VAE_PREFIX}{side}.{level}.{i}.block.{j}.{rest}.{param}")
+            return LdmRef(f"{prefix}{side}.{level}.{i}.block.{j}.{rest}.{param}")
         sampler = "downsample" if kind == "downsamplers" else "upsample"
-        return LdmRef(f"{VAE_PREFIX}{side}.{level}.{i}.{sampler}.{rest}.{param}")
+        return LdmRef(f"{prefix}{side}.{level}.{i}.{sampler}.{rest}.{param}")
     if m := _re_vae_mid.match(path):
         side, kind, j, rest = m.groups()
         if kind == "resnets":
-            return LdmRef(f"{VAE_PREFIX}{side}.mid.block_{int(j) + 1}.{rest}.{param}")
+            return LdmRef(f"{prefix}{side}.mid.block_{int(j) + 1}.{rest}.{param}")
         name = _VAE_ATTN.get(rest)
         if name is None:
             return None
         transform = "conv1x1" if param == "weight" and name != "norm" else ""
-        return LdmRef(f"{VAE_PREFIX}{side}.mid.attn_1.{name}.{param}", transform)
+        return LdmRef(f"{prefix}{side}.mid.attn_1.{name}.{param}", transform)
     path = re.sub(r"^(encoder|decoder)\.conv_norm_out$", r"\1.norm_out", path)
-    return LdmRef(f"{VAE_PREFIX}{path}.{param}")
+    return LdmRef(f"{prefix}{path}.{param}")
 
 
 # --- text encoders ------------------------------------------------------------------------------------------------
@@ -200,7 +205,7 @@ def ldm_ref(family: str, component: str, key: str, unet_levels: UnetLevels | Non
 
 
 def read_ref(ref: LdmRef, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The diffusers-shaped view of a checkpoint tensor (no copy)."""
+    """The diffusers-shaped view of a checkpoint tensor (no copy, except for swap_halves)."""
     t = tensors[ref.key]
     if ref.transform == "conv1x1":
         return t.reshape(t.shape[0], t.shape[1]) if t.dim() == 4 else t
@@ -208,7 +213,10 @@ def read_ref(ref: LdmRef, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return t.t()
     if ref.transform == "rows":
         n = t.shape[0] // ref.parts
-        return t[ref.index * n:(ref.index + 1) * n]
+        return t[ref.index * n:(ref.index + ref.span) * n]
+    if ref.transform == "swap_halves":
+        half = t.shape[0] // 2
+        return torch.cat([t[half:], t[:half]])
     return t
 
 
@@ -316,51 +324,63 @@ def infer_unet_config(shapes: Mapping[str, tuple], family: str, te2_projection_d
     return config
 
 
-def infer_vae_config(shapes: Mapping[str, tuple], family: str) -> dict:
-    p = VAE_PREFIX
+def infer_vae_config(shapes: Mapping[str, tuple], family: str, prefix: str = VAE_PREFIX) -> dict:
+    """The AutoencoderKL config of an ldm-layout VAE under `prefix`. Flux's and SD3's 16-channel VAEs have no
+    quant convs and shift their latents (fixed per family: their files carry no such number)."""
+    p = prefix
     count = _count(shapes, rf"^{re.escape(p)}encoder\.down\.(\d+)\.")
     if count == 0:
-        raise CheckpointFormatError("no VAE (`first_stage_model.*`) tensors")
+        raise CheckpointFormatError(f"no VAE (`{p}encoder.down.*`) tensors")
     channels = [_shape(shapes, f"{p}encoder.down.{i}.block.0.conv1.weight")[0] for i in range(count)]
-    return {
+    config = {
         "in_channels": _shape(shapes, p + "encoder.conv_in.weight")[1],
         "out_channels": _shape(shapes, p + "decoder.conv_out.weight")[0],
         "down_block_types": ["DownEncoderBlock2D"] * count,
         "up_block_types": ["UpDecoderBlock2D"] * count,
         "block_out_channels": channels,
         "layers_per_block": _count(shapes, rf"^{re.escape(p)}encoder\.down\.0\.block\.(\d+)\."),
-        "latent_channels": _shape(shapes, p + "quant_conv.weight")[0] // 2,
+        "latent_channels": _shape(shapes, p + "encoder.conv_out.weight")[0] // 2,
         "norm_num_groups": 32,
-        "sample_size": 1024 if family == "sdxl" else 512,
+        "sample_size": 1024 if family in ("sdxl", "flux", "chroma", "sd3") else 512,
         "scaling_factor": VAE_SCALING[family],
-        "force_upcast": family == "sdxl",
+        "force_upcast": family != "sd1" and family != "sd2",
+    }
+    if family in VAE_SHIFT:
+        config["shift_factor"] = VAE_SHIFT[family]
+    if p + "quant_conv.weight" not in shapes:
+        config.update(use_quant_conv=False, use_post_quant_conv=False)
+    return config
+
+
+def clip_text_config(shapes: Mapping[str, tuple], text_prefix: str, hidden_act: str = "quick_gelu") -> dict:
+    """A Hugging Face-layout CLIP text model's config (`text_prefix` ends in `text_model.`); heads are 64 wide."""
+    t = text_prefix
+    vocab, hidden = _shape(shapes, t + "embeddings.token_embedding.weight")
+    return {
+        "max_position_embeddings": _shape(shapes, t + "embeddings.position_embedding.weight")[0],
+        "num_hidden_layers": _count(shapes, rf"^{re.escape(t)}encoder\.layers\.(\d+)\."),
+        "intermediate_size": _shape(shapes, t + "encoder.layers.0.mlp.fc1.weight")[0],
+        "hidden_act": hidden_act, "vocab_size": vocab, "hidden_size": hidden,
+        "num_attention_heads": max(1, hidden // 64),
+        "layer_norm_eps": 1e-5, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1,
     }
 
 
 def infer_text_config(shapes: Mapping[str, tuple], family: str, component: str) -> dict:
     prefix, kind = TEXT_PREFIXES[family][component]
     if kind == "clip":
-        t = prefix + "text_model."
-        vocab, hidden = _shape(shapes, t + "embeddings.token_embedding.weight")
-        config = {
-            "max_position_embeddings": _shape(shapes, t + "embeddings.position_embedding.weight")[0],
-            "num_hidden_layers": _count(shapes, rf"^{re.escape(t)}encoder\.layers\.(\d+)\."),
-            "intermediate_size": _shape(shapes, t + "encoder.layers.0.mlp.fc1.weight")[0],
-            "hidden_act": "quick_gelu",
-        }
-    else:
-        vocab, hidden = _shape(shapes, prefix + "token_embedding.weight")
-        layers = _count(shapes, rf"^{re.escape(prefix)}transformer\.resblocks\.(\d+)\.")
-        config = {
-            "max_position_embeddings": _shape(shapes, prefix + "positional_embedding")[0],
-            # SD2 reads OpenCLIP's penultimate block (diffusers' config simply has one layer fewer)
-            "num_hidden_layers": layers - 1 if family == "sd2" else layers,
-            "intermediate_size": _shape(shapes, prefix + "transformer.resblocks.0.mlp.c_fc.weight")[0],
-            "hidden_act": "gelu",
-        }
-        if component == "text_encoder_2":
-            config["projection_dim"] = _shape(shapes, prefix + "text_projection")[1]
-    config.update({"vocab_size": vocab, "hidden_size": hidden, "num_attention_heads": max(1, hidden // 64),
-                   "layer_norm_eps": 1e-5, "bos_token_id": 49406, "eos_token_id": 49407,
-                   "pad_token_id": 1 if kind == "clip" else 0})
+        return clip_text_config(shapes, prefix + "text_model.")
+    vocab, hidden = _shape(shapes, prefix + "token_embedding.weight")
+    layers = _count(shapes, rf"^{re.escape(prefix)}transformer\.resblocks\.(\d+)\.")
+    config = {
+        "max_position_embeddings": _shape(shapes, prefix + "positional_embedding")[0],
+        # SD2 reads OpenCLIP's penultimate block (diffusers' config simply has one layer fewer)
+        "num_hidden_layers": layers - 1 if family == "sd2" else layers,
+        "intermediate_size": _shape(shapes, prefix + "transformer.resblocks.0.mlp.c_fc.weight")[0],
+        "hidden_act": "gelu",
+        "vocab_size": vocab, "hidden_size": hidden, "num_attention_heads": max(1, hidden // 64),
+        "layer_norm_eps": 1e-5, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 0,
+    }
+    if component == "text_encoder_2":
+        config["projection_dim"] = _shape(shapes, prefix + "text_projection")[1]
     return config

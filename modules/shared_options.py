@@ -1,4 +1,5 @@
 """The host's own options (A1111 keys and defaults). Extensions add theirs through on_ui_settings."""
+from modules import sd_modules
 from modules.options import OptionInfo, options_section
 from modules.served_files import IMAGE_EXTENSIONS, check_image_format
 
@@ -15,6 +16,8 @@ options_templates.update(options_section(("saving-images", "Saving images"), {
 
 options_templates.update(options_section(("sd", "Stable Diffusion"), {
     "sd_model_checkpoint": OptionInfo(None, "Stable Diffusion checkpoint"),
+    sd_modules.OPTION: OptionInfo([], sd_modules.LABEL, validate=sd_modules.validate
+                                  ).info("text encoder and VAE files for Flux checkpoints that do not bundle them"),
     "sd_checkpoint_cache": OptionInfo(0, "Checkpoints to cache in RAM"),
     "sd_hypernetwork": OptionInfo("None", "Add hypernetwork to prompt"),
     "add_model_hash_to_info": OptionInfo(True, "Add model hash to generation information"),

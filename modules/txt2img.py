@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from modules import call_queue, processing, shared
+from modules import call_queue, processing, sd_modules, shared
 from modules.processing import Processed, StableDiffusionProcessingTxt2Img
 
 
@@ -40,22 +40,26 @@ def create_processing(prompt: str, negative_prompt: str, steps: int, sampler_nam
         override_settings=override_settings or {}, **hires)
 
 
-def _reload_checkpoint(name: str) -> None:
+LOADING_OPTIONS = ("sd_model_checkpoint", sd_modules.OPTION)  # what the model is loaded from
+
+
+def _reload_checkpoint(values: dict) -> None:
     from modules import sd_models
-    shared.opts.set("sd_model_checkpoint", name, run_callbacks=False)
+    for key, value in values.items():
+        shared.opts.set(key, value, run_callbacks=False)
     sd_models.reload_model_weights()
 
 
 def run(p: processing.StableDiffusionProcessing) -> Processed:
     """Runs one job under `call_queue.queue_lock`.
 
-    A checkpoint in override_settings is switched here, not by process_images: setting the option there would
-    run its onchange callback, which takes the queue lock we already hold.
+    A checkpoint (and its text encoder / VAE files) in override_settings is switched here, not by process_images:
+    setting the option there would run its onchange callback, which takes the queue lock we already hold.
     """
     with call_queue.queue_lock:
-        wanted = p.override_settings.pop("sd_model_checkpoint", None)
-        previous = shared.opts.sd_model_checkpoint
-        switched = wanted is not None and wanted != previous
+        wanted = {k: p.override_settings.pop(k) for k in LOADING_OPTIONS if k in p.override_settings}
+        previous = {k: shared.opts.data.get(k) for k in wanted}
+        switched = any(wanted[k] != previous[k] for k in wanted)
         if switched:
             _reload_checkpoint(wanted)
         try:
@@ -70,7 +74,7 @@ def txt2img_ui(prompt: str, negative_prompt: str, steps: float, sampler_name: st
                progress_bar: Any = None, enable_hr: bool = False, hr_upscaler: str | None = None,
                hr_second_pass_steps: float = 0, denoising_strength: float = 0.7, hr_scale: float = 2.0,
                hr_resize_x: float = 0, hr_resize_y: float = 0, hr_sampler_name: str | None = None,
-               hr_prompt: str = "", hr_negative_prompt: str = ""):
+               hr_prompt: str = "", hr_negative_prompt: str = "", distilled_cfg_scale: float | None = None):
     """The Generate button: returns (images, infotext HTML, generation info state); see ui_job.run_for_ui."""
     from modules import ui_job
 
@@ -83,4 +87,5 @@ def txt2img_ui(prompt: str, negative_prompt: str, steps: float, sampler_name: st
                      hr_negative_prompt=hr_negative_prompt or "")
     p = create_processing(prompt, negative_prompt, steps, sampler_name, width, height, seed, batch_size, n_iter,
                           cfg_scale, **hires)
+    p.distilled_cfg_scale = None if distilled_cfg_scale is None else float(distilled_cfg_scale)
     return ui_job.run_for_ui(p, progress_bar)

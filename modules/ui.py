@@ -13,6 +13,7 @@ from modules import (
     paths_internal,
     progress,
     script_callbacks,
+    sd_modules,
     shared,
     ui_common,
     ui_extra_networks,
@@ -184,6 +185,35 @@ def refresh_checkpoints():
     return _checkpoint_update()
 
 
+# --- text encoder / VAE files (Forge's "VAE / Text Encoder") --------------------------------------------------------
+def _modules_update() -> dict:
+    selected = list(shared.opts.data.get(sd_modules.OPTION) or [])
+    return gr.update(choices=list(dict.fromkeys(list(sd_modules.list_modules()) + selected)), value=selected)
+
+
+def change_modules(names: list[str] | None):
+    """Picks the text encoder / VAE files; a loaded Flux single file is loaded again with them."""
+    from modules import sd_models
+
+    names = list(names or [])
+    previous = list(shared.opts.data.get(sd_modules.OPTION) or [])
+    if names == previous:
+        return gr.update()
+    try:
+        with call_queue.queue_lock:
+            shared.opts.set(sd_modules.OPTION, names, run_callbacks=False)
+            current = sd_models.model_data.sd_model
+            if current is not None and sd_models.modules_changed(current):
+                sd_models.reload_model_weights()
+        shared.opts.save(shared.config_filename)
+    except Exception as e:
+        errors.display(e, "picking text encoder / VAE files")
+        shared.opts.set(sd_modules.OPTION, previous, run_callbacks=False)
+        gr.Warning(str(e) if isinstance(e, (sd_models.CheckpointLoadError, ValueError)) else
+                   f"Could not load with {', '.join(names)}: {type(e).__name__}: {e}")
+    return _modules_update()
+
+
 # --- the page -----------------------------------------------------------------------------------------------------
 def create_ui() -> gr.Blocks:
     """Builds the page: checkpoint selector, the txt2img and img2img tabs with their Lora panes, Train, Settings,
@@ -194,6 +224,7 @@ def create_ui() -> gr.Blocks:
     script_callbacks.ui_settings_callback()  # extensions add their options here
 
     settings = ui_settings.SettingsUi()
+    ui_generation._model_dependent.clear()
     with gr.Blocks(title="Stable Diffusion", analytics_enabled=False, fill_width=True) as demo:
         with gr.Row(elem_id="quicksettings", equal_height=True):
             checkpoint = gr.Dropdown(choices=_checkpoint_choices(), value=_current_checkpoint(),
@@ -201,6 +232,10 @@ def create_ui() -> gr.Blocks:
                                      allow_custom_value=True, scale=0, min_width=360)
             refresh_button = gr.Button(ui_common.refresh_symbol, elem_id="refresh_sd_model_checkpoint", scale=0,
                                        min_width=48, elem_classes=["tool-button"])
+            modules_dropdown = gr.Dropdown(choices=list(sd_modules.list_modules()), multiselect=True,
+                                           value=list(shared.opts.data.get(sd_modules.OPTION) or []),
+                                           label=sd_modules.LABEL, elem_id="setting_forge_additional_modules",
+                                           allow_custom_value=True, scale=0, min_width=360)
         with gr.Tabs(elem_id="tabs"):
             with gr.Tab("txt2img", id="txt2img", elem_id="tab_txt2img"):
                 ui_generation.create_txt2img_tab()
@@ -215,14 +250,22 @@ def create_ui() -> gr.Blocks:
                 settings.create()
 
         reload_cards_js = "() => { if (window.extraNetworksReloadAll) window.extraNetworksReloadAll(); }"
+        samplers_out = ui_generation.model_dependent()
         checkpoint.input(fn=change_checkpoint, inputs=[checkpoint], outputs=[checkpoint],
                           show_progress="full", concurrency_id="checkpoint", api_visibility="private").then(
+            fn=ui_generation.model_updates, outputs=samplers_out, api_visibility="private").then(
             fn=None, js=reload_cards_js)
-        refresh_button.click(fn=refresh_checkpoints, inputs=[], outputs=[checkpoint], api_visibility="private")
+        modules_dropdown.input(fn=change_modules, inputs=[modules_dropdown], outputs=[modules_dropdown],
+                               show_progress="full", concurrency_id="checkpoint", api_visibility="private").then(
+            fn=ui_generation.model_updates, outputs=samplers_out, api_visibility="private")
+        refresh_button.click(fn=refresh_checkpoints, inputs=[], outputs=[checkpoint], api_visibility="private").then(
+            fn=_modules_update, outputs=[modules_dropdown], api_visibility="private")
         settings.apply_button.click(fn=settings.apply, inputs=settings.components, outputs=[settings.result],
                                     api_visibility="private").then(fn=None, js=reload_cards_js)
-        demo.load(fn=lambda: [_checkpoint_update(), *settings.current_values()], inputs=[],
-                  outputs=[checkpoint, *settings.components], show_progress="hidden", api_visibility="private")
+        demo.load(fn=lambda: [_checkpoint_update(), _modules_update(), *ui_generation.model_updates(),
+                              *settings.current_values()], inputs=[],
+                  outputs=[checkpoint, modules_dropdown, *samplers_out, *settings.components], show_progress="hidden",
+                  api_visibility="private")
 
     script_callbacks.remove_callbacks_for_function(_on_app_started)
     script_callbacks.on_app_started(_on_app_started)

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from modules import (
+    dit_generation,
     images,
     img2img,
     infotext_paste,
@@ -19,6 +20,32 @@ from modules import (
 )
 
 SAME_SAMPLER = infotext_paste.SAME_SAMPLER
+# components that follow the loaded model: (component, "sampler" | "hires_sampler" | "distilled")
+_model_dependent: list[tuple[gr.components.Component, str]] = []
+
+
+def model_dependent() -> list[gr.components.Component]:
+    return [component for component, _ in _model_dependent]
+
+
+def model_updates() -> list:
+    """Updates for the components that follow the loaded model (this never loads one): the sampler dropdowns list
+    its samplers (Flux: flow-matching ones) with its default selected; the Distilled CFG slider shows for Flux."""
+    from modules import sd_models
+
+    model = sd_models.model_data.sd_model
+    names = samplers.samplers_for(model)
+    default = samplers.default_for(model) if model is not None else samplers.default_sampler_name
+    res = []
+    for _, kind in _model_dependent:
+        if kind == "sampler":
+            res.append(gr.update(choices=names, value=default))
+        elif kind == "hires_sampler":
+            res.append(gr.update(choices=[SAME_SAMPLER] + names, value=SAME_SAMPLER))
+        else:
+            res.append(gr.update(visible=bool(getattr(model, "is_flux", False)) and not getattr(model, "is_chroma",
+                                                                                                  False)))
+    return res
 
 
 def _toprow(tabname: str) -> SimpleNamespace:
@@ -41,6 +68,7 @@ def _settings(tabname: str, size: int) -> SimpleNamespace:
     with gr.Row():
         sampler_name = gr.Dropdown(samplers.all_samplers, value=samplers.default_sampler_name,
                                    label="Sampling method", elem_id=f"{tabname}_sampling")
+        _model_dependent.append((sampler_name, "sampler"))
         steps = gr.Slider(1, 150, value=20, step=1, label="Sampling steps", elem_id=f"{tabname}_steps")
     with gr.Row():
         width = gr.Slider(64, 2048, value=size, step=8, label="Width", elem_id=f"{tabname}_width")
@@ -49,8 +77,13 @@ def _settings(tabname: str, size: int) -> SimpleNamespace:
         batch_count = gr.Slider(1, 100, value=1, step=1, label="Batch count", elem_id=f"{tabname}_batch_count")
         batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{tabname}_batch_size")
     cfg_scale = gr.Slider(1.0, 30.0, value=7.0, step=0.5, label="CFG Scale", elem_id=f"{tabname}_cfg_scale")
+    distilled_cfg_scale = gr.Slider(0.0, 30.0, value=dit_generation.DEFAULT_DISTILLED_CFG, step=0.1,
+                                    label="Distilled CFG Scale", elem_id=f"{tabname}_distilled_cfg_scale",
+                                    info="FLUX.1-dev's guidance (it has no CFG)", visible=False)
+    _model_dependent.append((distilled_cfg_scale, "distilled"))
     return SimpleNamespace(sampler_name=sampler_name, steps=steps, width=width, height=height,
-                           batch_count=batch_count, batch_size=batch_size, cfg_scale=cfg_scale)
+                           batch_count=batch_count, batch_size=batch_size, cfg_scale=cfg_scale,
+                           distilled_cfg_scale=distilled_cfg_scale)
 
 
 def _seed(tabname: str) -> gr.Number:
@@ -82,6 +115,7 @@ def _hires_accordion(tabname: str) -> SimpleNamespace:
                                     elem_id=f"{tabname}_hr_resize_y")
         hr_sampler_name = gr.Dropdown([SAME_SAMPLER] + samplers.all_samplers, value=SAME_SAMPLER,
                                       label="Hires sampling method", elem_id=f"{tabname}_hr_sampler")
+        _model_dependent.append((hr_sampler_name, "hires_sampler"))
         with gr.Row(elem_id=f"{tabname}_hires_fix_row4"):
             hr_prompt = gr.Textbox(label="Hires prompt", lines=3, elem_id=f"{tabname}_hr_prompt",
                                    placeholder="Prompt for hires fix pass.\nLeave empty to use the same prompt as "
@@ -136,9 +170,10 @@ def create_txt2img_tab() -> None:
 
     def generate_fn(prompt_text, negative_text, steps_value, sampler, w, h, seed_value, size_value, count_value,
                     cfg_value, enable_hr, hr_upscaler, hr_steps, denoising, hr_scale, hr_x, hr_y, hr_sampler,
-                    hr_prompt, hr_negative, progress_bar=gr.Progress()):
+                    hr_prompt, hr_negative, distilled, progress_bar=gr.Progress()):
         return txt2img.txt2img_ui(prompt_text, negative_text, steps_value, sampler, w, h, seed_value, size_value,
-                                  count_value, cfg_value, progress_bar=progress_bar, enable_hr=enable_hr,
+                                  count_value, cfg_value, progress_bar=progress_bar, distilled_cfg_scale=distilled,
+                                  enable_hr=enable_hr,
                                   hr_upscaler=hr_upscaler, hr_second_pass_steps=hr_steps,
                                   denoising_strength=denoising, hr_scale=hr_scale, hr_resize_x=hr_x,
                                   hr_resize_y=hr_y, hr_sampler_name=hr_sampler, hr_prompt=hr_prompt,
@@ -147,11 +182,11 @@ def create_txt2img_tab() -> None:
     inputs = [row.prompt, row.negative_prompt, s.steps, s.sampler_name, s.width, s.height, seed, s.batch_size,
               s.batch_count, s.cfg_scale, hr.enable_hr, hr.hr_upscaler, hr.hr_second_pass_steps,
               hr.denoising_strength, hr.hr_scale, hr.hr_resize_x, hr.hr_resize_y, hr.hr_sampler_name, hr.hr_prompt,
-              hr.hr_negative_prompt]
+              hr.hr_negative_prompt, s.distilled_cfg_scale]
     _wire(tabname, row, generate_fn, inputs, [gallery, html_info, generation_info], api_name="txt2img")
     fields = {"prompt": row.prompt, "negative_prompt": row.negative_prompt, "steps": s.steps,
               "sampler_name": s.sampler_name, "cfg_scale": s.cfg_scale, "seed": seed, "width": s.width,
-              "height": s.height}
+              "height": s.height, "distilled_cfg_scale": s.distilled_cfg_scale}
     fields.update({name: getattr(hr, name) for name in infotext_paste.HIRES_FIELDS})
     _paste(row, fields)
 
@@ -176,13 +211,15 @@ def create_img2img_tab() -> None:
             gallery, html_info, generation_info = ui_common.create_output_panel(tabname)
 
     def generate_fn(image, prompt_text, negative_text, steps_value, sampler, mode, w, h, denoising, seed_value,
-                    size_value, count_value, cfg_value, progress_bar=gr.Progress()):
+                    size_value, count_value, cfg_value, distilled, progress_bar=gr.Progress()):
         return img2img.img2img_ui(image, prompt_text, negative_text, steps_value, sampler, mode, w, h, denoising,
-                                  seed_value, size_value, count_value, cfg_value, progress_bar=progress_bar)
+                                  seed_value, size_value, count_value, cfg_value, progress_bar=progress_bar,
+                                  distilled_cfg_scale=distilled)
 
     inputs = [init_image, row.prompt, row.negative_prompt, s.steps, s.sampler_name, resize_mode, s.width, s.height,
-              denoising_strength, seed, s.batch_size, s.batch_count, s.cfg_scale]
+              denoising_strength, seed, s.batch_size, s.batch_count, s.cfg_scale, s.distilled_cfg_scale]
     _wire(tabname, row, generate_fn, inputs, [gallery, html_info, generation_info], api_name="img2img")
     _paste(row, {"prompt": row.prompt, "negative_prompt": row.negative_prompt, "steps": s.steps,
                  "sampler_name": s.sampler_name, "cfg_scale": s.cfg_scale, "seed": seed, "width": s.width,
-                 "height": s.height, "denoising_strength": denoising_strength})
+                 "height": s.height, "denoising_strength": denoising_strength,
+                 "distilled_cfg_scale": s.distilled_cfg_scale})

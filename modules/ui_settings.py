@@ -11,7 +11,7 @@ from modules import errors, shared, ui_common
 from modules.options import OptionInfo
 
 # Shown at the top of the page instead (A1111 quicksettings); a second copy here would fight the first one.
-quicksettings = ("sd_model_checkpoint",)
+quicksettings = ("sd_model_checkpoint", "forge_additional_modules")
 
 _tags = re.compile(r"<[^>]+>")
 

@@ -20,6 +20,7 @@ from modules import (
     progress,
     samplers,
     script_callbacks,
+    sd_modules,
     shared,
     txt2img,
     upscaler,
@@ -112,6 +113,8 @@ class Api:
                            response_model=list[models.SamplerItem])
         self.add_api_route("/sdapi/v1/sd-models", self.get_sd_models, methods=["GET"],
                            response_model=list[models.SDModelItem])
+        self.add_api_route("/sdapi/v1/sd-modules", self.get_sd_modules, methods=["GET"],
+                           response_model=list[models.SDModuleItem])
         self.add_api_route("/sdapi/v1/refresh-checkpoints", self.refresh_checkpoints, methods=["POST"])
         self.add_api_route("/sdapi/v1/hypernetworks", self.get_hypernetworks, methods=["GET"],
                            response_model=list[models.HypernetworkItem])
@@ -136,8 +139,8 @@ class Api:
     # --- generation ----------------------------------------------------------------------------------------------
     def _processing(self, req: models.GenerationRequest, cls, **fields):
         """The processing object for a request: 404 for an unknown sampler or checkpoint, 422 for a bad option."""
-        sampler = req.sampler_name or req.sampler_index or samplers.default_sampler_name
-        if sampler not in samplers.all_samplers:
+        sampler = req.sampler_name or req.sampler_index  # none: the model's default (checked by the job)
+        if sampler and sampler not in samplers.all_samplers:
             raise HTTPException(status_code=404, detail=f"Sampler not found: {sampler}")
         override = dict(req.override_settings or {})
         for key, value in override.items():
@@ -234,15 +237,21 @@ class Api:
                 raise HTTPException(status_code=422, detail=f"{key}: expected {type(info.default).__name__}, "
                                                             f"got {type(value).__name__}")
             _check_option(key, value)
-        # the checkpoint first: it is the one that can fail, and then no other option is changed either
-        for key in sorted(req, key=lambda k: k != "sd_model_checkpoint"):
+        # the checkpoint first: it is the one that can fail, and then no other option is changed either; text
+        # encoder / VAE files sent with it are what it loads with (and are put back when it fails)
+        loads = ("sd_model_checkpoint", sd_modules.OPTION)
+        modules_before = shared.opts.data.get(sd_modules.OPTION)
+        if checkpoint is not None and sd_modules.OPTION in req:
+            shared.opts.set(sd_modules.OPTION, req[sd_modules.OPTION], is_api=True, run_callbacks=False)
+        for key in sorted(req, key=lambda k: loads.index(k) if k in loads else len(loads)):
             if key in shared.opts.data_labels:
                 try:
-                    # sd_model_checkpoint's onchange (set by webui.initialize) reloads under the queue lock.
+                    # the onchange callbacks (set by webui.initialize) reload the model under the queue lock
                     shared.opts.set(key, req[key], is_api=True)
                 except Exception as e:
-                    if key != "sd_model_checkpoint":
+                    if key not in loads:
                         raise
+                    shared.opts.data[sd_modules.OPTION] = modules_before
                     return _checkpoint_failed(e)
         shared.opts.save(shared.config_filename)
         return None
@@ -251,7 +260,14 @@ class Api:
         return {k: v for k, v in vars(shared.cmd_opts).items() if k not in SECRET_FLAGS}
 
     def get_samplers(self):
-        return [models.SamplerItem(name=name, aliases=[], options={}) for name in samplers.all_samplers]
+        """The loaded model's samplers (every one while no model is loaded; this never loads one)."""
+        from modules import sd_models
+        names = samplers.samplers_for(sd_models.model_data.sd_model)
+        return [models.SamplerItem(name=name, aliases=[], options={}) for name in names]
+
+    def get_sd_modules(self):
+        """Forge's route: the text encoder and VAE files `forge_additional_modules` can name."""
+        return [models.SDModuleItem(model_name=name, filename=path) for name, path in sd_modules.list_modules().items()]
 
     def get_sd_models(self):
         from modules import sd_models

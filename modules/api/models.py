@@ -23,6 +23,7 @@ class GenerationRequest(BaseModel):
     n_iter: int = Field(default=1, ge=1)
     steps: int = Field(default=50, ge=1)
     cfg_scale: float = 7.0
+    distilled_cfg_scale: float | None = None  # Forge's: FLUX.1-dev's guidance embedding (None: 3.5)
     width: int = Field(default=512, ge=8)
     height: int = Field(default=512, ge=8)
     restore_faces: bool | None = None
@@ -99,6 +100,11 @@ class SDModelItem(BaseModel):
     sha256: str | None = None
     filename: str
     config: str | None = None
+
+
+class SDModuleItem(BaseModel):
+    model_name: str
+    filename: str
 
 
 class SamplerItem(BaseModel):

@@ -1,0 +1,305 @@
+"""Transformer-era checkpoints in this host: FLUX.1 (dev, schnell) and Chroma, loaded offline.
+
+Three ways in:
+- a diffusers folder (`FluxPipeline` / `ChromaPipeline` in model_index.json): `from_pretrained(local_files_only)`;
+- a BFL/ComfyUI single-file transformer (`flux1-dev.safetensors`, keys with or without `model.diffusion_model.`)
+  plus text encoders and VAE picked separately (modules/sd_modules.py: files like `clip_l.safetensors`,
+  `t5xxl_fp16.safetensors`, `ae.safetensors`), as Forge's "VAE / Text Encoder" selector does;
+- an all-in-one file that bundles them (`text_encoders.clip_l.*`, `text_encoders.t5xxl.*`, `vae.*`); picked
+  files replace the bundled ones.
+
+Configs come from the tensor shapes (modules/flux_layout.py, modules/component_files.py); dev, schnell and Chroma are
+told apart by their tensors. Each component is built on meta and filled from the files as the SD loader does
+(weights copied out of the file maps, `original_weights` for the Lora patcher's exact restore, checked before
+the loaded model is given up). fp8 weights stay fp8 (modules/fp8_storage.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import torch
+
+from modules import component_files, flux_layout, fp8_storage, mapped_memory, original_weights, t5_tokenizer
+from modules.sd_models_ldm import CheckpointFormatError
+
+FAMILIES = ("flux", "chroma")
+PIPELINES = {"FluxPipeline": "flux", "FluxImg2ImgPipeline": "flux", "ChromaPipeline": "chroma",
+             "ChromaImg2ImgPipeline": "chroma"}
+NEEDS = {"flux": ("transformer", "clip_l", "t5", "vae"), "chroma": ("transformer", "t5", "vae")}
+COMPONENT_OF = {"flux": {"transformer": "transformer", "clip_l": "text_encoder", "t5": "text_encoder_2",
+                         "vae": "vae"},
+                "chroma": {"transformer": "transformer", "t5": "text_encoder", "vae": "vae"}}
+MAX_SEQUENCE = {"dev": 512, "schnell": 256, "chroma": 512}  # T5 tokens, as the models were trained
+
+
+def pipeline_class(family: str, img2img: bool = False):
+    import diffusers
+
+    name = {"flux": "Flux", "chroma": "Chroma"}[family] + ("Img2ImgPipeline" if img2img else "Pipeline")
+    return getattr(diffusers, name)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp16 overflows in Flux's T5 and transformer activations: bf16 instead, as diffusers recommends."""
+    return torch.bfloat16 if dtype == torch.float16 else dtype
+
+
+def assemble_pipeline(family: str, variant: str, components: dict[str, Any], tokenizers: dict | None = None):
+    """A Flux/Chroma pipeline from ready components; tokenizers and scheduler are made here when not given."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from modules import clip_tokenizer, default_models_dit
+
+    parts = dict(components)
+    parts.update(tokenizers or {})
+    t5_name = "tokenizer_2" if family == "flux" else "tokenizer"
+    if family == "flux":
+        parts.setdefault("tokenizer", clip_tokenizer.load_tokenizer("clip"))
+    if t5_name not in parts:
+        parts[t5_name] = t5_tokenizer.load(t5_tokenizer.tiny_tokenizer_dir())
+    parts.setdefault("scheduler", FlowMatchEulerDiscreteScheduler(**default_models_dit.SCHEDULERS[variant]))
+    pipe = pipeline_class(family)(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def index_family(index: dict) -> str | None:
+    return PIPELINES.get(index.get("_class_name", ""))
+
+
+def _variant(family: str, transformer) -> str:
+    if family == "chroma":
+        return "chroma"
+    return "dev" if transformer.config.guidance_embeds else "schnell"
+
+
+def _make_model(pipe, family: str, variant: str, checkpoint_info, source, stamps):
+    from modules.sd_models_diffusers import DiffusersSdModel
+
+    model = DiffusersSdModel(pipe, family, checkpoint_info, source, variant=variant)
+    model.file_stamps = stamps
+    return model
+
+
+# --- diffusers folders --------------------------------------------------------------------------------------------
+def load_folder(folder: str, family: str, device, dtype, checkpoint_info=None):
+    from modules import sd_models_diffusers as sdd
+
+    names = [n for n in ("transformer", "text_encoder", "text_encoder_2", "vae")
+             if os.path.isdir(os.path.join(folder, n))]
+    stamps = {path: original_weights.file_stamp(path)
+              for n in names for path in set(sdd.component_weight_files(os.path.join(folder, n)).values())}
+    pipe = pipeline_class(family).from_pretrained(folder, torch_dtype=compute_dtype(dtype), local_files_only=True,
+                                                  use_safetensors=True)
+    components = {n: getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None}
+    pipe.to(device)
+    mapped_memory.copy_out_of_files(components)  # from_pretrained assigns the file maps' tensors when dtypes match
+    pipe.set_progress_bar_config(disable=True)
+    sdd.refuse_changed(stamps, folder)
+    refs, dtypes = sdd.folder_refs(folder, components)
+    source = original_weights.OriginalWeights(refs, dtypes, stamps) if refs else None
+    return _make_model(pipe, family, _variant(family, pipe.transformer), checkpoint_info, source, stamps)
+
+
+# --- single files -------------------------------------------------------------------------------------------------
+def holds_transformer_era_parts(keys) -> bool:
+    """Whether a file holds a Flux/Chroma transformer or only a text encoder/VAE of one (never an SD checkpoint)."""
+    keys = list(keys)
+    if any(k.startswith(("cond_stage_model.", "conditioner.embedders.")) for k in keys):
+        return False
+    return bool(component_files.find_parts(keys))
+
+
+class _Source:
+    """One component's tensors: the file, its tensor views and where the component sits in it."""
+
+    def __init__(self, filename: str, tensors: dict, part: component_files.Part):
+        self.filename, self.tensors, self.part = filename, tensors, part
+        self.shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+
+
+def _pick(filename: str, tensors: dict, module_files: list[str]) -> tuple[dict[str, _Source], dict[str, tuple]]:
+    """{kind: source} from the checkpoint and the picked module files (these win), and every file's stamp."""
+    from modules.sd_models_diffusers import read_checkpoint_tensors
+
+    stamps = {}
+    sources: dict[str, _Source] = {p.kind: _Source(filename, tensors, p) for p in component_files.find_parts(tensors)}
+    if "transformer" not in sources:
+        held = ", ".join(component_files.KIND_LABELS[k] for k in sources)
+        raise CheckpointFormatError(f"{filename} holds only a {held}, no Flux/Chroma transformer: put it in "
+                                    f"models/text_encoder or models/VAE and pick it under VAE / Text Encoder")
+    for path in module_files:
+        stamps[path] = original_weights.file_stamp(path)
+        module_tensors = read_checkpoint_tensors(path)
+        parts = component_files.find_parts(module_tensors)
+        if not parts:
+            raise CheckpointFormatError(f"{path}: not a text encoder (CLIP, T5) or VAE file this host can read")
+        for part in parts:
+            if part.kind == "transformer":
+                raise CheckpointFormatError(f"{path} holds a diffusion transformer: pick it as the checkpoint, not "
+                                            f"under VAE / Text Encoder")
+            kind = part.kind
+            if kind in ("clip_l", "clip_g") and kind in sources and sources[kind].filename != filename:
+                raise CheckpointFormatError(f"{path}: two CLIP text encoder files are picked ({sources[kind].filename}"
+                                            f"); Flux uses one (CLIP-L)")
+            if kind not in ("clip_l", "clip_g") and kind in sources and sources[kind].filename != filename:
+                raise CheckpointFormatError(f"{path}: two {component_files.KIND_LABELS[kind]} files are picked "
+                                            f"({sources[kind].filename}); pick one")
+            sources[kind] = _Source(path, module_tensors, part)
+    return sources, stamps
+
+
+def _skeletons(family: str, variant: str, sources: dict[str, _Source], what: str) -> dict[str, Callable]:
+    """{component: factory} with configs read off the shapes."""
+    from diffusers import AutoencoderKL, ChromaTransformer2DModel, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    t = sources["transformer"]
+    try:
+        config = flux_layout.transformer_config(t.shapes, t.part.prefix, variant)
+        factories: dict[str, Callable] = {"transformer": lambda: (
+            ChromaTransformer2DModel if family == "chroma" else FluxTransformer2DModel)(**config)}
+        if family == "flux":
+            clip = sources["clip_l"]
+            clip_config = component_files.clip_config(clip.shapes, clip.part.prefix, "clip_l")
+            factories["text_encoder"] = lambda: CLIPTextModel(CLIPTextConfig(**clip_config))
+        t5 = sources["t5"]
+        t5_config = component_files.t5_config(t5.shapes, t5.part.prefix)
+        factories[COMPONENT_OF[family]["t5"]] = lambda: T5EncoderModel(T5Config(**t5_config))
+        vae = sources["vae"]
+        vae_config = component_files.vae_config(vae.shapes, vae.part, family)
+        factories["vae"] = lambda: AutoencoderKL(**vae_config)
+    except CheckpointFormatError as e:
+        raise CheckpointFormatError(f"{what}: {e}") from None
+    except (KeyError, IndexError, ValueError, TypeError, ZeroDivisionError) as e:
+        raise CheckpointFormatError(f"{what}: its tensor shapes do not describe a {family} model "
+                                    f"({type(e).__name__}: {e})") from None
+    return factories
+
+
+def _ref(kind: str, key: str, source: _Source, module: torch.nn.Module):
+    if kind == "transformer":
+        return flux_layout.transformer_ref(key, module.config, source.part.prefix)
+    if kind in ("clip_l", "clip_g"):
+        return component_files.clip_ref(key, source.part.prefix)
+    if kind == "t5":
+        return component_files.t5_ref(key, source.shapes, source.part.prefix)
+    return component_files.vae_ref(key, source.part, len(module.config.block_out_channels))
+
+
+def _component_source(kind: str, source: _Source, skeleton: torch.nn.Module) -> tuple[dict, dict, set]:
+    """({parameter: view of the file's tensor}, {parameter: ref}, fp8 keys kept) for one component; every tensor
+    present and of the model's shape."""
+    from modules.sd_models_ldm import read_ref
+
+    views, refs, dtypes, missing, wrong = {}, {}, {}, [], []
+    for key, tensor in skeleton.state_dict().items():
+        if kind == "t5" and key == "encoder.embed_tokens.weight":
+            continue  # tied to shared.weight: the same module (see _fill_component)
+        ref = _ref(kind, key, source, skeleton)
+        if ref is None or ref.key not in source.tensors:
+            missing.append(ref.key if ref is not None else key)
+            continue
+        view = read_ref(ref, source.tensors)
+        if tuple(view.shape) != tuple(tensor.shape):
+            wrong.append(f"{ref.key} is {list(view.shape)}, the model needs {list(tensor.shape)}")
+            continue
+        views[key], refs[key], dtypes[key] = view, ref, view.dtype
+    label = component_files.KIND_LABELS[kind]
+    if missing:
+        raise CheckpointFormatError(f"{source.filename}: {len(missing)} {label} tensors missing, e.g. "
+                                    f"{', '.join(missing[:3])}")
+    if wrong:
+        raise CheckpointFormatError(f"{source.filename}: {len(wrong)} {label} tensors have the wrong shape: "
+                                    f"{'; '.join(wrong[:3])}")
+    return views, refs, fp8_storage.fp8_keys(skeleton, dtypes)
+
+
+def _fill_component(kind: str, skeleton, views: dict, keep_fp8: set, device, dtype) -> torch.nn.Module:
+    from modules.sd_disable_initialization import load_state_dict_lean
+
+    if kind == "t5":
+        skeleton.encoder.embed_tokens = skeleton.shared  # one embedding, filled once
+    module, result = load_state_dict_lean(skeleton, views, device=device, dtype=dtype, strict=False,
+                                          keep_file_dtype=keep_fp8)
+    missing = [k for k in result.missing_keys if not (kind == "t5" and k == "encoder.embed_tokens.weight")]
+    if missing:
+        raise CheckpointFormatError(f"tensors not filled: {', '.join(missing[:5])}")
+    fp8_storage.enable(module)
+    return module.eval()
+
+
+def prepare_files(filename: str, tensors: dict, stamps: dict, module_files: list[str], device, dtype,
+                  checkpoint_info=None):
+    """Checks a Flux/Chroma file (and the picked module files) without reading weights; PreparedLoad.fill() reads
+    them."""
+    from modules import shared
+    from modules.sd_disable_initialization import build_on_meta
+    from modules.sd_models_diffusers import PreparedLoad, refuse_changed
+
+    sources, module_stamps = _pick(filename, tensors, module_files)
+    stamps = dict(stamps, **module_stamps)
+    t = sources["transformer"]
+    variant = flux_layout.detect_variant(t.tensors, t.part.prefix)
+    family = "chroma" if variant == "chroma" else "flux"
+    missing = [component_files.KIND_LABELS[k] for k in NEEDS[family] if k not in sources]
+    if missing:
+        raise CheckpointFormatError(
+            f"{filename} is a {variant} transformer without {', '.join(missing)}: pick "
+            f"{'them' if len(missing) > 1 else 'it'} under VAE / Text Encoder (files like clip_l.safetensors, "
+            f"t5xxl_fp16.safetensors in models/text_encoder, ae.safetensors in models/VAE; the option "
+            f"`forge_additional_modules` in the API)")
+    t5 = sources["t5"]
+    vocab_rows = t5.shapes[component_files.t5_embedding_key(t5.shapes, t5.part.prefix)][0]
+    from modules import sd_models
+    tokenizer_dir = t5_tokenizer.find_tokenizer_folder(vocab_rows, t5.filename, shared.models_path,
+                                                       sd_models.checkpoint_dir())
+    factories = _skeletons(family, variant, sources, filename)
+    kinds = {component: kind for kind, component in COMPONENT_OF[family].items()}
+    skeletons = {component: build_on_meta(factory) for component, factory in factories.items()}
+    prepared = {c: _component_source(kinds[c], sources[kinds[c]], s) for c, s in skeletons.items()}
+    files = {c: sources[kinds[c]].filename for c in skeletons}
+    del sources, tensors, t, t5
+    dtype = compute_dtype(dtype)
+
+    def fill():
+        components, refs, dtypes = {}, {}, {}
+        for component in ("vae", "text_encoder", "text_encoder_2", "transformer"):  # small first
+            if component not in prepared:
+                continue
+            views, component_refs, keep_fp8 = prepared.pop(component)
+            module = _fill_component(kinds[component], skeletons.pop(component), views, keep_fp8, device, dtype)
+            components[component] = module
+            for key, ref in component_refs.items():
+                refs[(component, key)] = (files[component], ref.key, ref)
+            if kinds[component] == "t5":
+                refs[(component, "encoder.embed_tokens.weight")] = refs[(component, "shared.weight")]
+            for key, tensor in module.state_dict().items():
+                dtypes[(component, key)] = tensor.dtype
+        refuse_changed(stamps, filename)
+        t5_name = "tokenizer_2" if family == "flux" else "tokenizer"
+        pipe = assemble_pipeline(family, variant, components, {t5_name: t5_tokenizer.load(tokenizer_dir)})
+        safetensors_only = all(f.lower().endswith(".safetensors") for f in stamps)
+        source = original_weights.OriginalWeights(refs, dtypes, stamps) if safetensors_only else None
+        return _make_model(pipe, family, variant, checkpoint_info, source, stamps)
+
+    return PreparedLoad(filename, fill)
+
+
+def describe_memory(model) -> str:
+    """"transformer 23.8 MB (fp8 weights 17.0 MB), text_encoder ..." for the load message."""
+    parts = []
+    for name, module in model.components().items():
+        if module is None:
+            continue
+        total = fp8_storage.parameter_bytes(module)
+        fp8 = sum(p.numel() for p in module.parameters() if fp8_storage.is_fp8(p.dtype))
+        parts.append(f"{name} {total / 2 ** 20:.1f} MiB" + (f" (fp8 weights {fp8 / 2 ** 20:.1f} MiB)" if fp8 else ""))
+    return ", ".join(parts)
+
+
+def read_index(folder: str) -> dict:
+    with open(os.path.join(folder, "model_index.json"), encoding="utf8") as f:
+        return json.load(f)
