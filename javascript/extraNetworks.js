@@ -1,136 +1,25 @@
 // Extra-network card panes (Lora, ...): card data comes as JSON from /sd_extra_networks/cards and only the
 // cards in view are in the DOM (a windowed grid), so search and scroll stay fast with thousands of cards.
 // All strings go through textContent / attributes; event handlers are delegated and installed once.
+// This file: the pane's data, search, sort, grid, card clicks and polling. Next door: cardsDom.js (DOM helpers,
+// loaded first), extraNetworksTree.js (folder buttons and tree), extraNetworksDrag.js (drag into a prompt),
+// extraNetworksEditor.js, extraNetworksPopup.js, extraNetworksPrompt.js (prompt text edits).
 (function() {
     "use strict";
 
     const panes = new Map(); // pane element id -> ExtraNetworksPane
     const OVERSCAN_ROWS = 2;
     const CARD_CACHE_LIMIT = 600;
-    const TREE_FILES_LIMIT = 300;
     const POLL_IDLE_MS = 3000; // background status (hashing progress, loaded model) while the pane is in view
     const POLL_BUSY_MS = 500;
-    const DRAG_TYPE = "application/x-webui-extra-network";
     const sortKeyForOption = {"Path": "default", "Name": "name", "Date Created": "date_created",
         "Date Modified": "date_modified"};
 
+    const {el, iconButton, compareValues, readPreference, writePreference, safeHtmlFragment, copyText, parseInert} =
+        window.cardsDom;
+
     function rem() {
         return parseFloat(getComputedStyle(document.documentElement).fontSize) || 16;
-    }
-
-    const collator = new Intl.Collator(undefined, {numeric: true, sensitivity: "base"});
-
-    function asNumber(value) {
-        if (typeof value === "number") return value;
-        if (typeof value !== "string" || value.trim() === "") return NaN;
-        return Number(value);
-    }
-
-    // Numbers compare numerically, everything else as text in natural order ("a2" before "a10").
-    function compareValues(a, b) {
-        const na = asNumber(a);
-        const nb = asNumber(b);
-        if (!isNaN(na) && !isNaN(nb)) return na - nb;
-        return collator.compare(a === undefined || a === null ? "" : String(a), b === undefined || b === null ? "" : String(b));
-    }
-
-    // Small stroke icons (emoji are missing from many system fonts).
-    const iconPaths = {
-        copy: ["M8 8h11v12H8z", "M5 16V4h11"],
-        info: ["M12 3a9 9 0 1 0 0 18a9 9 0 1 0 0-18z", "M12 11v6", "M12 7.5v.5"],
-        edit: ["M4 20l4-1 11-11-3-3L5 16z", "M14 6l3 3"],
-    };
-
-    function icon(name) {
-        const ns = "http://www.w3.org/2000/svg";
-        const svg = document.createElementNS(ns, "svg");
-        svg.setAttribute("viewBox", "0 0 24 24");
-        svg.setAttribute("aria-hidden", "true");
-        svg.classList.add("card-icon");
-        iconPaths[name].forEach(d => {
-            const path = document.createElementNS(ns, "path");
-            path.setAttribute("d", d);
-            svg.appendChild(path);
-        });
-        return svg;
-    }
-
-    function iconButton(className, name, title) {
-        const button = el("button", `${className} card-button`);
-        button.type = "button";
-        button.title = title;
-        button.setAttribute("aria-label", title);
-        button.appendChild(icon(name));
-        return button;
-    }
-
-    function el(tag, className, text) {
-        const node = document.createElement(tag);
-        if (className) node.className = className;
-        if (text !== undefined && text !== null) node.textContent = text;
-        return node;
-    }
-
-    // Per-pane preferences kept across reloads (sort order, "show all"); a failing localStorage is ignored.
-    function readPreference(key) {
-        try {
-            const text = window.localStorage.getItem(key);
-            return text === null ? null : JSON.parse(text);
-        } catch (e) {
-            return null;
-        }
-    }
-
-    function writePreference(key, value) {
-        try {
-            window.localStorage.setItem(key, JSON.stringify(value));
-        } catch (e) {
-            // private mode or full storage: the preference lasts until the page reloads
-        }
-    }
-
-    // Descriptions marked as HTML (option extra_networks_card_description_is_html) are parsed in an inert
-    // document (no script runs, no image loads) and only harmless tags survive, without attributes except a
-    // plain link's href.
-    const SAFE_TAGS = new Set(["A", "B", "BLOCKQUOTE", "BR", "CODE", "DIV", "EM", "H1", "H2", "H3", "H4", "H5",
-        "H6", "HR", "I", "LI", "OL", "P", "PRE", "S", "SMALL", "SPAN", "STRONG", "SUB", "SUP", "U", "UL"]);
-    const DROP_TAGS = new Set(["SCRIPT", "STYLE", "TEMPLATE", "IFRAME", "OBJECT", "EMBED", "SVG", "MATH", "NOSCRIPT",
-        "TITLE", "TEXTAREA", "SELECT", "FORM", "INPUT", "BUTTON", "LINK", "META", "BASE"]);
-
-    function parseInert(html) {
-        return new DOMParser().parseFromString(`<!doctype html><body>${html}`, "text/html").body;
-    }
-
-    function sanitizeInto(source, target) {
-        Array.from(source.childNodes).forEach(node => {
-            if (node.nodeType === Node.TEXT_NODE) {
-                target.appendChild(document.createTextNode(node.nodeValue));
-                return;
-            }
-            if (node.nodeType !== Node.ELEMENT_NODE) return;
-            const tag = node.tagName.toUpperCase();
-            if (DROP_TAGS.has(tag)) return;
-            if (!SAFE_TAGS.has(tag)) {
-                sanitizeInto(node, target); // unknown element: keep its text and safe children
-                return;
-            }
-            const copy = document.createElement(tag.toLowerCase());
-            if (tag === "A") {
-                const href = node.getAttribute("href") || "";
-                if (/^(https?:|\.?\/|#)/i.test(href.trim())) {
-                    copy.setAttribute("href", href.trim());
-                    copy.setAttribute("target", "_blank");
-                    copy.setAttribute("rel", "noopener noreferrer");
-                }
-            }
-            sanitizeInto(node, copy);
-            target.appendChild(copy);
-        });
-        return target;
-    }
-
-    function safeHtmlFragment(html) {
-        return sanitizeInto(parseInert(html), document.createDocumentFragment());
     }
 
     class ExtraNetworksPane {
@@ -565,28 +454,6 @@
             return {text: tools.textFromParts(item.prompt, this.opts), negative: tools.textFromParts(item.negative, this.opts)};
         }
 
-        // A card dropped on a prompt box: its text goes in at the drop point (moved there if it was already
-        // in that box); dropped on the positive prompt, its negative text is also added to the negative box.
-        cardDropped(item, textarea, offset) {
-            const tools = window.extraNetworksPrompt;
-            const {text, negative} = this.cardTexts(item);
-            const areas = this.promptAreas();
-            const separator = this.separator();
-            const intoNegative = textarea === areas.negative;
-            const inserted = intoNegative ? (negative || text) : text;
-            if (!inserted) return;
-            const result = tools.insertAtOffset(textarea.value, offset, inserted, separator);
-            textarea.value = result.prompt;
-            textarea.focus();
-            textarea.setSelectionRange(result.caret, result.caret);
-            window.updateInput(textarea);
-            if (!intoNegative && negative && areas.negative && !tools.isInPrompt(areas.negative.value, negative)) {
-                areas.negative.value = tools.addToPrompt(areas.negative.value, negative, separator);
-                window.updateInput(areas.negative);
-            }
-            this.markActiveCards();
-        }
-
         cardClicked(item) {
             const tools = window.extraNetworksPrompt;
             const {text, negative} = this.cardTexts(item);
@@ -613,167 +480,6 @@
                 const item = this.items[Number(card.dataset.index)];
                 const active = !!item && prompt !== "" && tools.isInPrompt(prompt, tools.textFromParts(item.prompt, this.opts));
                 card.classList.toggle("card-active", active);
-            });
-        }
-
-        // --- folder buttons and tree ---------------------------------------------------------------------------------
-        folderList() {
-            const folders = new Map(); // "Lora/chars" -> {path, root, depth}
-            const showHidden = this.opts.extra_networks_show_hidden_directories !== false;
-            this.items.forEach(item => {
-                const parts = (item.rel || "").split("/");
-                parts.pop();
-                for (let depth = 1; depth < parts.length; depth++) {
-                    const sub = parts.slice(1, depth + 1);
-                    if (!showHidden && sub.some(p => p.startsWith("."))) break;
-                    const path = parts.slice(0, depth + 1).join("/");
-                    if (!folders.has(path)) folders.set(path, {path: path, label: sub.join("/")});
-                }
-            });
-            return Array.from(folders.values()).sort((a, b) => compareValues(a.label, b.label));
-        }
-
-        buildDirs() {
-            this.dirs.replaceChildren();
-            if (this.opts.extra_networks_tree_view_style === "Tree") {
-                this.root.classList.add("extra-network-tree-style");
-                this.buildTree();
-                return;
-            }
-            this.root.classList.remove("extra-network-tree-style");
-            const leading = this.opts.extra_networks_dir_button_function ? "/" : "";
-            const all = el("button", "extra-network-dir-button", "all");
-            all.type = "button";
-            all.dataset.search = "";
-            this.dirs.appendChild(all);
-            this.folderList().forEach(folder => {
-                const button = el("button", "extra-network-dir-button", `${leading}${folder.label}/`);
-                button.type = "button";
-                button.dataset.search = `${leading}${folder.label}/`;
-                this.dirs.appendChild(button);
-            });
-        }
-
-        // A tree of folders (first) and files; folder children are built only when a folder is expanded.
-        treeModel() {
-            const rootNode = {name: "", path: "", dirs: new Map(), files: []};
-            const showHidden = this.opts.extra_networks_show_hidden_directories !== false;
-            this.items.forEach(item => {
-                const parts = (item.rel || item.name).split("/");
-                const file = parts.pop();
-                if (!showHidden && parts.slice(1).some(p => p.startsWith("."))) return;
-                let node = rootNode;
-                parts.forEach((part, i) => {
-                    if (!node.dirs.has(part)) {
-                        node.dirs.set(part, {name: part, path: parts.slice(0, i + 1).join("/"), dirs: new Map(),
-                            files: []});
-                    }
-                    node = node.dirs.get(part);
-                });
-                node.files.push({name: file, index: item.index});
-            });
-            return rootNode;
-        }
-
-        buildTree() {
-            this.tree = this.treeModel();
-            const list = el("ul", "tree-list tree-list--tree");
-            this.tree.dirs.forEach(node => {
-                this.treeState.expanded.add(node.path);
-                list.appendChild(this.treeNodeElement(node));
-            });
-            this.dirs.appendChild(list);
-        }
-
-        treeNodeElement(node) {
-            const li = el("li", "tree-list-item tree-list-item--dir");
-            li.dataset.treePath = node.path;
-            const row = el("span", "tree-list-content tree-list-content-dir");
-            row.dataset.treePath = node.path;
-            const chevron = el("span", "tree-list-item-action--chevron", "\u25B8");
-            row.appendChild(chevron);
-            row.appendChild(el("span", "tree-list-item-label", node.name));
-            li.appendChild(row);
-            if (this.treeState.expanded.has(node.path)) {
-                li.classList.add("expanded");
-                li.appendChild(this.treeChildren(node));
-            }
-            if (this.treeState.selected === node.path) row.classList.add("selected");
-            return li;
-        }
-
-        treeChildren(node) {
-            const ul = el("ul", "tree-list tree-list--subgroup");
-            const dirs = Array.from(node.dirs.values()).sort((a, b) => compareValues(a.name, b.name));
-            dirs.forEach(child => ul.appendChild(this.treeNodeElement(child)));
-            const files = node.files.slice().sort((a, b) => compareValues(a.name, b.name));
-            files.slice(0, TREE_FILES_LIMIT).forEach(file => {
-                const li = el("li", "tree-list-item tree-list-item--file");
-                const row = el("span", "tree-list-content tree-list-content-file", file.name);
-                row.dataset.index = String(file.index);
-                row.draggable = true;
-                li.appendChild(row);
-                ul.appendChild(li);
-            });
-            if (files.length > TREE_FILES_LIMIT) {
-                ul.appendChild(el("li", "tree-list-item tree-list-more",
-                    `\u2026 ${files.length - TREE_FILES_LIMIT} more (use search)`));
-            }
-            return ul;
-        }
-
-        findTreeNode(path) {
-            let node = this.tree;
-            for (const part of path.split("/")) {
-                node = node && node.dirs.get(part);
-            }
-            return node;
-        }
-
-        // A1111's tree state machine: closed → select + expand; selected and open → collapse, deselect and
-        // clear the search; open but not selected → select. The chevron only expands or collapses.
-        treeDirClicked(row, chevronOnly) {
-            const path = row.dataset.treePath;
-            const li = row.parentElement;
-            const expanded = this.treeState.expanded.has(path);
-            const selected = this.treeState.selected === path;
-            if (chevronOnly) {
-                this.setTreeExpanded(li, path, !expanded);
-                return;
-            }
-            if (!expanded) {
-                this.setTreeExpanded(li, path, true);
-                this.selectTreeDir(path);
-            } else if (selected) {
-                this.setTreeExpanded(li, path, false);
-                this.selectTreeDir(null);
-            } else {
-                this.selectTreeDir(path);
-            }
-        }
-
-        setTreeExpanded(li, path, expand) {
-            const existing = li.querySelector(":scope > ul");
-            if (expand) {
-                this.treeState.expanded.add(path);
-                li.classList.add("expanded");
-                if (!existing) li.appendChild(this.treeChildren(this.findTreeNode(path)));
-            } else {
-                this.treeState.expanded.delete(path);
-                li.classList.remove("expanded");
-                if (existing) existing.remove();
-            }
-        }
-
-        selectTreeDir(path) {
-            this.treeState.selected = path;
-            this.setSearch(path ? `${path}/` : "");
-        }
-
-        updateTreeSelection() {
-            if (!this.dirs) return;
-            this.dirs.querySelectorAll(".tree-list-content-dir").forEach(row => {
-                row.classList.toggle("selected", row.dataset.treePath === this.treeState.selected);
             });
         }
 
@@ -829,9 +535,9 @@
         copyPath(item) {
             const text = item.filename || "";
             if (navigator.clipboard && window.isSecureContext) {
-                navigator.clipboard.writeText(text).catch(() => fallbackCopy(text));
+                navigator.clipboard.writeText(text).catch(() => copyText(text));
             } else {
-                fallbackCopy(text);
+                copyText(text);
             }
         }
 
@@ -862,20 +568,6 @@
                 this.cardCache.delete(old);
                 this.render(true);
             });
-        }
-    }
-
-    function fallbackCopy(text) {
-        const area = document.createElement("textarea");
-        area.value = text;
-        area.style.position = "fixed";
-        area.style.opacity = "0";
-        document.body.appendChild(area);
-        area.select();
-        try {
-            document.execCommand("copy");
-        } finally {
-            area.remove();
         }
     }
 
@@ -964,63 +656,6 @@
         }
     }
 
-    // --- drag a card into a prompt box -------------------------------------------------------------------------------
-    let dragged = null; // {pane, item} while a card is dragged
-
-    function promptAreaOf(target) {
-        if (!target || target.tagName !== "TEXTAREA") return null;
-        return target.closest("[id$='_prompt'], [id$='_neg_prompt']") ? target : null;
-    }
-
-    function onDragStart(event) {
-        const source = event.target.closest ? event.target.closest(".card, .tree-list-content-file") : null;
-        const pane = source ? paneFor(source) : null;
-        if (!pane || !event.dataTransfer) return;
-        const item = pane.items[Number(source.dataset.index)];
-        if (!item) return;
-        const {text} = pane.cardTexts(item);
-        dragged = {pane: pane, item: item};
-        event.dataTransfer.effectAllowed = "copy";
-        event.dataTransfer.setData("text/plain", text); // what other drop targets get
-        event.dataTransfer.setData(DRAG_TYPE, JSON.stringify({pane: pane.root.id, index: item.index}));
-    }
-
-    function draggedCard(event) {
-        if (dragged) return dragged;
-        const types = event.dataTransfer ? Array.from(event.dataTransfer.types || []) : [];
-        if (!types.includes(DRAG_TYPE)) return null;
-        try { // dragged from another window of this page
-            const data = JSON.parse(event.dataTransfer.getData(DRAG_TYPE));
-            const pane = panes.get(data.pane);
-            return pane && pane.items[data.index] ? {pane: pane, item: pane.items[data.index]} : null;
-        } catch (e) {
-            return null;
-        }
-    }
-
-    function onDragOver(event) {
-        if (!promptAreaOf(event.target)) return;
-        const types = event.dataTransfer ? Array.from(event.dataTransfer.types || []) : [];
-        if (!dragged && !types.includes(DRAG_TYPE)) return;
-        event.preventDefault();
-        event.dataTransfer.dropEffect = "copy";
-    }
-
-    function onDrop(event) {
-        const area = promptAreaOf(event.target);
-        if (!area) return;
-        const source = draggedCard(event);
-        if (!source) return;
-        event.preventDefault(); // our insertion, not the browser's plain-text one
-        const offset = window.extraNetworksPrompt.offsetFromPoint(area, event.clientX, event.clientY);
-        source.pane.cardDropped(source.item, area, offset);
-        dragged = null;
-    }
-
-    function onDragEnd() {
-        dragged = null;
-    }
-
     // A card under the mouse or keyboard focus gets its buttons.
     function onPointerOrFocus(event) {
         const card = event.target.closest ? event.target.closest(".extra-network-pane .card") : null;
@@ -1056,10 +691,6 @@
     document.addEventListener("scroll", onScroll, true);
     document.addEventListener("mouseover", onPointerOrFocus);
     document.addEventListener("focusin", onPointerOrFocus);
-    document.addEventListener("dragstart", onDragStart);
-    document.addEventListener("dragover", onDragOver);
-    document.addEventListener("drop", onDrop);
-    document.addEventListener("dragend", onDragEnd);
 
     // Called after settings are applied or the checkpoint changes: options, filters and sizes may differ.
     window.extraNetworksReloadAll = function() {
@@ -1072,6 +703,8 @@
         });
     };
     window.extraNetworksPanes = panes;
+    window.extraNetworksPaneFor = paneFor;
+    window.ExtraNetworksPane = ExtraNetworksPane; // extraNetworksTree.js and extraNetworksDrag.js add methods
 
     (window.webuiUiLoadedCallbacks = window.webuiUiLoadedCallbacks || []).push(function() {
         discoverPanes();
