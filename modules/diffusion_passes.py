@@ -126,7 +126,7 @@ def img2img(p, sd_model, init: list | torch.Tensor, seeds: list[int], prompts: l
     on_step_end = _step_callbacks(pipe, count, conditioning)
     size = {}
     if getattr(sd_model, "is_flux", False):  # the pipeline would take the size from the config, not the image
-        size = {"width": p.width, "height": p.height} if not isinstance(init, torch.Tensor) else \
+        size = {"width": init[0].size[0], "height": init[0].size[1]} if not isinstance(init, torch.Tensor) else \
             {"width": init.shape[-1] * pipe.vae_scale_factor, "height": init.shape[-2] * pipe.vae_scale_factor}
     with torch.inference_mode():
         result = pipe(**conditioning, **_guidance(p, sd_model), **size, image=init, strength=strength,

@@ -107,7 +107,7 @@ def find_tokenizer_folder(vocab_rows: int, what: str, models_path: str, checkpoi
     if vocab_rows == TINY_VOCAB_SIZE:
         return tiny_tokenizer_dir()
     for folder in candidate_folders(models_path, checkpoint_dir):
-        if _vocab_size(folder) <= vocab_rows:
+        if vocab_rows - 128 < _vocab_size(folder) <= vocab_rows:  # T5 pads its 32100 tokens to 32128 rows
             return folder
     raise CheckpointFormatError(
         f"{what}: its T5 text encoder needs T5's own tokenizer ({vocab_rows}-row vocabulary), which is not on this "

@@ -47,7 +47,9 @@ def _reload_checkpoint(values: dict) -> None:
     from modules import sd_models
     for key, value in values.items():
         shared.opts.set(key, value, run_callbacks=False)
-    sd_models.reload_model_weights()
+    # the checkpoint is resolved now: a start-up load finishing meanwhile re-selects its own model in the options
+    wanted = values.get("sd_model_checkpoint")
+    sd_models.reload_model_weights(info=sd_models.get_closet_checkpoint_match(wanted) if wanted else None)
 
 
 def run(p: processing.StableDiffusionProcessing) -> Processed:

@@ -680,3 +680,39 @@ def secured_server(tmp_path_factory, default_models_dir, foreign_page_port):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+# --- flux host fixtures ---
+# The tiny-flux diffusers folder (built with the default models) and its files in the layouts users have: a BFL
+# single-file transformer, clip_l / t5xxl / ae files in a models folder, an all-in-one file, fp8 copies. Written once.
+@pytest.fixture(scope="session")
+def tiny_flux_dir(default_models_dir) -> str:
+    return os.path.join(default_models_dir, "Stable-diffusion", "tiny-flux")
+
+
+@pytest.fixture(scope="session")
+def flux_files(tiny_flux_dir, tmp_path_factory) -> dict[str, str]:
+    """{"folder", "bfl", "bfl_prefixed", "full", "fp8", "clip_l", "t5", "t5_fp8", "ae", "models"} → paths; the
+    module files lie in models/text_encoder and models/VAE under "models"."""
+    import flux_files as ff
+
+    from modules import flux_layout, sd_models_diffusers
+
+    model = sd_models_diffusers.load(tiny_flux_dir, torch.device("cpu"), torch.float32)
+    c = model.components()
+    root = tmp_path_factory.mktemp("flux-files")
+    models = root / "models"
+    bfl = flux_layout.to_bfl_state_dict(c["transformer"])
+    return {
+        "folder": tiny_flux_dir, "models": str(models),
+        "bfl": ff.write(bfl, str(root / "ckpt" / "flux1-tiny-dev.safetensors")),
+        "bfl_prefixed": ff.write(flux_layout.to_bfl_state_dict(c["transformer"], "model.diffusion_model."),
+                                 str(root / "ckpt" / "flux1-tiny-dev-comfy.safetensors")),
+        "full": ff.write(ff.all_in_one(c), str(root / "ckpt" / "flux1-tiny-dev-full.safetensors")),
+        "fp8": ff.write(ff.to_fp8(bfl), str(root / "ckpt" / "flux1-tiny-dev-fp8.safetensors")),
+        "clip_l": ff.write(ff.clip_l_tensors(c["text_encoder"]), str(models / "text_encoder" / "clip_l.safetensors")),
+        "t5": ff.write(ff.t5_tensors(c["text_encoder_2"]), str(models / "text_encoder" / "t5xxl_fp16.safetensors")),
+        "t5_fp8": ff.write(ff.to_fp8(ff.t5_tensors(c["text_encoder_2"])),
+                           str(models / "text_encoder" / "t5xxl_fp8_e4m3fn.safetensors")),
+        "ae": ff.write(ff.ae_tensors(c["vae"]), str(models / "VAE" / "ae.safetensors")),
+    }
