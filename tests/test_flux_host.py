@@ -51,7 +51,11 @@ def _modules(flux_files, *names):
 
 
 def _assert_original_weights(model):
-    """The Lora patcher's restore source re-reads every parameter exactly as loaded."""
+    """The Lora patcher's restore source re-reads every parameter exactly as loaded; no weight lives on a file's
+    pages."""
+    from modules import mapped_memory
+
+    assert mapped_memory.file_backed_tensors(model.components()) == []
     source = model.original_weights
     loaded = {c: m.state_dict() for c, m in model.components().items() if m is not None}
     assert {c for c, _ in source.refs} == {"transformer", "text_encoder", "text_encoder_2", "vae"}
