@@ -231,7 +231,7 @@ def test_network_forward_uses_the_multiplier_set_just_before(tiny_ldm_pair, writ
     layer_map = lora_layers.get_layer_map(ldm)
     key = next(k for k, m in layer_map.layers.items() if k.startswith("unet.") and k.endswith("attn2.to_q"))
     layer = layer_map.layers[key]
-    monkeypatch.setattr(shared.opts, "lora_functional", True, raising=False)
+    monkeypatch.setitem(shared.opts.data, "lora_functional", True)
     networks.load_networks(["region"], [1.0], [1.0], sd_model=ldm)
     x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
     plain = torch.nn.functional.linear(x, layer.weight, layer.bias).double()
