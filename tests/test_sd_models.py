@@ -74,9 +74,9 @@ def test_single_file_checkpoint_round_trip(tiny_models, tmp_path, family):
     # its in-place and sampled reads too, also for a fp16 file loaded as fp32 (cast block by block)
     half_path = str(tmp_path / f"tiny-{family}-fp16.safetensors")
     save_file({k: v.half() if v.is_floating_point() else v for k, v in ldm.items()}, half_path)
-    for loaded in (loaded, sd_models_diffusers.load(half_path, CPU, torch.float32)):
-        source = loaded.original_weights
-        by_component = {c: m.state_dict() for c, m in loaded.components().items() if m is not None}
+    for model in (loaded, sd_models_diffusers.load(half_path, CPU, torch.float32)):
+        source = model.original_weights
+        by_component = {c: m.state_dict() for c, m in model.components().items() if m is not None}
         for component, key in source.refs:
             want = by_component[component][key]
             out = torch.full_like(want, float("nan")) if want.is_floating_point() else torch.empty_like(want)
