@@ -1,5 +1,6 @@
 """Component files of transformer-era models: what a safetensors file holds (a Flux/Chroma/SD3 transformer, CLIP-L,
 CLIP-G, T5, a VAE) under which prefix, and each component's config and tensor refs read off the shapes.
+SD3 files bundle `text_encoders.clip_g.*` too and their VAE under `first_stage_model.`.
 
 The layouts users have: `clip_l.safetensors`/`clip_g.safetensors` (Hugging Face CLIP names, `text_model.*`),
 `t5xxl_fp16.safetensors`/`t5xxl_fp8_e4m3fn.safetensors` (Hugging Face T5 encoder names), `ae.safetensors` (BFL's
@@ -14,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Mapping
 
-from modules import flux_layout, sd_models_ldm
+from modules import flux_layout, sd3_layout, sd_models_ldm
 from modules.sd_models_ldm import CheckpointFormatError, LdmRef
 
 KINDS = ("transformer", "clip_l", "clip_g", "t5", "vae")
@@ -42,12 +43,14 @@ class Part:
 
 
 def find_parts(keys) -> list[Part]:
-    """Every component a file holds, the transformer first."""
+    """Every component a file holds, the transformer first (layout "bfl": Flux/Chroma, "sd3": SD3's MMDiT)."""
     keys = set(keys)
     parts = []
     prefix = flux_layout.find_prefix(keys)
     if prefix is not None:
         parts.append(Part("transformer", prefix, "bfl"))
+    elif (prefix := sd3_layout.find_prefix(keys)) is not None:
+        parts.append(Part("transformer", prefix, "sd3"))
     for bundled, kind in BUNDLED.items():
         part = _part_at(keys, bundled, kind)
         if part is not None and not any(p.kind == kind for p in parts):

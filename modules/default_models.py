@@ -1,10 +1,11 @@
-"""The embedded default models: tiny SD1-, SDXL- and FLUX.1-architecture diffusers pipelines with seeded random
-weights (the Flux one is made by modules/default_models_dit.py).
+"""The embedded default models: tiny SD1-, SDXL-, FLUX.1- and SD3.5-architecture diffusers pipelines with seeded
+random weights (the transformer ones are made by modules/default_models_dit.py).
 
-Built offline at set-up (never fetched), into `models/Stable-diffusion/tiny-sd1`, `tiny-sdxl` and `tiny-flux`, with a
-real CLIP tokenizer made from the BPE file of open_clip_torch. They keep the real block layout (so LoRA key names are
-real kohya names) at a width that runs a 64x64 image in well under a second on a CPU, and they follow the
-families' head and group-norm rules, so they survive a round trip through the single-file layout unchanged.
+Built offline at set-up (never fetched), into `models/Stable-diffusion/tiny-sd1`, `tiny-sdxl`, `tiny-flux` and
+`tiny-sd3`, with a real CLIP tokenizer made from the BPE file of open_clip_torch. They keep the real block layout
+(so LoRA key names are real kohya names) at a width that runs a 64x64 image in well under a second on a CPU, and
+they follow the families' head and group-norm rules, so they survive a round trip through the single-file layout
+unchanged.
 
     python -m modules.default_models MODELS_DIR      # builds what is missing, prints the folders
 """
@@ -43,8 +44,8 @@ UNET_SDXL = {
     "projection_class_embeddings_input_dim": 6 * 8 + 64,
 }
 SEEDS = {"sd1": 1234, "sdxl": 4321}
-ALL_SEEDS = dict(SEEDS, flux=5678)
-FAMILIES = ("sd1", "sdxl", "flux")  # built in this order; the first one is the model a fresh install loads
+ALL_SEEDS = dict(SEEDS, flux=5678, sd3=8765)
+FAMILIES = ("sd1", "sdxl", "flux", "sd3")  # built in this order; the first one is the model a fresh install loads
 
 
 def _tame_unet(unet) -> None:
@@ -87,7 +88,7 @@ def build_components(family: str) -> dict[str, torch.nn.Module]:
 
 def build_tiny_pipeline(family: str):
     from modules import sd_models_diffusers
-    if family == "flux":
+    if family in ("flux", "sd3"):
         from modules import default_models_dit
         return default_models_dit.build_tiny_pipeline(family)
     return sd_models_diffusers.assemble_pipeline(family, build_components(family))
@@ -102,7 +103,7 @@ def _is_complete(folder: str) -> bool:
 
 
 def build_tiny_model(family: str, folder: str) -> str:
-    """Writes the tiny diffusers folder for family ("sd1", "sdxl" or "flux") atomically (a temporary folder
+    """Writes the tiny diffusers folder for family ("sd1", "sdxl", "flux" or "sd3") atomically (a temporary folder
     renamed)."""
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
@@ -122,7 +123,7 @@ def build_tiny_model(family: str, folder: str) -> str:
 
 
 def ensure_default_models(models_path: str) -> tuple[str, ...]:
-    """The tiny SD1, SDXL and Flux folders under models_path/Stable-diffusion, built when missing or outdated."""
+    """The tiny SD1, SDXL, Flux and SD3 folders under models_path/Stable-diffusion, built when missing or outdated."""
     ckpt_dir = os.path.join(models_path, "Stable-diffusion")
     result = []
     for family in FAMILIES:

@@ -48,7 +48,7 @@ def _step_callbacks(pipeline, total: int, conditioning: dict):
 def img2img_pipeline(sd_model):
     """The img2img pipeline over the loaded pipeline's components, built once per model (rebuilt if a component
     was swapped)."""
-    if getattr(sd_model, "is_flux", False):
+    if dit_generation.handles(sd_model):
         return dit_generation.img2img_pipeline(sd_model)
     pipe = sd_model.pipe
     components = pipe.components
@@ -69,14 +69,14 @@ def img2img_pipeline(sd_model):
 
 
 def encode_conditioning(sd_model, prompts: list[str], negative_prompts: list[str], p=None) -> dict[str, torch.Tensor]:
-    if getattr(sd_model, "is_flux", False):
+    if dit_generation.handles(sd_model):
         return dit_generation.encode(sd_model, prompts, negative_prompts, float(getattr(p, "cfg_scale", 1.0)), p)
     with torch.inference_mode():
         return prompt_encoder.encode(sd_model, prompts, negative_prompts)
 
 
 def _guidance(p, sd_model) -> dict:
-    if getattr(sd_model, "is_flux", False):
+    if dit_generation.handles(sd_model):
         return dit_generation.guidance_kwargs(p, sd_model)
     return {"guidance_scale": p.cfg_scale}
 
@@ -93,7 +93,7 @@ def txt2img(p, sd_model, seeds: list[int], output_type: str = "pil") -> list | t
                       callback_on_step_end=on_step_end, output_type=output_type)
     if output_type != "latent":
         return list(result.images)
-    if getattr(sd_model, "is_flux", False):
+    if dit_generation.handles(sd_model):
         return dit_generation.unpack_latents(sd_model, result.images, p.width, p.height)
     return result.images
 
@@ -125,14 +125,14 @@ def img2img(p, sd_model, init: list | torch.Tensor, seeds: list[int], prompts: l
     conditioning = encode_conditioning(sd_model, prompts, negative_prompts, p)
     on_step_end = _step_callbacks(pipe, count, conditioning)
     size = {}
-    if getattr(sd_model, "is_flux", False):  # the pipeline would take the size from the config, not the image
+    if dit_generation.handles(sd_model):  # the pipeline would take the size from the config, not the image
         size = {"width": init[0].size[0], "height": init[0].size[1]} if not isinstance(init, torch.Tensor) else \
             {"width": init.shape[-1] * pipe.vae_scale_factor, "height": init.shape[-2] * pipe.vae_scale_factor}
     with torch.inference_mode():
         result = pipe(**conditioning, **_guidance(p, sd_model), **size, image=init, strength=strength,
                       num_inference_steps=schedule_length, generator=generators(seeds), num_images_per_prompt=1,
                       callback_on_step_end=on_step_end, output_type=output_type)
-    if output_type == "latent" and getattr(sd_model, "is_flux", False):
+    if output_type == "latent" and dit_generation.handles(sd_model):
         return dit_generation.unpack_latents(sd_model, result.images, size["width"], size["height"])
     return result.images if output_type == "latent" else list(result.images)
 

@@ -21,6 +21,7 @@ from modules import (
     original_weights,
     script_callbacks,
     sd_models_diffusers,
+    sd_models_dit,
     sd_modules,
     shared,
 )
@@ -342,8 +343,7 @@ def _activate(checkpoint_info: CheckpointInfo, sd_model, started: float):
     shared.opts.data["sd_model_checkpoint"] = checkpoint_info.title
     script_callbacks.model_loaded_callback(sd_model)
     detail = f"{sd_model.family}, {devices.device}, {sd_model.dtype}"
-    if sd_model.is_flux:
-        from modules import sd_models_dit
+    if sd_model.family in sd_models_dit.FAMILIES:
         detail += f"; {sd_models_dit.describe_memory(sd_model)}"
     print(f"Model {checkpoint_info.title} loaded in {time.time() - started:.1f}s ({detail})", flush=True)
     return sd_model
@@ -386,7 +386,7 @@ def load_model(checkpoint_info: CheckpointInfo | None = None, already_loaded_sta
             raise _failed(checkpoint_info, e) from e
         finally:
             del prepared
-        if sd_model.is_flux and not os.path.isdir(checkpoint_info.filename):
+        if sd_model.family in sd_models_dit.FAMILIES and not os.path.isdir(checkpoint_info.filename):
             sd_model.additional_modules = tuple(modules)
         del previous
         return _activate(checkpoint_info, sd_model, started)
@@ -412,7 +412,8 @@ def _load_back(previous_info: CheckpointInfo, cause: BaseException, modules: lis
 
 def modules_changed(current) -> bool:
     """Whether the loaded model took picked text encoder / VAE files and the pick changed since."""
-    if not getattr(current, "is_flux", False) or os.path.isdir(getattr(current, "sd_model_checkpoint", "") or ""):
+    if getattr(current, "family", None) not in sd_models_dit.FAMILIES or \
+            os.path.isdir(getattr(current, "sd_model_checkpoint", "") or ""):
         return False
     return tuple(sd_modules.selected_paths()) != tuple(getattr(current, "additional_modules", ()))
 

@@ -49,14 +49,15 @@ MODEL_TYPES = {"sd1": ModelType.SD1, "sd2": ModelType.SD2, "sdxl": ModelType.SDX
                "flux": ModelType.FLUX, "chroma": ModelType.CHROMA}
 COMPONENTS = {"sd": ("unet", "text_encoder", "text_encoder_2", "vae"),
               "flux": ("transformer", "text_encoder", "text_encoder_2", "vae"),
-              "chroma": ("transformer", "text_encoder", "vae")}  # Chroma's only text encoder is T5
+              "chroma": ("transformer", "text_encoder", "vae"),  # Chroma's only text encoder is T5
+              "sd3": ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")}
 
 
 class DiffusersSdModel:
     """What `shared.sd_model` is on this host: the pipeline plus A1111's model attributes.
 
-    family: "sd1", "sd2", "sdxl", "flux" or "chroma"; `variant` ("dev", "schnell", "chroma") for the Flux family.
-    The denoiser is `unet` (SD) or `transformer` (Flux, Chroma; `unet` is None)."""
+    family: "sd1", "sd2", "sdxl", "flux", "chroma" or "sd3"; `variant` ("dev", "schnell", "chroma", "sd3",
+    "sd3.5") for the transformer families. The denoiser is `unet` (SD1/2/XL) or `transformer` (`unet` is None)."""
 
     def __init__(self, pipe, family: str, checkpoint_info=None, original_weights: OriginalWeights | None = None,
                  variant: str | None = None):
@@ -70,6 +71,8 @@ class DiffusersSdModel:
         self.text_encoder_2 = getattr(pipe, "text_encoder_2", None)
         self.tokenizer = pipe.tokenizer
         self.tokenizer_2 = getattr(pipe, "tokenizer_2", None)
+        self.text_encoder_3 = getattr(pipe, "text_encoder_3", None)  # SD3's T5 (None: run without it)
+        self.tokenizer_3 = getattr(pipe, "tokenizer_3", None)
         self.is_sd1 = family == "sd1"
         self.is_sd2 = family == "sd2"
         self.is_sdxl = family == "sdxl"
@@ -185,8 +188,8 @@ def _folder_stamps(folder: str) -> dict[str, original_weights.FileStamp]:
 def load_diffusers_folder(folder: str, device: torch.device, dtype: torch.dtype, checkpoint_info=None
                           ) -> DiffusersSdModel:
     family = folder_family(folder)
-    if family in ("flux", "chroma"):
-        from modules import sd_models_dit
+    from modules import sd_models_dit
+    if family in sd_models_dit.FAMILIES:
         return sd_models_dit.load_folder(folder, family, device, dtype, checkpoint_info)
     stamps = _folder_stamps(folder)
     kwargs = dict(torch_dtype=dtype, local_files_only=True, use_safetensors=True)

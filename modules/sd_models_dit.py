@@ -1,12 +1,14 @@
-"""Transformer-era checkpoints in this host: FLUX.1 (dev, schnell) and Chroma, loaded offline.
+"""Transformer-era checkpoints in this host: FLUX.1 (dev, schnell), Chroma and Stable Diffusion 3 / 3.5, offline.
 
 Three ways in:
-- a diffusers folder (`FluxPipeline` / `ChromaPipeline` in model_index.json): `from_pretrained(local_files_only)`;
+- a diffusers folder (`FluxPipeline` / `ChromaPipeline` / `StableDiffusion3Pipeline` in model_index.json):
+  `from_pretrained(local_files_only)`;
 - a BFL/ComfyUI single-file transformer (`flux1-dev.safetensors`, keys with or without `model.diffusion_model.`)
   plus text encoders and VAE picked separately (modules/sd_modules.py: files like `clip_l.safetensors`,
   `t5xxl_fp16.safetensors`, `ae.safetensors`), as Forge's "VAE / Text Encoder" selector does;
-- an all-in-one file that bundles them (`text_encoders.clip_l.*`, `text_encoders.t5xxl.*`, `vae.*`); picked
-  files replace the bundled ones.
+- an all-in-one file that bundles them (`text_encoders.clip_l.*`, `text_encoders.clip_g.*` (SD3),
+  `text_encoders.t5xxl.*`, `vae.*` or `first_stage_model.*`); picked files replace the bundled ones. SD3 single files
+  (`joint_blocks.*`, modules/sd3_layout.py) work the same way, T5 optional as in its "no T5" variants.
 
 Configs come from the tensor shapes (modules/flux_layout.py, modules/component_files.py); dev, schnell and Chroma are
 told apart by their tensors. Each component is built on meta and filled from the files as the SD loader does
@@ -21,24 +23,38 @@ from typing import Any, Callable
 
 import torch
 
-from modules import component_files, flux_layout, fp8_storage, mapped_memory, original_weights, t5_tokenizer
+from modules import (
+    component_files,
+    flux_layout,
+    fp8_storage,
+    mapped_memory,
+    original_weights,
+    sd3_layout,
+    t5_tokenizer,
+)
 from modules.sd_models_ldm import CheckpointFormatError
 
-FAMILIES = ("flux", "chroma")
+FAMILIES = ("flux", "chroma", "sd3")
 PIPELINES = {"FluxPipeline": "flux", "FluxImg2ImgPipeline": "flux", "ChromaPipeline": "chroma",
-             "ChromaImg2ImgPipeline": "chroma"}
-NEEDS = {"flux": ("transformer", "clip_l", "t5", "vae"), "chroma": ("transformer", "t5", "vae")}
+             "ChromaImg2ImgPipeline": "chroma", "StableDiffusion3Pipeline": "sd3",
+             "StableDiffusion3Img2ImgPipeline": "sd3"}
+NEEDS = {"flux": ("transformer", "clip_l", "t5", "vae"), "chroma": ("transformer", "t5", "vae"),
+         "sd3": ("transformer", "clip_l", "clip_g", "vae")}
 COMPONENT_OF = {"flux": {"transformer": "transformer", "clip_l": "text_encoder", "t5": "text_encoder_2",
                          "vae": "vae"},
-                "chroma": {"transformer": "transformer", "t5": "text_encoder", "vae": "vae"}}
-MAX_SEQUENCE = {"dev": 512, "schnell": 256, "chroma": 512}  # T5 tokens, as the models were trained
+                "chroma": {"transformer": "transformer", "t5": "text_encoder", "vae": "vae"},
+                "sd3": {"transformer": "transformer", "clip_l": "text_encoder", "clip_g": "text_encoder_2",
+                        "t5": "text_encoder_3", "vae": "vae"}}
+T5_TOKENIZER = {"flux": "tokenizer_2", "chroma": "tokenizer", "sd3": "tokenizer_3"}
+# T5 tokens, as the models were trained (diffusers' defaults)
+MAX_SEQUENCE = {"dev": 512, "schnell": 256, "chroma": 512, "sd3": 256, "sd3.5": 256}
 
 
 def pipeline_class(family: str, img2img: bool = False):
     import diffusers
 
-    name = {"flux": "Flux", "chroma": "Chroma"}[family] + ("Img2ImgPipeline" if img2img else "Pipeline")
-    return getattr(diffusers, name)
+    name = {"flux": "Flux", "chroma": "Chroma", "sd3": "StableDiffusion3"}[family]
+    return getattr(diffusers, name + ("Img2ImgPipeline" if img2img else "Pipeline"))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -54,11 +70,15 @@ def assemble_pipeline(family: str, variant: str, components: dict[str, Any], tok
 
     parts = dict(components)
     parts.update(tokenizers or {})
-    t5_name = "tokenizer_2" if family == "flux" else "tokenizer"
-    if family == "flux":
+    t5_name = T5_TOKENIZER[family]
+    if family in ("flux", "sd3"):
         parts.setdefault("tokenizer", clip_tokenizer.load_tokenizer("clip"))
+    if family == "sd3":
+        parts.setdefault("tokenizer_2", clip_tokenizer.load_tokenizer("openclip"))
+        parts.setdefault("text_encoder_3", None)  # no T5: the pipeline puts zeros in its place
     if t5_name not in parts:
-        parts[t5_name] = t5_tokenizer.load(t5_tokenizer.tiny_tokenizer_dir())
+        parts[t5_name] = t5_tokenizer.load(t5_tokenizer.tiny_tokenizer_dir()) if parts.get(
+            COMPONENT_OF[family]["t5"]) is not None else None
     parts.setdefault("scheduler", FlowMatchEulerDiscreteScheduler(**default_models_dit.SCHEDULERS[variant]))
     pipe = pipeline_class(family)(**parts)
     pipe.set_progress_bar_config(disable=True)
@@ -70,6 +90,8 @@ def index_family(index: dict) -> str | None:
 
 
 def _variant(family: str, transformer) -> str:
+    if family == "sd3":
+        return "sd3.5" if transformer.config.qk_norm else "sd3"
     if family == "chroma":
         return "chroma"
     return "dev" if transformer.config.guidance_embeds else "schnell"
@@ -87,7 +109,7 @@ def _make_model(pipe, family: str, variant: str, checkpoint_info, source, stamps
 def load_folder(folder: str, family: str, device, dtype, checkpoint_info=None):
     from modules import sd_models_diffusers as sdd
 
-    names = [n for n in ("transformer", "text_encoder", "text_encoder_2", "vae")
+    names = [n for n in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
              if os.path.isdir(os.path.join(folder, n))]
     stamps = {path: original_weights.file_stamp(path)
               for n in names for path in set(sdd.component_weight_files(os.path.join(folder, n)).values())}
@@ -120,16 +142,55 @@ class _Source:
         self.shapes = {k: tuple(v.shape) for k, v in tensors.items()}
 
 
-def _pick(filename: str, tensors: dict, module_files: list[str]) -> tuple[dict[str, _Source], dict[str, tuple]]:
-    """{kind: source} from the checkpoint and the picked module files (these win), and every file's stamp."""
+def _family(tensors: dict, part: component_files.Part) -> tuple[str, str]:
+    """(family, variant) of a file's transformer, from its tensors."""
+    if part.layout == "sd3":
+        return "sd3", "sd3.5" if any(k.endswith(".attn.ln_q.weight") for k in tensors) else "sd3"
+    variant = flux_layout.detect_variant(tensors, part.prefix)
+    return ("chroma" if variant == "chroma" else "flux"), variant
+
+
+def _clip_width(source: _Source) -> int:
+    return source.shapes[source.part.prefix + component_files.CLIP_PROBE][1]
+
+
+def _place_clips(family: str, clips: list[_Source], sources: dict[str, _Source], what: str) -> None:
+    """Picked CLIP files have no name for which CLIP they are: Flux takes one (CLIP-L); SD3 takes L and G, the wider
+    one (or a single one 1280 wide) being G."""
+    if not clips:
+        return
+    if family != "sd3":
+        if len(clips) > 1:
+            raise CheckpointFormatError(f"{what}: {len(clips)} CLIP text encoder files are picked "
+                                        f"({', '.join(c.filename for c in clips)}); Flux uses one (CLIP-L)")
+        sources["clip_l"] = clips[0]
+        return
+    if len(clips) > 2:
+        raise CheckpointFormatError(f"{what}: {len(clips)} CLIP files are picked; SD3 uses two (CLIP-L, CLIP-G)")
+    clips = sorted(clips, key=_clip_width)
+    if len(clips) == 2:
+        kinds = ("clip_l", "clip_g")
+    else:
+        kinds = ("clip_g",) if _clip_width(clips[0]) >= 1280 or "clip_l" in sources else ("clip_l",)
+    for clip, kind in zip(clips, kinds, strict=True):
+        sources[kind] = _Source(clip.filename, clip.tensors, component_files.Part(kind, clip.part.prefix))
+
+
+def _pick(filename: str, tensors: dict, module_files: list[str]
+          ) -> tuple[dict[str, _Source], dict[str, tuple], str, str]:
+    """({kind: source} from the checkpoint and the picked module files (these win), every file's stamp, family,
+    variant)."""
     from modules.sd_models_diffusers import read_checkpoint_tensors
 
     stamps = {}
     sources: dict[str, _Source] = {p.kind: _Source(filename, tensors, p) for p in component_files.find_parts(tensors)}
     if "transformer" not in sources:
         held = ", ".join(component_files.KIND_LABELS[k] for k in sources)
-        raise CheckpointFormatError(f"{filename} holds only a {held}, no Flux/Chroma transformer: put it in "
+        raise CheckpointFormatError(f"{filename} holds only a {held}, no Flux/Chroma/SD3 transformer: put it in "
                                     f"models/text_encoder or models/VAE and pick it under VAE / Text Encoder")
+    family, variant = _family(tensors, sources["transformer"].part)
+    picked: dict[str, str] = {}
+    clips: list[_Source] = []
     for path in module_files:
         stamps[path] = original_weights.file_stamp(path)
         module_tensors = read_checkpoint_tensors(path)
@@ -140,34 +201,43 @@ def _pick(filename: str, tensors: dict, module_files: list[str]) -> tuple[dict[s
             if part.kind == "transformer":
                 raise CheckpointFormatError(f"{path} holds a diffusion transformer: pick it as the checkpoint, not "
                                             f"under VAE / Text Encoder")
-            kind = part.kind
-            if kind in ("clip_l", "clip_g") and kind in sources and sources[kind].filename != filename:
-                raise CheckpointFormatError(f"{path}: two CLIP text encoder files are picked ({sources[kind].filename}"
-                                            f"); Flux uses one (CLIP-L)")
-            if kind not in ("clip_l", "clip_g") and kind in sources and sources[kind].filename != filename:
-                raise CheckpointFormatError(f"{path}: two {component_files.KIND_LABELS[kind]} files are picked "
-                                            f"({sources[kind].filename}); pick one")
-            sources[kind] = _Source(path, module_tensors, part)
-    return sources, stamps
+            source = _Source(path, module_tensors, part)
+            if part.kind in ("clip_l", "clip_g") and not part.prefix:  # a plain CLIP file: which one is decided below
+                clips.append(source)
+                continue
+            if part.kind in picked:
+                raise CheckpointFormatError(f"{path}: two {component_files.KIND_LABELS[part.kind]} files are picked "
+                                            f"({picked[part.kind]}); pick one")
+            picked[part.kind] = path
+            sources[part.kind] = source
+    _place_clips(family, clips, sources, filename)
+    return sources, stamps, family, variant
 
 
 def _skeletons(family: str, variant: str, sources: dict[str, _Source], what: str) -> dict[str, Callable]:
     """{component: factory} with configs read off the shapes."""
-    from diffusers import AutoencoderKL, ChromaTransformer2DModel, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import AutoencoderKL, ChromaTransformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     t = sources["transformer"]
     try:
-        config = flux_layout.transformer_config(t.shapes, t.part.prefix, variant)
-        factories: dict[str, Callable] = {"transformer": lambda: (
-            ChromaTransformer2DModel if family == "chroma" else FluxTransformer2DModel)(**config)}
-        if family == "flux":
-            clip = sources["clip_l"]
-            clip_config = component_files.clip_config(clip.shapes, clip.part.prefix, "clip_l")
-            factories["text_encoder"] = lambda: CLIPTextModel(CLIPTextConfig(**clip_config))
-        t5 = sources["t5"]
-        t5_config = component_files.t5_config(t5.shapes, t5.part.prefix)
-        factories[COMPONENT_OF[family]["t5"]] = lambda: T5EncoderModel(T5Config(**t5_config))
+        if family == "sd3":
+            config = sd3_layout.transformer_config(t.shapes, t.part.prefix)
+            cls = SD3Transformer2DModel
+        else:
+            config = flux_layout.transformer_config(t.shapes, t.part.prefix, variant)
+            cls = ChromaTransformer2DModel if family == "chroma" else FluxTransformer2DModel
+        factories: dict[str, Callable] = {"transformer": lambda: cls(**config)}
+        clip_cls = CLIPTextModelWithProjection if family == "sd3" else CLIPTextModel  # SD3 reads pooled projections
+        for kind in ("clip_l", "clip_g"):
+            if kind in sources and kind in COMPONENT_OF[family]:
+                clip = sources[kind]
+                clip_config = component_files.clip_config(clip.shapes, clip.part.prefix, kind)
+                factories[COMPONENT_OF[family][kind]] = (lambda c=clip_config: clip_cls(CLIPTextConfig(**c)))
+        if "t5" in sources:
+            t5 = sources["t5"]
+            t5_config = component_files.t5_config(t5.shapes, t5.part.prefix)
+            factories[COMPONENT_OF[family]["t5"]] = lambda: T5EncoderModel(T5Config(**t5_config))
         vae = sources["vae"]
         vae_config = component_files.vae_config(vae.shapes, vae.part, family)
         factories["vae"] = lambda: AutoencoderKL(**vae_config)
@@ -181,7 +251,8 @@ def _skeletons(family: str, variant: str, sources: dict[str, _Source], what: str
 
 def _ref(kind: str, key: str, source: _Source, module: torch.nn.Module):
     if kind == "transformer":
-        return flux_layout.transformer_ref(key, module.config, source.part.prefix)
+        layout = sd3_layout if source.part.layout == "sd3" else flux_layout
+        return layout.transformer_ref(key, module.config, source.part.prefix)
     if kind in ("clip_l", "clip_g"):
         return component_files.clip_ref(key, source.part.prefix)
     if kind == "t5":
@@ -239,11 +310,8 @@ def prepare_files(filename: str, tensors: dict, stamps: dict, module_files: list
     from modules.sd_disable_initialization import build_on_meta
     from modules.sd_models_diffusers import PreparedLoad, refuse_changed
 
-    sources, module_stamps = _pick(filename, tensors, module_files)
+    sources, module_stamps, family, variant = _pick(filename, tensors, module_files)
     stamps = dict(stamps, **module_stamps)
-    t = sources["transformer"]
-    variant = flux_layout.detect_variant(t.tensors, t.part.prefix)
-    family = "chroma" if variant == "chroma" else "flux"
     missing = [component_files.KIND_LABELS[k] for k in NEEDS[family] if k not in sources]
     if missing:
         raise CheckpointFormatError(
@@ -251,22 +319,24 @@ def prepare_files(filename: str, tensors: dict, stamps: dict, module_files: list
             f"{'them' if len(missing) > 1 else 'it'} under VAE / Text Encoder (files like clip_l.safetensors, "
             f"t5xxl_fp16.safetensors in models/text_encoder, ae.safetensors in models/VAE; the option "
             f"`forge_additional_modules` in the API)")
-    t5 = sources["t5"]
-    vocab_rows = t5.shapes[component_files.t5_embedding_key(t5.shapes, t5.part.prefix)][0]
-    from modules import sd_models
-    tokenizer_dir = t5_tokenizer.find_tokenizer_folder(vocab_rows, t5.filename, shared.models_path,
-                                                       sd_models.checkpoint_dir())
+    tokenizer_dir = None
+    if "t5" in sources:  # SD3 runs without T5 (zeros in its place), as its "no T5" variants do
+        t5 = sources["t5"]
+        vocab_rows = t5.shapes[component_files.t5_embedding_key(t5.shapes, t5.part.prefix)][0]
+        from modules import sd_models
+        tokenizer_dir = t5_tokenizer.find_tokenizer_folder(vocab_rows, t5.filename, shared.models_path,
+                                                           sd_models.checkpoint_dir())
     factories = _skeletons(family, variant, sources, filename)
     kinds = {component: kind for kind, component in COMPONENT_OF[family].items()}
     skeletons = {component: build_on_meta(factory) for component, factory in factories.items()}
     prepared = {c: _component_source(kinds[c], sources[kinds[c]], s) for c, s in skeletons.items()}
     files = {c: sources[kinds[c]].filename for c in skeletons}
-    del sources, tensors, t, t5
+    del sources, tensors
     dtype = compute_dtype(dtype)
 
     def fill():
         components, refs, dtypes = {}, {}, {}
-        for component in ("vae", "text_encoder", "text_encoder_2", "transformer"):  # small first
+        for component in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer"):  # small first
             if component not in prepared:
                 continue
             views, component_refs, keep_fp8 = prepared.pop(component)
@@ -279,8 +349,8 @@ def prepare_files(filename: str, tensors: dict, stamps: dict, module_files: list
             for key, tensor in module.state_dict().items():
                 dtypes[(component, key)] = tensor.dtype
         refuse_changed(stamps, filename)
-        t5_name = "tokenizer_2" if family == "flux" else "tokenizer"
-        pipe = assemble_pipeline(family, variant, components, {t5_name: t5_tokenizer.load(tokenizer_dir)})
+        tokenizers = {T5_TOKENIZER[family]: t5_tokenizer.load(tokenizer_dir)} if tokenizer_dir else {}
+        pipe = assemble_pipeline(family, variant, components, tokenizers)
         safetensors_only = all(f.lower().endswith(".safetensors") for f in stamps)
         source = original_weights.OriginalWeights(refs, dtypes, stamps) if safetensors_only else None
         return _make_model(pipe, family, variant, checkpoint_info, source, stamps)

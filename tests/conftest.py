@@ -716,3 +716,27 @@ def flux_files(tiny_flux_dir, tmp_path_factory) -> dict[str, str]:
                            str(models / "text_encoder" / "t5xxl_fp8_e4m3fn.safetensors")),
         "ae": ff.write(ff.ae_tensors(c["vae"]), str(models / "VAE" / "ae.safetensors")),
     }
+
+
+@pytest.fixture(scope="session")
+def sd3_files(default_models_dir, tmp_path_factory) -> dict[str, str]:
+    """{"folder", "full", "no_t5", "transformer", "clip_l", "clip_g", "t5", "vae"} → paths of tiny-sd3 in SAI's
+    single-file layout and as separate files."""
+    import flux_files as ff
+
+    from modules import sd3_layout, sd_models_diffusers
+
+    folder = os.path.join(default_models_dir, "Stable-diffusion", "tiny-sd3")
+    c = sd_models_diffusers.load(folder, torch.device("cpu"), torch.float32).components()
+    root = tmp_path_factory.mktemp("sd3-files")
+    return {
+        "folder": folder,
+        "full": ff.write(ff.sd3_all_in_one(c), str(root / "sd3.5-tiny.safetensors")),
+        "no_t5": ff.write(ff.sd3_all_in_one(c, with_t5=False), str(root / "sd3.5-tiny-no-t5.safetensors")),
+        "transformer": ff.write(sd3_layout.to_single_file_state_dict(c["transformer"]),
+                                str(root / "sd3.5-tiny-mmdit.safetensors")),
+        "clip_l": ff.write(ff.clip_l_tensors(c["text_encoder"]), str(root / "te" / "clip_l.safetensors")),
+        "clip_g": ff.write(ff.clip_l_tensors(c["text_encoder_2"]), str(root / "te" / "clip_g.safetensors")),
+        "t5": ff.write(ff.t5_tensors(c["text_encoder_3"]), str(root / "te" / "t5xxl_fp16.safetensors")),
+        "vae": ff.write(ff.ae_tensors(c["vae"]), str(root / "vae" / "sd3_vae.safetensors")),
+    }

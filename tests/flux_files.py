@@ -1,6 +1,6 @@
-"""Tiny Flux files in the layouts users have, written from the tiny-flux diffusers folder: a BFL single-file
-transformer (with or without `model.diffusion_model.`), `clip_l`, `t5xxl` and `ae` files, an all-in-one file, fp8
-copies, and a Chroma-shaped transformer."""
+"""Tiny Flux and SD3 files in the layouts users have, written from the tiny diffusers folders: a BFL single-file
+transformer (with or without `model.diffusion_model.`), `clip_l`, `clip_g`, `t5xxl` and `ae` files, all-in-one files
+(Flux "full", SAI's SD3.5 layout), fp8 copies."""
 from __future__ import annotations
 
 import os
@@ -8,16 +8,18 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from modules import flux_layout, sd_models_ldm
+from modules import flux_layout, sd3_layout, sd_models_ldm
 
 FP8 = torch.float8_e4m3fn
 
 
 def clip_l_tensors(text_encoder) -> dict[str, torch.Tensor]:
-    """ComfyUI's clip_l.safetensors: Hugging Face names under `text_model.` (plus a text_projection it ignores)."""
-    res = {"text_model." + sd_models_ldm.strip_text_model(k): v for k, v in text_encoder.state_dict().items()}
+    """ComfyUI's clip_l.safetensors / clip_g.safetensors: Hugging Face names under `text_model.` and the
+    projection (an identity when the model has none: Flux's CLIP-L ignores it)."""
+    res = {k if k == "text_projection.weight" else "text_model." + sd_models_ldm.strip_text_model(k): v
+           for k, v in text_encoder.state_dict().items()}
     hidden = text_encoder.config.hidden_size
-    res["text_projection.weight"] = torch.eye(hidden)
+    res.setdefault("text_projection.weight", torch.eye(hidden))
     return res
 
 
@@ -43,6 +45,20 @@ def all_in_one(components: dict, vae_prefix: str = "vae.") -> dict[str, torch.Te
     res.update({"text_encoders.clip_l.transformer." + k: v for k, v in clip.items()})
     res.update({"text_encoders.t5xxl.transformer." + k: v for k, v in t5.items()})
     res.update(ae_tensors(components["vae"], vae_prefix))
+    return res
+
+
+def sd3_all_in_one(components: dict, with_t5: bool = True) -> dict[str, torch.Tensor]:
+    """SAI's SD3.5 single file: the MMDiT under model.diffusion_model., the three encoders under text_encoders., the
+    VAE under first_stage_model."""
+    res = sd3_layout.to_single_file_state_dict(components["transformer"], "model.diffusion_model.")
+    encoders = [("clip_l", clip_l_tensors(components["text_encoder"])),
+                ("clip_g", clip_l_tensors(components["text_encoder_2"]))]
+    if with_t5:
+        encoders.append(("t5xxl", t5_tensors(components["text_encoder_3"])))
+    for name, tensors in encoders:
+        res.update({f"text_encoders.{name}.transformer.{k}": v for k, v in tensors.items()})
+    res.update(ae_tensors(components["vae"], "first_stage_model."))
     return res
 
 

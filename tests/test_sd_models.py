@@ -128,13 +128,12 @@ def test_listing_titles_and_selection(default_models_dir, monkeypatch):
     monkeypatch.setitem(shared.opts.data, "sd_model_checkpoint", "tiny-sdxl")
     sd_models.list_models()
     names = [info.name for info in sd_models.checkpoints_list.values()]
-    assert names == ["tiny-flux", "tiny-sd1", "tiny-sdxl"]
+    assert names == ["tiny-flux", "tiny-sd1", "tiny-sd3", "tiny-sdxl"]
     info = sd_models.select_checkpoint()
     assert info.name == "tiny-sdxl" and info.is_diffusers
     shorthash = info.calculate_shorthash()
     assert info.title == f"tiny-sdxl [{shorthash}]" and len(shorthash) == 10
-    assert [i.name for i in sd_models.checkpoints_list.values()] == ["tiny-flux", "tiny-sd1", "tiny-sdxl"], \
-        "order kept"
+    assert [i.name for i in sd_models.checkpoints_list.values()] == names, "order kept"
     assert sd_models.get_closet_checkpoint_match(info.title) is info
     assert sd_models.get_closet_checkpoint_match("tiny-sdxl") is info
     monkeypatch.setitem(shared.opts.data, "sd_model_checkpoint", "no-such-model")
