@@ -262,7 +262,7 @@ def test_missing_parts_and_wrong_files_are_named(flux_files, tmp_path):
         sd_models_diffusers.prepare(flux_files["bfl"], CPU, torch.float32)
     with pytest.raises(CheckpointFormatError, match="without VAE"):
         sd_models_diffusers.prepare(flux_files["bfl"], CPU, torch.float32, None, _modules(flux_files, "clip_l", "t5"))
-    with pytest.raises(CheckpointFormatError, match="holds only a T5, no Flux/Chroma transformer"):
+    with pytest.raises(CheckpointFormatError, match="holds only a T5, no Flux/Chroma/SD3 transformer"):
         sd_models_diffusers.prepare(flux_files["t5"], CPU, torch.float32)
     with pytest.raises(CheckpointFormatError, match="two T5 files are picked"):
         sd_models_diffusers.prepare(flux_files["bfl"], CPU, torch.float32, None,
