@@ -57,6 +57,14 @@ def model_family(sd_model) -> str | None:
     return lora_layers.model_family(sd_model, 0)
 
 
+def block_layer_names(sd_model, family: str | None) -> list[str]:
+    """The loaded model's layer names where its block ids depend on them (transformers: their depth), else []."""
+    sd_model = sd_model if sd_model is not None else getattr(shared, "sd_model", None)
+    if sd_model is None or family in lora_block_weights.ALL_IDS:
+        return []
+    return list(lora_layers.get_layer_map(sd_model).layers)
+
+
 def hash_key(name: str) -> str:
     return name.replace(":", "").replace(",", "")
 
@@ -91,7 +99,8 @@ class ExtraNetworkLora(extra_networks.ExtraNetwork):
         for params in params_list:
             try:
                 tag = lora_syntax.parse_lora_params(params, presets)
-                weights = tag.blocks.for_family(family) if tag.blocks is not None else None
+                weights = tag.blocks.for_family(family, block_layer_names(sd_model, family)) \
+                    if tag.blocks is not None else None
             except (lora_syntax.LoraTagError, lora_block_weights.BlockWeightError) as e:
                 p.comment(f"Bad Lora tag {tag_text(p, params)}: {e}; it was skipped")
                 continue

@@ -28,8 +28,10 @@ def list_loras() -> list[dict]:
 
 def block_weights_info() -> dict:
     """The tag editor's data: block ids of the loaded model's family, vector forms, presets (LBW's and the user's)."""
-    family = extra_networks_lora.model_family(getattr(shared, "sd_model", None))
-    return lora_block_weights.editor_info(family, getattr(shared, "data_path", None))
+    sd_model = getattr(shared, "sd_model", None)
+    family = extra_networks_lora.model_family(sd_model)
+    return lora_block_weights.editor_info(family, getattr(shared, "data_path", None),
+                                          extra_networks_lora.block_layer_names(sd_model, family))
 
 
 def refresh_loras() -> None:

@@ -6,7 +6,18 @@
     "use strict";
 
     const TAG = /<(lora|lyco):([^>]+)>/g;
-    const BLOCK_KEYS = /^(in|mid|out|base|in\d\d|m00|out\d\d)$/i;
+    const BLOCK_KEYS = /^(in|mid|out|base|in\d\d|m00|out\d\d|double|single|blocks|clip|t5|[dsb]\d\d)$/i;
+
+    // The group a block id is shown under (and set by a readable key of that name): UNet BASE/IN/MID/OUT, Flux's
+    // CLIP/T5 (TEXT, set by base=), IN, Dnn (DOUBLE), Snn (SINGLE), OUT, and a DiT's numbered Bnn (BLOCKS).
+    function groupOf(id) {
+        if (id === "BASE") return "BASE";
+        if (id === "CLIP" || id === "T5") return "TEXT";
+        if (/^D\d+$/.test(id)) return "DOUBLE";
+        if (/^S\d+$/.test(id)) return "SINGLE";
+        if (/^B\d+$/.test(id)) return "BLOCKS";
+        return id.startsWith("IN") ? "IN" : id.startsWith("M") ? "MID" : "OUT";
+    }
     let info = null; // /lora/block-weights: {family, blocks, forms, presets}
     let panel = null;
 
@@ -82,8 +93,10 @@
             if (!BLOCK_KEYS.test(key) || !isNumber(value)) return;
             const k = key.toUpperCase();
             info.blocks.forEach((id, i) => {
-                const group = id === "BASE" ? "BASE" : id.startsWith("IN") ? "IN" : id.startsWith("M") ? "MID" : "OUT";
-                if (k === id || k === group || (k === "MID" && id === "M00")) values[i] = Number(value);
+                const group = groupOf(id);
+                if (k === id || k === group || (k === "MID" && id === "M00") || (k === "BASE" && group === "TEXT")) {
+                    values[i] = Number(value);
+                }
             });
         });
         return values;
@@ -210,7 +223,7 @@
             const sliders = [];
             let group = "";
             info.blocks.forEach((id, i) => {
-                const g = id === "BASE" ? "BASE" : id.startsWith("IN") ? "IN" : id.startsWith("M") ? "MID" : "OUT";
+                const g = groupOf(id);
                 if (g !== group) {
                     grid.appendChild(el("div", "lora-tag-editor-group", g));
                     group = g;
