@@ -72,7 +72,7 @@ def test_flux_lora_on_sd1(tiny_sd1, write_lora):
     write_lora("flux_style", tensors=tensors, metadata={})
     _, comments = run_job(tiny_sd1, "flux_style")
     assert "Lora flux_style: 0 of 5 layers matched; it looks like a Flux LoRA, the loaded model is SD1" in comments
-    assert networks.available_networks["flux_style"].sd_version == network.SdVersion.Unknown
+    assert networks.available_networks["flux_style"].sd_version == network.SdVersion.Flux
 
 
 def test_partly_matching_lora_lists_unmatched_groups(tiny_sd1, write_lora):
@@ -196,6 +196,16 @@ def test_key_evidence_beats_ss_metadata():
     assert network.detect_version({"ss_v2": "True"}, None) == network.SdVersion.SD2
     assert network.detect_version({"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}, None) == \
         network.SdVersion.SDXL
-    assert network.detect_version({"ss_base_model_version": "flux1"}, None) == network.SdVersion.Unknown
-    assert network.detect_version({"ss_base_model_version": "sd_v1"}, "Flux") == network.SdVersion.Unknown
+    # the transformer families: from the keys first, else from kohya's / modelspec's names
+    assert network.detect_version({"ss_base_model_version": "flux1"}, None) == network.SdVersion.Flux
+    assert network.detect_version({"ss_base_model_version": "sd_v1"}, "Flux") == network.SdVersion.Flux
+    assert network.detect_version({"modelspec.architecture": "flux-1-schnell/lora"}, "DiT") == network.SdVersion.Flux
+    assert network.detect_version({"modelspec.architecture": "chroma/lora"}, None) == network.SdVersion.Chroma
+    assert network.detect_version({"ss_base_model_version": "flux1", "ss_model_type": "chroma"}, None) == \
+        network.SdVersion.Chroma
+    assert network.detect_version({"modelspec.architecture": "stable-diffusion-v3-medium/lora"}, None) == \
+        network.SdVersion.SD3
+    assert network.detect_version({"ss_base_model_version": "sdxl_base_v1-0"}, "DiT") == network.SdVersion.Unknown
+    assert network.detect_version({"modelspec.architecture": "flux-2-dev/lora"}, None) == network.SdVersion.Unknown
+    assert network.detect_version({}, "Cascade") == network.SdVersion.Unknown
     assert network.detect_version({}, None) == network.SdVersion.Unknown

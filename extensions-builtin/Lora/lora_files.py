@@ -207,6 +207,24 @@ def version_hint_from_keys(tensors: dict) -> str | None:
     return None
 
 
+# ss_base_model_version / modelspec.architecture prefixes of the transformer families (kohya/sd-scripts and the
+# modelspec standard: `flux1`, `flux-1-dev/lora`, `flux-1-schnell/lora`, `chroma`, `sd3...`, `stable-diffusion-3...`)
+_METADATA_FAMILIES = (("chroma", "Chroma"), ("flux1", "Flux"), ("flux-1", "Flux"), ("sd3", "SD3"),
+                      ("stable-diffusion-3", "SD3"), ("stable-diffusion-v3", "SD3"))
+
+
+def transformer_family_from_metadata(metadata: dict) -> str | None:
+    """"Flux", "Chroma" or "SD3" when a file's metadata names one of them, else None."""
+    if str(metadata.get("ss_model_type", "") or "").lower() == "chroma":  # sd-scripts' --model_type chroma
+        return "Chroma"
+    for key in ("ss_base_model_version", "modelspec.architecture"):
+        value = str(metadata.get(key, "") or "").lower()
+        for prefix, family in _METADATA_FAMILIES:
+            if value.startswith(prefix):
+                return family
+    return None
+
+
 def header_info(filename: str) -> dict:
     """{"metadata": decoded metadata, "version_hint": family or None} of a safetensors file."""
     raw, tensors = read_safetensors_header(filename)

@@ -42,7 +42,7 @@ def options(with_components: bool = False) -> dict[str, shared.OptionInfo]:
             "otherwise, those detected as for incompatible version of Stable Diffusion will be hidden"),
         "lora_hide_unknown_for_versions": shared.OptionInfo(
             [], "Hide networks of unknown versions for model versions", component("CheckboxGroup"),
-            {"choices": ["SD1", "SD2", "SDXL"]}),
+            {"choices": ["SD1", "SD2", "SDXL", "SD3", "Flux", "Chroma"]}),
         "lora_in_memory_limit": shared.OptionInfo(
             2, "Number of Lora networks to keep cached in memory", component("Number"), {"precision": 0},
             onchange=_purge).info("besides the current job's; A1111's default is 0, which re-reads a file on every "

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
+import lora_files
 import lora_identity
 import lyco_helpers
 import torch
@@ -26,18 +27,26 @@ class SdVersion(enum.Enum):
     SD1 = 2
     SD2 = 3
     SDXL = 4
+    SD3 = 5  # the transformer families are ours; A1111 v1.10.1 has the four above
+    Flux = 6
+    Chroma = 7
 
 
 def detect_version(metadata: dict, version_hint: str | None = None) -> SdVersion:
     """The model family of a Lora file. Its keys and shapes (`version_hint`, lora_files.version_hint_from_keys)
     win over what the metadata says, since trainers write wrong or no `ss_*` values and A1111 calls every LoRA
     with metadata SD1 (13A-10). Without a key hint: A1111's rules (ss_base_model_version, ss_v2), then
-    modelspec.architecture; a file the metadata places in another architecture (Flux, SD3, ...) is Unknown, and
-    any other file with metadata is SD1, as in A1111."""
-    if version_hint in ("SD1", "SD2", "SDXL"):
+    modelspec.architecture; Flux/Chroma/SD3 from keys or metadata (`flux1`, `flux-1-dev/lora`, `chroma`, ...);
+    a file of another architecture is Unknown, and any other file with metadata is SD1, as in A1111."""
+    if version_hint in SdVersion.__members__ and version_hint != "Unknown":
         return SdVersion[version_hint]
+    transformer = lora_files.transformer_family_from_metadata(metadata)
+    if version_hint == "DiT":  # the keys say "a transformer" only: the metadata may say which
+        return SdVersion[transformer] if transformer else SdVersion.Unknown
     if version_hint:  # another architecture: none of ours
         return SdVersion.Unknown
+    if transformer:
+        return SdVersion[transformer]
     base = str(metadata.get("ss_base_model_version", "") or "")
     if base.startswith("sdxl_"):
         return SdVersion.SDXL

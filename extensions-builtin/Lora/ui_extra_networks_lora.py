@@ -29,7 +29,7 @@ HOST_CARDS_JSON = hasattr(ui_extra_networks.ExtraNetworksPage, "cards_json")
 # Our host's editor dialog is built in the browser from editor_fields; A1111's from gradio components.
 HOST_EDITOR_FIELDS = hasattr(ui_extra_networks_user_metadata.UserMetadataEditor, "editor_fields")
 
-_versions = ("Unknown", "SD1", "SD2", "SDXL")
+_versions = ("Unknown", "SD1", "SD2", "SDXL", "SD3", "Flux", "Chroma")
 SEARCH_TAGS = 24  # training tags a card can be found by (the editor's tag cloud shows as many)
 
 
