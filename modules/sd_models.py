@@ -14,17 +14,7 @@ import time
 
 import torch
 
-from modules import (
-    devices,
-    errors,
-    hashes,
-    original_weights,
-    script_callbacks,
-    sd_models_diffusers,
-    sd_models_dit,
-    sd_modules,
-    shared,
-)
+from modules import devices, errors, hashes, original_weights, script_callbacks, sd_models_diffusers, sd_modules, shared
 from modules.sd_models_diffusers import ModelType  # noqa: F401  (A1111 name)
 from modules.sd_models_ldm import CheckpointFormatError
 
@@ -342,10 +332,9 @@ def _activate(checkpoint_info: CheckpointInfo, sd_model, started: float):
     model_data.was_loaded_at_least_once = True
     shared.opts.data["sd_model_checkpoint"] = checkpoint_info.title
     script_callbacks.model_loaded_callback(sd_model)
-    detail = f"{sd_model.family}, {devices.device}, {sd_model.dtype}"
-    if sd_model.family in sd_models_dit.FAMILIES:
-        detail += f"; {sd_models_dit.describe_memory(sd_model)}"
-    print(f"Model {checkpoint_info.title} loaded in {time.time() - started:.1f}s ({detail})", flush=True)
+    memory = getattr(sd_model, "memory_report", "")  # the transformer families say what their weights take
+    print(f"Model {checkpoint_info.title} loaded in {time.time() - started:.1f}s ({sd_model.family}, "
+          f"{devices.device}, {sd_model.dtype}{'; ' + memory if memory else ''})", flush=True)
     return sd_model
 
 
@@ -386,7 +375,7 @@ def load_model(checkpoint_info: CheckpointInfo | None = None, already_loaded_sta
             raise _failed(checkpoint_info, e) from e
         finally:
             del prepared
-        if sd_model.family in sd_models_dit.FAMILIES and not os.path.isdir(checkpoint_info.filename):
+        if sd_modules.takes_modules(sd_model):
             sd_model.additional_modules = tuple(modules)
         del previous
         return _activate(checkpoint_info, sd_model, started)
@@ -405,17 +394,8 @@ def _load_back(previous_info: CheckpointInfo, cause: BaseException, modules: lis
         return
     if modules:
         sd_model.additional_modules = tuple(modules)
-        available = {p: n for n, p in sd_modules.list_modules().items()}
-        shared.opts.data[sd_modules.OPTION] = [available.get(p, p) for p in modules]
+        sd_modules.select_paths(modules)
     _activate(previous_info, sd_model, started)
-
-
-def modules_changed(current) -> bool:
-    """Whether the loaded model took picked text encoder / VAE files and the pick changed since."""
-    if getattr(current, "family", None) not in sd_models_dit.FAMILIES or \
-            os.path.isdir(getattr(current, "sd_model_checkpoint", "") or ""):
-        return False
-    return tuple(sd_modules.selected_paths()) != tuple(getattr(current, "additional_modules", ()))
 
 
 def reload_model_weights(sd_model=None, info: CheckpointInfo | None = None, forced_reload: bool = False):
@@ -426,6 +406,6 @@ def reload_model_weights(sd_model=None, info: CheckpointInfo | None = None, forc
         current = model_data.sd_model
         if (current is not None and not forced_reload
                 and getattr(current.sd_checkpoint_info, "filename", None) == checkpoint_info.filename
-                and not modules_changed(current)):
+                and not sd_modules.changed_for(current)):
             return current
         return load_model(checkpoint_info)

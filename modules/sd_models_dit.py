@@ -102,6 +102,7 @@ def _make_model(pipe, family: str, variant: str, checkpoint_info, source, stamps
 
     model = DiffusersSdModel(pipe, family, checkpoint_info, source, variant=variant)
     model.file_stamps = stamps
+    model.memory_report = describe_memory(model)
     return model
 
 

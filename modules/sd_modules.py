@@ -81,3 +81,24 @@ def selected_paths() -> list[str]:
         except ValueError as e:
             print(f"{LABEL}: {e}; skipped", flush=True)
     return paths
+
+
+def select_paths(paths: list[str]) -> None:
+    """Selects these files again (after a failed switch loaded the previous model back with them)."""
+    from modules import shared
+
+    names = {path: name for name, path in list_modules().items()}
+    shared.opts.data[OPTION] = [names.get(p, p) for p in paths]
+
+
+def takes_modules(sd_model) -> bool:
+    """Whether `sd_model` was built from picked files: a Flux/Chroma/SD3 single file (folders bundle their own)."""
+    from modules import sd_models_dit
+
+    return getattr(sd_model, "family", None) in sd_models_dit.FAMILIES and \
+        not os.path.isdir(getattr(sd_model, "sd_model_checkpoint", "") or "")
+
+
+def changed_for(sd_model) -> bool:
+    """Whether `sd_model` took picked files and the pick changed since (then it is loaded again)."""
+    return takes_modules(sd_model) and tuple(selected_paths()) != tuple(getattr(sd_model, "additional_modules", ()))

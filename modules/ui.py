@@ -203,7 +203,7 @@ def change_modules(names: list[str] | None):
         with call_queue.queue_lock:
             shared.opts.set(sd_modules.OPTION, names, run_callbacks=False)
             current = sd_models.model_data.sd_model
-            if current is not None and sd_models.modules_changed(current):
+            if current is not None and sd_modules.changed_for(current):
                 sd_models.reload_model_weights()
         shared.opts.save(shared.config_filename)
     except Exception as e:

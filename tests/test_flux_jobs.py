@@ -87,7 +87,7 @@ def test_module_pick_switches_all_or_nothing(host, flux_files):
         assert sd_models.reload_model_weights(info=bfl) is model, "nothing changed: no reload"
         shared.opts.set(sd_modules.OPTION, ["clip_l.safetensors", "t5xxl_fp8_e4m3fn.safetensors", "ae.safetensors"],
                         run_callbacks=False)
-        assert sd_models.modules_changed(model)
+        assert sd_modules.changed_for(model)
         fp8 = sd_models.reload_model_weights(info=bfl)
         assert fp8 is not model and fp8.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q.weight.dtype == \
             torch.float8_e4m3fn
