@@ -21,19 +21,19 @@ ROPE = (4, 6, 6)
 
 class TinyFluxModel:
     """Stands in for the host's Flux model in Lora tests: `is_flux`, components() with the transformer, CLIP-L
-    (text_encoder) and T5 (text_encoder_2)."""
+    (text_encoder) and T5 (text_encoder_2); Chroma, as in the host, has T5 alone as its text_encoder."""
 
-    def __init__(self, transformer, text_encoder, text_encoder_2, chroma: bool = False):
+    def __init__(self, transformer, clip, t5, chroma: bool = False):
         self.transformer = transformer
-        self.text_encoder = text_encoder
-        self.text_encoder_2 = text_encoder_2
+        self.text_encoder, self.text_encoder_2 = (t5, None) if chroma else (clip, t5)
         self.is_flux = True
+        self.is_chroma = chroma
         self.is_sd1 = self.is_sd2 = self.is_sdxl = False
         self.model_type = "Chroma" if chroma else "Flux"
 
     def components(self) -> dict:
-        return {"transformer": self.transformer, "text_encoder": self.text_encoder,
-                "text_encoder_2": self.text_encoder_2}
+        names = ("transformer", "text_encoder") if self.is_chroma else ("transformer", "text_encoder", "text_encoder_2")
+        return {name: getattr(self, name) for name in names}
 
 
 def bfl_state_dict(seed: int = 5, chroma: bool = False) -> dict[str, torch.Tensor]:
@@ -101,10 +101,11 @@ def _converter(chroma: bool):
     return namespace[fn.__name__], namespace
 
 
-def convert_bfl(state_dict: dict[str, torch.Tensor], chroma: bool = False) -> dict[str, torch.Tensor]:
-    """diffusers' single-file converter on a BFL-layout state dict of the tiny width."""
+def convert_bfl(state_dict: dict[str, torch.Tensor], chroma: bool = False, inner_dim: int = HIDDEN
+                ) -> dict[str, torch.Tensor]:
+    """diffusers' single-file converter on a BFL-layout state dict of width `inner_dim` (default: the tiny one)."""
     fn, namespace = _converter(chroma)
-    namespace["INNER_DIM"] = HIDDEN
+    namespace["INNER_DIM"] = inner_dim
     return fn(dict(state_dict))
 
 

@@ -77,6 +77,8 @@ def test_flux_block_of_every_layer_agrees_with_lbw(tiny_flux_module):
         lbw_flux_block("text_encoders_clip_l_transformer_text_model_encoder_layers_0_mlp_fc1") == "CLIP"
     assert lora_block_weights.block_of("text_encoder_2.encoder.block.0.layer.1.DenseReluDense.wi", None,
                                        flux=True) == lbw_flux_block("text_encoders_t5xxl_transformer_encoder") == "T5"
+    # Chroma's only text encoder is T5, under the component name text_encoder
+    assert lora_block_weights.block_of("text_encoder.encoder.block.1.layer.0.SelfAttention.q", None, flux=True) == "T5"
 
 
 def test_flux_ids_follow_the_model_depth(tiny_flux_module):

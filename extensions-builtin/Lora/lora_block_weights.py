@@ -56,6 +56,7 @@ TRANSFORMER_GROUPS = {"double": "D", "single": "S", "blocks": "B"}
 _re_double = re.compile(r"^transformer\.transformer_blocks\.(\d+)\.")
 _re_single = re.compile(r"^transformer\.single_transformer_blocks\.(\d+)\.")
 _OUT_LAYERS = ("transformer.proj_out", "transformer.norm_out.")
+_re_t5_layer = re.compile(r"^text_encoder(?:_2)?\.encoder\.block\.\d+\.")
 
 
 class BlockWeightError(ValueError):
@@ -201,8 +202,8 @@ def block_of(layer_name: str, structure: lora_keys.UnetStructure | None, flux: b
     """LBW's block id of a canonical layer: BASE for text encoders, INnn/M00/OUTnn for UNet blocks, None outside.
     Transformers (`flux`: LBW's Flux ids): CLIP/T5, IN, Dnn/Snn (or Bnn), OUT; every transformer layer has a block."""
     if layer_name.startswith("text_encoder"):
-        if flux:
-            return "T5" if layer_name.startswith("text_encoder_2.") else "CLIP"
+        if flux:  # by the layer's own naming: Chroma's only text encoder, T5, is `text_encoder`
+            return "T5" if _re_t5_layer.match(layer_name) else "CLIP"
         return "BASE"
     if layer_name.startswith("transformer."):
         return _transformer_block(layer_name, flux)

@@ -179,14 +179,18 @@ DIFFUSERS_ROWS = (
     ("lycoris_", "_"),  # SimpleTuner's LyCORIS (`lycoris_transformer_blocks_0_attn_to_q`)
     ("base_model.model.", "."),  # a raw PeftModel state dict of the transformer
 )
-# text encoders: (component, prefix, naming) as lora_keys.KeyRow spells them
-TEXT_ROWS = (
-    ("text_encoder", "lora_te_", "text_model", "_"),  # some kohya Flux files name CLIP-L like SD1's single encoder
-    ("text_encoder", "lora_te_", "bare", "_"),
-    ("text_encoder", "text_encoders.clip_l.transformer.text_model.", "bare", "."),  # ComfyUI
-    ("text_encoder", "text_encoders.clip_l.transformer.", "bare", "."),
-    ("text_encoder_2", "text_encoders.t5xxl.transformer.", "bare", "."),  # ComfyUI T5
-)
+# text encoders by kind, whichever component holds them (Chroma's only text encoder, T5, is `text_encoder`):
+# (prefix, naming, separator) as lora_keys.KeyRow spells them
+TEXT_ROWS = {
+    "clip": (("lora_te1_", "text_model", "_"), ("lora_te1_", "bare", "_"),
+             ("lora_te_", "text_model", "_"), ("lora_te_", "bare", "_"),  # SD1's single-encoder spelling
+             ("text_encoders.clip_l.transformer.text_model.", "bare", "."),  # ComfyUI
+             ("text_encoders.clip_l.transformer.", "bare", ".")),
+    "t5": (("lora_te3_", "bare", "_"),  # kohya/sd-scripts (and SD3's numbering, which ComfyUI reads)
+           ("lora_te2_", "bare", "_"),  # OneTrainer and older sd-scripts forks
+           ("text_encoders.t5xxl.transformer.", "bare", ".")),  # ComfyUI
+}
+_re_t5_layer = re.compile(r"^encoder\.block\.\d+\.")
 
 
 def _spell(prefix: str, sep: str, path: str) -> str:
@@ -196,6 +200,7 @@ def _spell(prefix: str, sep: str, path: str) -> str:
 def aliases(layers: dict, fused: dict[str, FusedLayer]) -> dict[str, str]:
     """{file base name: canonical (or virtual) layer} for every Flux-specific spelling of the model's layers."""
     res: dict[str, str] = {}
+    t5_components = {c for c, _, p in (n.partition(".") for n in layers) if _re_t5_layer.match(p)}
 
     def add(alias: str, canonical: str) -> None:
         res.setdefault(alias, canonical)
@@ -216,9 +221,9 @@ def aliases(layers: dict, fused: dict[str, FusedLayer]) -> dict[str, str]:
                         for prefix in ("", "diffusion_model."):
                             add(f"{prefix}double_blocks.{m.group(1)}.{xlabs}", canonical)
         elif component in ("text_encoder", "text_encoder_2"):
-            for row_component, prefix, naming, sep in TEXT_ROWS:
-                if row_component == component:
-                    add(_spell(prefix, sep, ("text_model." + path) if naming == "text_model" else path), canonical)
+            kind = "t5" if component in t5_components else "clip"
+            for prefix, naming, sep in TEXT_ROWS[kind]:
+                add(_spell(prefix, sep, ("text_model." + path) if naming == "text_model" else path), canonical)
     for name, layer in fused.items():
         bfl = name[len("transformer."):]
         if layer.output_side:  # XLabs single-block proj_lora

@@ -1,0 +1,65 @@
+"""A kohya Flux Lora on the host's own tiny-flux model, loaded from its diffusers folder and from the BFL single-file
+layout with CLIP-L/T5/VAE picked separately: merged like the BFL-layout merge converted by diffusers' single-file
+converter, every other parameter bitwise unchanged, and bitwise restored (the single-file model re-reads q/k/v rows
+out of the file's fused tensors)."""
+import flux_models
+import networks
+import pytest
+import torch
+
+from modules import flux_layout, sd_models_diffusers
+
+CPU = torch.device("cpu")
+M = 0.8
+
+
+@pytest.mark.parametrize("layout,modules", [("folder", ()), ("bfl", ("clip_l", "t5", "ae"))])
+def test_kohya_flux_lora_on_the_host_model(flux_files, write_lora, layout, modules):
+    model = sd_models_diffusers.load(flux_files[layout], CPU, torch.float32, None, [flux_files[m] for m in modules])
+    inner = model.transformer.config.num_attention_heads * model.transformer.config.attention_head_dim
+    bfl = flux_layout.to_bfl_state_dict(model.transformer)
+    original = {c: {k: v.detach().clone() for k, v in m.state_dict().items()}
+                for c, m in model.components().items() if c != "vae"}
+    # the BFL copy is the model's own weights: diffusers' converter gives them back bitwise
+    assert all(torch.equal(v, original["transformer"][k])
+               for k, v in flux_models.convert_bfl(bfl, inner_dim=inner).items())
+    g = torch.Generator().manual_seed(2)
+    tensors, merged = {}, dict(bfl)
+    for key, value in bfl.items():
+        if key.endswith(".weight") and value.dim() == 2:
+            name = key[:-len(".weight")]
+            down, up = torch.randn(4, value.shape[1], generator=g), torch.randn(value.shape[0], 4, generator=g)
+            base = "lora_unet_" + name.replace(".", "_")
+            tensors.update({f"{base}.lora_down.weight": down, f"{base}.lora_up.weight": up,
+                            f"{base}.alpha": torch.tensor(2.0)})
+            merged[key] = value + M * 0.5 * up @ down
+    want = {"transformer": flux_models.convert_bfl(merged, inner_dim=inner)}
+    for component, prefix in (("text_encoder", "lora_te1_text_model_"), ("text_encoder_2", "lora_te3_")):
+        want[component] = dict(original[component])
+        for path, module in getattr(model, component).named_modules():
+            if isinstance(module, torch.nn.Linear):
+                base = prefix + path.removeprefix("text_model.").replace(".", "_")
+                down = torch.randn(4, module.in_features, generator=g)
+                up = torch.randn(module.out_features, 4, generator=g)
+                tensors.update({f"{base}.lora_down.weight": down, f"{base}.lora_up.weight": up})
+                want[component][f"{path}.weight"] = original[component][f"{path}.weight"] + M * up @ down
+    write_lora("host_flux", tensors=tensors, metadata={"ss_base_model_version": "flux1"})
+
+    report = networks.load_networks(["host_flux"], [M], [M], sd_model=model)
+    net = report.networks[0]
+    assert not (net.unmatched_keys or net.unsupported_keys or net.unused_keys or net.load_errors or net.apply_errors)
+    changed = 0
+    for component, state in want.items():
+        got = getattr(model, component).state_dict()
+        for key, value in state.items():
+            if torch.equal(value, original[component][key]):
+                assert torch.equal(got[key], value), f"{component}.{key}"
+            else:
+                err = float((got[key] - value).abs().max() / value.abs().max())
+                assert err < 1e-5, (f"{component}.{key}", err)
+                changed += 1
+    assert changed == len(net.modules) > 70
+    networks.load_networks([], sd_model=model)
+    for component, state in original.items():
+        got = getattr(model, component).state_dict()
+        assert all(torch.equal(got[k], v) for k, v in state.items()), component
