@@ -208,11 +208,16 @@ def test_multipliers_changed_between_steps_are_applied(tiny_ldm_pair, write_lora
                                atol=1e-6)
     assert networks.apply_changed_multipliers(ldm) == 0  # nothing changed since: nothing written
 
+    te_layer = next(m for k, m in layer_map.layers.items() if k.startswith("text_encoder") and k.endswith("q_proj"))
+    te_before = te_layer.weight.detach().clone()
     networks.loaded_networks[0].unet_multiplier = 0.0
+    networks.loaded_networks[0].te_multiplier = 0.0
     hook_calls = [h for h in unet._forward_pre_hooks.values() if getattr(h, "__name__", "") == "_before_unet"]
     assert len(hook_calls) == 1
     hook_calls[0](unet, ())  # the UNet's forward pre-hook, as a sampling step would call it
     torch.testing.assert_close(layer.weight.double(), original, rtol=0, atol=0)
+    # the prompt is encoded already: between steps the text encoder is left as it was (A1111 does the same)
+    assert torch.equal(te_layer.weight, te_before)
     networks.load_networks([], sd_model=ldm)
     assert torch.equal(layer.weight.double(), original)
 

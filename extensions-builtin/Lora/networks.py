@@ -182,9 +182,10 @@ def original_weights(sd_model):
     return source if callable(getattr(source, "read", None)) and callable(getattr(source, "valid", None)) else None
 
 
-def apply_plan(layer_map, plan: dict, sd_model) -> int:
-    """Merges the plan (or, in functional mode, hooks it; MultiheadAttention is merged either way)."""
-    layers, source = layer_map.layers, original_weights(sd_model)
+def apply_plan(layer_map, plan: dict, sd_model, layers: dict | None = None) -> int:
+    """Merges the plan (or, in functional mode, hooks it; MultiheadAttention is merged either way) into `layers`
+    (default: every layer of the map; the others are left as they are)."""
+    layers, source = layer_map.layers if layers is None else layers, original_weights(sd_model)
     paths = getattr(layer_map, "module_paths", None)
     if not functional_mode():
         changed = functional.clear(layers)
@@ -255,6 +256,7 @@ def restore_all(sd_model=None) -> None:
 # and forwards. Here the merge happens in load_networks; these notice such changes and apply them (the plan then
 # rewrites only the layers whose multiplier changed).
 _applied_state: tuple = (False, ())  # (functional mode, each loaded network's id, name, te, unet, dyn)
+_applied_unet_state: tuple = (False, ())  # the same, as far as the UNet's layers hold it
 _applied_model = None  # weakref to the model they were applied to
 
 
@@ -264,18 +266,21 @@ def _wanted_state() -> tuple:
 
 
 def _remember_applied(sd_model) -> None:
-    global _applied_state, _applied_model
-    _applied_state = _wanted_state()
+    global _applied_state, _applied_unet_state, _applied_model
+    _applied_state = _applied_unet_state = _wanted_state()
     _applied_model = weakref.ref(sd_model) if sd_model is not None else None
 
 
-def apply_changed_multipliers(sd_model=None) -> int:
+def apply_changed_multipliers(sd_model=None, unet_only: bool = False) -> int:
     """Applies the loaded networks again when a name, multiplier, dyn or lora_functional changed since the last
     apply (to the model they were applied to); returns the layers written (0, after a tuple comparison, when
-    nothing changed)."""
-    if not loaded_networks and not _applied_state[1]:
+    nothing changed). `unet_only`: between sampling steps the text encoders have done their work (A1111, which
+    merges in each layer's forward, leaves them as they were when the prompt was encoded)."""
+    global _applied_unet_state
+    if not loaded_networks and not _applied_state[1] and not _applied_unet_state[1]:
         return 0
-    if _wanted_state() == _applied_state:
+    wanted = _wanted_state()
+    if wanted == _applied_state or (unet_only and wanted == _applied_unet_state):
         return 0
     if sd_model is None:
         sd_model = _applied_model() if _applied_model is not None else None
@@ -283,19 +288,24 @@ def apply_changed_multipliers(sd_model=None) -> int:
         return 0
     with state_lock:
         layer_map = lora_layers.get_layer_map(sd_model)
+        layers = layer_map.layers if not unet_only else \
+            {k: m for k, m in layer_map.layers.items() if not network.is_text_encoder_layer(k)}
         try:
-            written = apply_plan(layer_map, lora_plan.build_plan(layer_map.layers, loaded_networks), sd_model)
+            written = apply_plan(layer_map, lora_plan.build_plan(layers, loaded_networks), sd_model, layers)
         except lora_patcher.PatchError as e:
             errors.display(e, "applying changed Lora multipliers")
             loaded_networks.clear()
             functional.clear(layer_map.layers)
             written = 0
-        _remember_applied(sd_model)
+        if unet_only:
+            _applied_unet_state = _wanted_state()
+        else:
+            _remember_applied(sd_model)
     return written
 
 
 def _before_unet(module, args) -> None:
-    apply_changed_multipliers()
+    apply_changed_multipliers(unet_only=True)
 
 
 def _watch_unet(unet) -> None:
