@@ -39,6 +39,16 @@ def handles(sd_model) -> bool:
     return getattr(sd_model, "family", None) in FAMILIES
 
 
+def check_size(sd_model, width: int, height: int, what: str = "width/height") -> None:
+    """Flux's and SD3's latents are cut into 2x2 patches of the VAE's 8x8 cells: sizes are multiples of 16."""
+    from modules.errors import JobInputError
+
+    step = 2 * int(getattr(sd_model.pipe, "vae_scale_factor", 8))
+    if width % step or height % step:
+        raise JobInputError(f"{what}: {width}x{height} is not a multiple of {step} in both directions, which "
+                            f"{_name(sd_model)} needs (e.g. {width // step * step}x{height // step * step})")
+
+
 def max_sequence_length(sd_model) -> int:
     from modules.sd_models_dit import MAX_SEQUENCE, T5_TOKENIZER
 

@@ -15,6 +15,7 @@ from typing import Any
 from modules import (
     devices,
     diffusion_passes,
+    dit_generation,
     extra_networks,
     images,
     infotext_utils,
@@ -375,6 +376,8 @@ def process_images_inner(p: StableDiffusionProcessing) -> Processed:
         p.sampler_name = samplers.check(p.sampler_name if getattr(p, "sampler_given", True) else None, sd_model)
     except ValueError as e:
         raise JobInputError(f"sampler_name: {e}") from None
+    if dit_generation.handles(sd_model):
+        dit_generation.check_size(sd_model, p.width, p.height)
     _setup_prompts_and_seeds(p)
     p.setup_prompts()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from modules import diffusion_passes, extra_networks, images, samplers, sd_hijack, shared, upscaler
+from modules import diffusion_passes, dit_generation, extra_networks, images, samplers, sd_hijack, shared, upscaler
 from modules.errors import JobInputError
 
 
@@ -69,6 +69,8 @@ def init(p) -> None:
     mode = p.hr_upscaler if p.hr_upscaler is not None else upscaler.latent_upscale_default_mode
     p.latent_scale_mode = upscaler.latent_upscale_modes.get(mode)
     calculate_target_resolution(p)
+    if dit_generation.handles(p.sd_model):
+        dit_generation.check_size(p.sd_model, p.hr_upscale_to_x, p.hr_upscale_to_y, "hires size")
     if p.hr_second_pass_steps:
         p.extra_generation_params["Hires steps"] = p.hr_second_pass_steps
     if p.hr_upscaler is not None:

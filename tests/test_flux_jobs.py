@@ -56,6 +56,10 @@ def test_samplers_hires_and_img2img(host):
 
     with pytest.raises(JobInputError, match="'DPM\\+\\+ 2M' does not work with flux .* use one of: Euler, Euler K"):
         _job(host, sampler_name="DPM++ 2M")
+    with pytest.raises(JobInputError, match="72x64 is not a multiple of 16 .* FLUX.1-dev needs .e.g. 64x64."):
+        _job(host, width=72)
+    with pytest.raises(JobInputError, match="hires size: 72x72 is not a multiple of 16"):
+        _job(host, enable_hr=True, hr_resize_x=72, hr_resize_y=72, denoising_strength=0.5)
     hires = _job(host, steps=1, enable_hr=True, hr_scale=2.0, denoising_strength=0.5, hr_second_pass_steps=1,
                  hr_sampler_name="Euler Karras")
     assert hires.images[0].size == (128, 128) and "Hires upscale: 2.0" in hires.info
