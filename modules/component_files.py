@@ -63,6 +63,18 @@ def find_parts(keys) -> list[Part]:
     return parts
 
 
+def unsupported_reason(keys) -> str | None:
+    """Why a file's weights cannot be read as plain tensors, or None. Scaled fp8 files (ComfyUI's `scaled_fp8`,
+    per-layer `scale_weight`) would load with every weight off by its scale; bitsandbytes NF4/FP4 files pack theirs."""
+    for key in keys:
+        if key == "scaled_fp8" or key.endswith((".scale_weight", ".scale_input")):
+            return "a scaled fp8 file (ComfyUI's `scale_weight` tensors) is not supported; use an unscaled fp8, bf16 " \
+                   "or fp16 file"
+        if key.endswith((".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")):
+            return "a bitsandbytes NF4/FP4 file is not supported; use an fp8, bf16 or fp16 file"
+    return None
+
+
 def _part_at(keys: set, prefix: str, kind: str) -> Part | None:
     if kind == "t5":
         return Part("t5", prefix) if prefix + T5_PROBE in keys else None

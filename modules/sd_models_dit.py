@@ -184,6 +184,8 @@ def _pick(filename: str, tensors: dict, module_files: list[str]
     from modules.sd_models_diffusers import read_checkpoint_tensors
 
     stamps = {}
+    if reason := component_files.unsupported_reason(tensors):
+        raise CheckpointFormatError(f"{filename}: {reason}")
     sources: dict[str, _Source] = {p.kind: _Source(filename, tensors, p) for p in component_files.find_parts(tensors)}
     if "transformer" not in sources:
         held = ", ".join(component_files.KIND_LABELS[k] for k in sources)
@@ -195,6 +197,8 @@ def _pick(filename: str, tensors: dict, module_files: list[str]
     for path in module_files:
         stamps[path] = original_weights.file_stamp(path)
         module_tensors = read_checkpoint_tensors(path)
+        if reason := component_files.unsupported_reason(module_tensors):
+            raise CheckpointFormatError(f"{path}: {reason}")
         parts = component_files.find_parts(module_tensors)
         if not parts:
             raise CheckpointFormatError(f"{path}: not a text encoder (CLIP, T5) or VAE file this host can read")

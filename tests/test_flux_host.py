@@ -269,8 +269,15 @@ def test_missing_parts_and_wrong_files_are_named(flux_files, tmp_path):
                                     _modules(flux_files, "clip_l", "t5", "t5_fp8", "ae"))
     with pytest.raises(CheckpointFormatError, match="pick it as the checkpoint"):
         sd_models_diffusers.prepare(flux_files["bfl"], CPU, torch.float32, None, [flux_files["bfl"]])
-    # a real-size T5 vocabulary needs T5's own tokenizer, which is never downloaded
+    # scaled fp8 files would load with every weight off by its scale: refused by name
     from safetensors.torch import load_file
+    scaled = load_file(flux_files["t5_fp8"])
+    scaled["encoder.block.0.layer.0.SelfAttention.q.scale_weight"] = torch.tensor(0.5)
+    scaled_path = write(scaled, str(tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"))
+    with pytest.raises(CheckpointFormatError, match="t5xxl_fp8_e4m3fn_scaled.safetensors: a scaled fp8 file"):
+        sd_models_diffusers.prepare(flux_files["bfl"], CPU, torch.float32, None,
+                                    [flux_files["clip_l"], scaled_path, flux_files["ae"]])
+    # a real-size T5 vocabulary needs T5's own tokenizer, which is never downloaded
     t5 = load_file(flux_files["t5"])
     t5["shared.weight"] = torch.zeros(32128, t5["shared.weight"].shape[1])
     big = write(t5, str(tmp_path / "t5xxl_real_vocab.safetensors"))
