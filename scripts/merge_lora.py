@@ -1,12 +1,15 @@
 """Merge LoRAs into a checkpoint with the web UI's own parser, loader and patcher.
 
     python scripts/merge_lora.py --model PATH --lora-dir DIR --prompt "<lora:a:0.8> <lora:b:1:0.5>" \\
-        --out OUT.safetensors [--dtype fp32|bf16|fp16]
+        --out OUT.safetensors [--dtype fp32|bf16|fp16] [--modules FILE ...]
 
-PATH is a diffusers folder or a single-file SD1/SD2/SDXL checkpoint. OUT holds every UNet and text-encoder
-parameter of the merged model, keyed `unet.<key>`, `text_encoder.<key>`, `text_encoder_2.<key>` (the diffusers
-component folder name, then that component's own state-dict key), in the model's dtype unless --dtype says
-otherwise. One line per LoRA tells what matched. Any bad input ends the run with a message and exit status 1.
+PATH is a diffusers folder or a single-file checkpoint (SD1/SD2/SDXL, Flux.1/Chroma, SD3), the way the web UI loads
+it; a BFL/ComfyUI file that holds only the transformer takes its text encoders (and VAE) from --modules, as Forge's
+"VAE / Text Encoder" selector does. OUT holds every UNet or transformer and text-encoder parameter of the merged
+model, keyed `unet.<key>` / `transformer.<key>`, `text_encoder.<key>`, `text_encoder_2.<key>`, `text_encoder_3.<key>`
+(the diffusers component folder name, then that component's own state-dict key), in the model's dtype unless
+--dtype says otherwise. One line per LoRA tells what matched. Any bad input ends the run with a message and exit
+status 1.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LORA_EXT_DIR = os.path.join(ROOT, "extensions-builtin", "Lora")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 class MergeError(RuntimeError):
@@ -31,6 +34,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--prompt", required=True, help='the tags to merge, e.g. "<lora:a:0.8> <lora:b:1:0.5>"')
     parser.add_argument("--out", required=True, help="output .safetensors file")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="output dtype (default: the model's)")
+    parser.add_argument("--modules", nargs="*", default=[],
+                        help="text encoder / VAE files for a single-file transformer (clip_l, t5xxl, ae)")
     return parser.parse_args(argv)
 
 
@@ -49,7 +54,10 @@ def model_file_dtype(path: str):
 
     names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
     if os.path.isdir(path):
-        path = os.path.join(path, "unet", "diffusion_pytorch_model.safetensors")
+        folder = next((os.path.join(path, c) for c in ("unet", "transformer") if os.path.isdir(os.path.join(path, c))),
+                      os.path.join(path, "unet"))
+        files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")) if os.path.isdir(folder) else []
+        path = os.path.join(folder, files[0] if files else "diffusion_pytorch_model.safetensors")
     if not path.lower().endswith(".safetensors") or not os.path.isfile(path):
         return torch.float32
     with open(path, "rb") as f:
@@ -85,7 +93,8 @@ def merge(args: argparse.Namespace) -> dict:
     out_dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else load_dtype
     try:
         model = sd_models_diffusers.load(os.path.abspath(args.model), torch.device("cpu"), load_dtype,
-                                         sd_models.CheckpointInfo(args.model))
+                                         sd_models.CheckpointInfo(args.model),
+                                         [os.path.abspath(m) for m in args.modules] or None)
     except Exception as e:
         raise MergeError(f"--model {args.model}: cannot load: {e}") from None
 
@@ -111,13 +120,17 @@ def merge(args: argparse.Namespace) -> dict:
         raise MergeError("; ".join(problems + [c for c in p.comments if c not in problems]
                                    or ["no LoRA could be applied"]))
 
-    tensors = {}
+    tensors, seen = {}, set()
     for component in COMPONENTS:
         module = getattr(model, component, None)
         if module is None:
             continue
         for key, value in module.state_dict().items():
-            tensors[f"{component}.{key}"] = value.detach().to("cpu", out_dtype).contiguous()
+            value = value.detach().to("cpu", out_dtype).contiguous()
+            if value.data_ptr() in seen:  # tied weights (T5's shared / embed_tokens): each key gets its own copy
+                value = value.clone()
+            seen.add(value.data_ptr())
+            tensors[f"{component}.{key}"] = value
     from safetensors.torch import save
     metadata = {"merged_from": os.path.abspath(args.model), "merged_prompt": args.prompt,
                 "merged_loras": ", ".join(f"{k}: {v[0]} layers" for k, v in summary.items())}

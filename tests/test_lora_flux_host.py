@@ -63,3 +63,42 @@ def test_kohya_flux_lora_on_the_host_model(flux_files, write_lora, layout, modul
     for component, state in original.items():
         got = getattr(model, component).state_dict()
         assert all(torch.equal(got[k], v) for k, v in state.items()), component
+
+
+def test_merge_tool_on_a_bfl_single_file_with_picked_modules(flux_files, write_lora, lora_dir, tmp_path, capsys):
+    """scripts/merge_lora.py (in this process) on the BFL transformer file plus clip_l/t5xxl/ae: every transformer and
+    text-encoder parameter written under its component folder name, the fused qkv split by rows as diffusers'
+    converter splits the base, untargeted parameters equal to the loaded model's."""
+    from safetensors.torch import load_file
+
+    from scripts import merge_lora
+
+    modules = [flux_files[m] for m in ("clip_l", "t5", "ae")]
+    model = sd_models_diffusers.load(flux_files["bfl"], CPU, torch.float32, None, modules)
+    inner = model.transformer.config.num_attention_heads * model.transformer.config.attention_head_dim
+    bfl = flux_layout.to_bfl_state_dict(model.transformer)
+    g = torch.Generator().manual_seed(4)
+    down, up = torch.randn(4, inner, generator=g), torch.randn(3 * inner, 4, generator=g)
+    write_lora("merge_qkv", tensors={"lora_unet_double_blocks_1_txt_attn_qkv.lora_down.weight": down,
+                                     "lora_unet_double_blocks_1_txt_attn_qkv.lora_up.weight": up}, metadata={})
+    merged_bfl = dict(bfl)
+    merged_bfl["double_blocks.1.txt_attn.qkv.weight"] = bfl["double_blocks.1.txt_attn.qkv.weight"] + 0.6 * up @ down
+    want = flux_models.convert_bfl(merged_bfl, inner_dim=inner)
+
+    out = str(tmp_path / "merged.safetensors")
+    assert merge_lora.main(["--model", flux_files["bfl"], "--modules", *modules, "--lora-dir", str(lora_dir),
+                            "--prompt", "<lora:merge_qkv:0.6>", "--out", out]) == 0
+    assert "merge_qkv: 3 layers matched, 0 keys unmatched" in capsys.readouterr().out
+    merged = load_file(out)
+    expected_keys = {f"{c}.{k}" for c in ("transformer", "text_encoder", "text_encoder_2")
+                     for k in getattr(model, c).state_dict()}
+    assert set(merged) == expected_keys
+    for key, value in want.items():
+        got = merged[f"transformer.{key}"]
+        if torch.equal(value, model.transformer.state_dict()[key]):
+            assert torch.equal(got, value), key
+        else:
+            assert key.startswith("transformer_blocks.1.attn.add_") and key.endswith("_proj.weight"), key
+            assert float((got - value).abs().max() / value.abs().max()) < 1e-5, key
+    text = model.text_encoder_2.state_dict()
+    assert all(torch.equal(merged[f"text_encoder_2.{k}"], v) for k, v in text.items())
