@@ -84,6 +84,10 @@ def transformer_config(shapes: Mapping[str, tuple], prefix: str, variant: str) -
         "joint_attention_dim": _shape(shapes, p + "txt_in.weight")[1],
         "axes_dims_rope": rope_axes(head_dim),
     }
+    if config["in_channels"] != config["out_channels"]:
+        raise CheckpointFormatError(f"the transformer takes {config['in_channels']} input channels for "
+                                    f"{config['out_channels']} output ones: a FLUX.1 Fill/Canny/Depth model, whose "
+                                    f"control image this host does not provide")
     mlp = _shape(shapes, p + "double_blocks.0.img_mlp.0.weight")[0]
     single_rows = 3 * inner + mlp
     if config["num_single_layers"]:

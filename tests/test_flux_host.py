@@ -143,6 +143,9 @@ def test_config_read_off_shapes_and_refused_widths(flux_files):
     saved["out_channels"] = saved["out_channels"] or saved["in_channels"]  # None means in_channels
     for key, value in config.items():
         assert saved[key] == (list(value) if isinstance(value, tuple) else value), key
+    fill = dict(shapes, **{"img_in.weight": (shapes["img_in.weight"][0], 384)})
+    with pytest.raises(CheckpointFormatError, match="384 input channels for 64 output ones: a FLUX.1 Fill"):
+        flux_layout.transformer_config(fill, "", "dev")
     with pytest.raises(CheckpointFormatError, match="rotary axes"):
         flux_layout.rope_axes(48)  # 6/21/21: odd axes
     bad = dict(shapes, **{"double_blocks.0.img_mlp.0.weight": (3 * config["attention_head_dim"] * 2, 64)})
