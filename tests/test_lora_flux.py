@@ -420,3 +420,38 @@ def test_saved_file_round_trip(flux, write_file):
     want = {"transformer": flux_models.convert_bfl(want_bfl), "text_encoder": original["text_encoder"],
             "text_encoder_2": original["text_encoder_2"]}
     assert check(apply(flux, "flux_bf16"), want, original) == 4
+
+
+def test_functional_mode_gives_the_merged_layers(flux, write_file, monkeypatch):
+    """lora_functional on: split low-rank pieces run as low-rank hooks, row pieces of other types and XLabs' output-side
+    LoRA as dense hooks (with their bias deltas); each layer's output equals the merged layer's."""
+    from modules import shared
+    bfl = flux_models.bfl_state_dict()
+    names = ["double_blocks.0.img_attn.qkv", "single_blocks.0.linear1", "final_layer.adaLN_modulation.1"]
+    tensors = write_factors(lora_factors({n: tuple(bfl[f"{n}.weight"].shape) for n in names}),
+                            lambda n: "lora_unet_" + n.replace(".", "_"))
+    g = torch.Generator().manual_seed(12)
+    tensors.update({"lora_unet_single_blocks_1_linear1.diff": torch.randn(7 * 32, 32, generator=g) * 0.1,
+                    "lora_unet_single_blocks_1_linear1.diff_b": torch.randn(7 * 32, generator=g) * 0.1})
+    write_file("flux_kohya", tensors)
+    write_file("flux_xlabs_old", {"single_blocks.0.processor.proj_lora.down.weight": torch.randn(2, 32, generator=g),
+                                  "single_blocks.0.processor.proj_lora.up.weight": torch.randn(32, 2, generator=g)})
+    names, mults = ["flux_kohya", "flux_xlabs_old"], [M, 0.5]
+    networks.load_networks(names, mults, mults, sd_model=flux)
+    layers = sorted({k for n in networks.loaded_networks for k in n.modules})
+    modules = dict(flux.transformer.named_modules())
+    merged = {k: (modules[k[len("transformer."):]].weight.detach().clone(),
+                  modules[k[len("transformer."):]].bias.detach().clone()) for k in layers}
+    networks.load_networks([], sd_model=flux)
+    original = _state(flux)
+    monkeypatch.setitem(shared.opts.data, "lora_functional", True)
+    networks.load_networks(names, mults, mults, sd_model=flux)
+    assert all(not n.apply_errors for n in networks.loaded_networks)
+    assert all(torch.equal(v, original["transformer"][k]) for k, v in flux.transformer.state_dict().items())
+    for name in layers:
+        layer = modules[name[len("transformer."):]]
+        w, b = merged[name]
+        x = torch.randn(3, layer.in_features, generator=g)
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, w, b), rtol=1e-4, atol=1e-5, msg=name)
+    assert len(layers) == 3 + 4 + 1 + 4 + 1  # qkv, two linear1 (LoRA, full), adaLN, XLabs' proj_out
+    networks.load_networks([], sd_model=flux)
