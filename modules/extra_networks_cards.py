@@ -85,7 +85,8 @@ def loaded_model_family() -> str:
         model = None
     if model is None:
         return ""
-    for attr, family in (("is_sdxl", "SDXL"), ("is_sd2", "SD2"), ("is_sd1", "SD1")):
+    for attr, family in (("is_chroma", "Chroma"), ("is_flux", "Flux"), ("is_sd3", "SD3"), ("is_sdxl", "SDXL"),
+                         ("is_sd2", "SD2"), ("is_sd1", "SD1")):
         if getattr(model, attr, False):
             return family
     return "Unknown"

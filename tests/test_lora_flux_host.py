@@ -102,3 +102,14 @@ def test_merge_tool_on_a_bfl_single_file_with_picked_modules(flux_files, write_l
             assert float((got - value).abs().max() / value.abs().max()) < 1e-5, key
     text = model.text_encoder_2.state_dict()
     assert all(torch.equal(merged[f"text_encoder_2.{k}"], v) for k, v in text.items())
+
+
+@pytest.mark.parametrize("flags,family", [({"is_flux": True}, "Flux"), ({"is_flux": True, "is_chroma": True}, "Chroma"),
+                                          ({"is_sd3": True}, "SD3")])
+def test_card_filter_knows_the_transformer_families(monkeypatch, flags, family):
+    """The card pane's version filter compares a card's version (network.SdVersion name) with this."""
+    import types
+
+    from modules import extra_networks_cards, sd_models
+    monkeypatch.setattr(sd_models.model_data, "sd_model", types.SimpleNamespace(**flags))
+    assert extra_networks_cards.loaded_model_family() == family
