@@ -74,8 +74,8 @@ class FusedLayer:
 
 
 def is_flux_transformer(module) -> bool:
-    name = type(module).__name__
-    return "Flux" in name or "Chroma" in name or hasattr(module, "single_transformer_blocks")
+    """diffusers' Flux.1 / Chroma transformer (Flux.2 and other DiTs are other layouts)."""
+    return type(module).__name__ in ("FluxTransformer2DModel", "ChromaTransformer2DModel")
 
 
 def family_of(transformer) -> str:
