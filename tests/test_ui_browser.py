@@ -184,16 +184,26 @@ def test_settings_tab_lists_lora_options_and_applies(page, webui_server, sdapi):
     assert page.locator("#setting_lora_add_hashes_to_infotext").count() == 1
     shot(page, "settings")
     wanted = 0.75 if before != 0.75 else 0.5
-    try:
-        field = page.locator("#setting_extra_networks_default_multiplier input")
-        field.fill(str(wanted))
+    field = page.locator("#setting_extra_networks_default_multiplier input")
+
+    def submit(value) -> None:
+        """Fills the field, applies the form and waits until the server holds the value (or 30 s pass)."""
+        field.fill(str(value))
         field.blur()
         page.locator("#settings_submit").click()
         page.wait_for_selector("#settings_result:has-text('settings changed')", timeout=30000)
-        # applied on the server, not only reported: the option reads back with the new value
-        assert sdapi.get("/sdapi/v1/options").json()["extra_networks_default_multiplier"] == wanted
+        deadline = time.time() + 30
+        while sdapi.get("/sdapi/v1/options").json()["extra_networks_default_multiplier"] != value:
+            assert time.time() < deadline, f"the server never took {value}"
+            time.sleep(0.2)
+
+    try:
+        submit(wanted)
+        # submit() waited for the server to read back the new value: applied, not only reported
     finally:
-        sdapi.post("/sdapi/v1/options", json={"extra_networks_default_multiplier": before})
+        # back through the form itself: a later submit of this form must not bring the test's value back
+        submit(before)
+    assert sdapi.get("/sdapi/v1/options").json()["extra_networks_default_multiplier"] == before
     page.get_by_role("tab", name="txt2img").click()
 
 
