@@ -465,10 +465,14 @@ def run_child(args) -> dict:
 
     result["ours"] = {}
     for strategy in ("source", "residual") if source is not None else ("residual",):
+        t = time.perf_counter()
         result["ours"][strategy] = bench_patcher(model, layers, layer_map.module_paths, nets, strategy, source,
                                                  args.repeats, clock, device)
+        print(f"  ours ({strategy}): {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
         result["ours"][strategy]["exact"] = weights_checksum(model) == checksum
+    t = time.perf_counter()
     result["floor"] = bench_floor(layers, nets, args.repeats, clock, device)
+    print(f"  floor: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
     result["floor"]["exact"] = weights_checksum(model) == checksum
     del nets
     trim()
@@ -576,14 +580,17 @@ def main() -> None:
             (["--no-diffusers"] if args.no_diffusers else [])
         print(f"running {model} {dtype} on {args.device} ...", file=sys.stderr, flush=True)
         t = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True)  # progress shows on stderr
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
-            results.append({"model": model, "dtype": dtype, "error": f"exit {proc.returncode}: "
-                            f"{proc.stderr.strip().splitlines()[-5:] if proc.stderr.strip() else ''}"})
+            results.append({"model": model, "dtype": dtype, "error": f"exit {proc.returncode} (see its stderr above)"})
         else:
             results.append(json.loads(lines[-1][len("RESULT "):]))
         print(f"  {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+        print(table(results[-1:]), flush=True)  # each model as soon as it is done
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
     print(f"rank {args.rank} kohya LoRAs (LoHa rank {args.rank // 2}, LoKr w2 rank {args.rank}), ΔW rms = "
           f"{args.strength:g} × W rms each; median of {args.repeats}; floor = the cheapest in-place loop for that "
           "op with factors (and originals) ready in memory (scripts/bench_lora_floors.py); ours and the floor "
