@@ -4,7 +4,7 @@ need the original weights, a copy of them), so nothing is read from a file and n
 
   apply (LoRA)     W.view(out, -1).addmm_(up·s, down); several LoRAs: one addmm_ of the rank-concatenated factors
   apply (LoHa)     per block of rows: t1 = (s·w1a)[rows] @ w1b, t2 = w2a[rows] @ w2b, W[rows].addcmul_(t1, t2)
-  apply (LoKr)     W.view(a, c, b, d).addcmul_(w2.view(1, c, 1, d), (s·w1).view(a, 1, b, 1)), w2 rebuilt once
+  apply (LoKr)     w2 = w2a @ w2b; W.view(a, c, b, d).addcmul_(w2.view(1, c, 1, d), (s·w1).view(a, 1, b, 1))
   switch / multiplier   W = W0 + ΔW from the in-memory original (torch.addmm(W0, up, down, out=W))
   remove           W.copy_(W0): one write of the original bytes
 16-bit weights accumulate in fp32 in cache-sized blocks (s = W[rows].float(); s += ΔW[rows]; W[rows] = s), as any
@@ -48,11 +48,12 @@ class Floors:
         return res
 
     def lokr_factors(self, key: str) -> dict:
+        """(s·w1, w2a, w2b): w2 = w2a @ w2b is part of LoKr's ΔW, so the floor rebuilds it (timed), as ours does."""
         res = {}
         for name, mod in self.nets[key].modules.items():
             dev, f32 = self.weights[name].device, torch.float32
-            w2 = mod.w2a.to(dev, f32) @ mod.w2b.reshape(mod.w2b.shape[0], -1).to(dev, f32)
-            res[name] = (mod.w1.to(dev, f32) * mod.calc_scale(), w2)
+            res[name] = (mod.w1.to(dev, f32) * mod.calc_scale(), mod.w2a.to(dev, f32),
+                         mod.w2b.reshape(mod.w2b.shape[0], -1).to(dev, f32))
         return res
 
     # --- the loops ------------------------------------------------------------------------------------------------
@@ -98,7 +99,8 @@ class Floors:
 
     def apply_lokr(self, factors: dict) -> None:
         with torch.no_grad():
-            for name, (w1, w2) in factors.items():
+            for name, (w1, w2a, w2b) in factors.items():
+                w2 = torch.mm(w2a, w2b)
                 w = self.weights[name]
                 a, b = w1.shape
                 c, d = w2.shape

@@ -191,3 +191,30 @@ def test_host_source_is_left_alone(tiny_ldm_pair):
     ldm.original_weights = host = HostSource()
     lora_layers.assign_network_names_to_compvis_modules(ldm)
     assert ldm.original_weights is host
+
+
+def test_a_layer_is_sampled_once_and_again_after_a_foreign_write(tiny_ldm_pair, write_lora, patcher, tmp_path,
+                                                                monkeypatch):
+    ldm = load_from_checkpoint(tiny_ldm_pair("sd1")[0], str(tmp_path / "m.safetensors"), torch.float16,
+                               torch.float32)
+    layer_map = lora_layers.assign_network_names_to_compvis_modules(ldm)
+    write_lora("once", tensors=lora_tensors(layer_map, "kohya"), metadata={})
+    sampled = []
+    real_sample = ldm.original_weights.sample
+    monkeypatch.setattr(ldm.original_weights, "sample", lambda *a: sampled.append(a[:2]) or real_sample(*a))
+    layers = len(networks.load_networks(["once"], sd_model=ldm).networks[0].modules)
+    assert len(sampled) == layers
+    for _ in range(2):  # restored from the file, applied again (also at another strength): no new sampling
+        networks.load_networks([], sd_model=ldm)
+        networks.load_networks(["once"], [0.5], sd_model=ldm)
+    assert len(sampled) == layers
+
+    networks.load_networks([], sd_model=ldm)
+    name = "unet.down_blocks.0.attentions.0.proj_in"
+    with torch.no_grad():  # someone else changes a layer that holds its original: it is the original now
+        layer_map.layers[name].weight.add_(1.0)
+    changed = snapshot(ldm)
+    networks.load_networks(["once"], sd_model=ldm)
+    assert len(sampled) == layers + 1 and patcher.stats["residual"] == 1  # sampled again, the file no longer holds it
+    networks.load_networks([], sd_model=ldm)
+    assert_bitwise(ldm, changed)

@@ -54,6 +54,35 @@ class LayerDelta:
         terms = ([self.lowrank] if self.lowrank is not None else []) + self.parts
         return terms[0] if len(terms) == 1 and self.full is None else None
 
+    def merge(self, out: torch.Tensor, original: torch.Tensor, scratch) -> None:
+        """out = cast(original + Σ ΔW) with each term added straight into the result (no ΔW buffer): fp32 in place
+        (one fused op per term where the type has one), 16-bit through a cache-sized fp32 block. `out` may be
+        `original`; both contiguous."""
+        rows = out.shape[0] if out.dim() else 1
+        cols = max(1, out.numel() // max(rows, 1))
+        out2, orig2 = out.view(rows, cols), original.reshape(rows, cols)
+        terms = ([self.lowrank] if self.lowrank is not None else []) + self.parts
+        full = self.full.reshape(rows, cols) if self.full is not None else None
+        block = chunk_elements(out.device)
+        if out.dtype == torch.float32:
+            if out2.data_ptr() != orig2.data_ptr():
+                out2.copy_(orig2)
+            for term in terms:
+                term.add_to(out2, scratch, block)
+            if full is not None:
+                out2.add_(full)
+            return
+        step = max(1, block // cols)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            s = scratch.get("merge", torch.float32, (r1 - r0) * cols).view(r1 - r0, cols)
+            s.copy_(orig2[r0:r1])
+            for term in terms:
+                term.rows(s, r0, r1, scratch, accumulate=True)
+            if full is not None:
+                s.add_(full[r0:r1])
+            out2[r0:r1].copy_(s)
+
     def blocks(self, shape: torch.Size, device: torch.device, scratch):
         """(start, end, Σ ΔW of those flat positions) in blocks of whole rows of the weight's 2-D view."""
         numel = shape.numel()

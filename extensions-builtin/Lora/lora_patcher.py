@@ -416,6 +416,7 @@ class Patcher:
             done = _read_source_into(rec.source, rec.param, weight) if weight.is_contiguous() else None
             if done == DONE:  # the original is back in place: the new merge is written over it
                 self.stats["source_reads"] += 1
+                self._note_restored_from(module, rec)
                 rec.how = None
                 return weight.detach(), True, None
             if done == PART_WRITTEN:
@@ -440,7 +441,8 @@ class Patcher:
         param = source_param(name, module, sources.module_paths)
         for how in order:
             if how == SOURCE and param is not None and sources.source is not None and \
-                    sources.is_valid(sources.source) and _source_matches(sources.source, param, original):
+                    sources.is_valid(sources.source) and self._source_checked(module, sources.source, param,
+                                                                              original):
                 return SOURCE, param, None
             elif how == RESIDUAL and weight.dtype in lora_residual.SUPPORTED_DTYPES and \
                     not any(delta_depends_on_weight(c.module) for c in used):
@@ -448,6 +450,30 @@ class Patcher:
             elif how == CLONE:
                 return CLONE, param, None
         return CLONE, param, None
+
+    @staticmethod
+    def _source_checked(module, source, param, original: torch.Tensor) -> bool:
+        """Whether the source holds this layer's original: sampled once, then trusted while the layer's weight is
+        the same tensor at the same version as when it was checked or restored from that source (any other write,
+        another source, an inference tensor without a version: sampled again)."""
+        weight = getattr(module, _weight_attr(module))
+        version = _version(weight)
+        checked = getattr(module, "network_source_checked", None)
+        if checked is not None and checked[0] is source and checked[1] == param and version[1] is not None and \
+                checked[2] == version and original.data_ptr() == weight.data_ptr():
+            return True
+        if not _source_matches(source, param, original):
+            return False
+        if original.data_ptr() == weight.data_ptr():
+            module.network_source_checked = (source, param, version)
+        return True
+
+    @staticmethod
+    def _note_restored_from(module, rec: RestoreRecord) -> None:
+        """The layer holds exactly what `rec`'s source has (just restored from it): no sampling needed next time."""
+        if rec.how == SOURCE and rec.source is not None and rec.param is not None:
+            module.network_source_checked = (rec.source, rec.param,
+                                             _version(getattr(module, _weight_attr(module))))
 
     def _write_weight(self, weight: torch.Tensor, original: torch.Tensor, delta: lora_delta.LayerDelta,
                       rec: RestoreRecord) -> None:
@@ -463,41 +489,35 @@ class Patcher:
             rec.clone = original.detach().to("cpu", copy=True)
         self.stats[rec.how] += 1
         with _no_grad_for(weight):
-            term = delta.single
-            if rec.how != RESIDUAL and term is not None and weight.dtype == torch.float32 and \
-                    original.is_contiguous():
-                # fp32, one fused term (Σ of plain LoRAs is one): it adds itself into the weight, no delta buffer
-                out = weight.view(weight.shape[0], -1)
-                if isinstance(term, network_lora.LowRankRows) and original.data_ptr() != weight.data_ptr():
+            if rec.how != RESIDUAL:  # nothing to record: each term is added straight into the weight
+                term = delta.single
+                if isinstance(term, network_lora.LowRankRows) and weight.dtype == torch.float32 and \
+                        original.data_ptr() != weight.data_ptr() and original.is_contiguous():
+                    out = weight.view(weight.shape[0], -1)  # one GEMM from the original into the weight
                     torch.addmm(original.reshape(out.shape), term.up, term.down, out=out)
                     return
-                if original.data_ptr() != weight.data_ptr():
-                    out.copy_(original.reshape(out.shape))
                 try:
-                    term.add_to(out, self._scratch(weight.device), lora_delta.chunk_elements(weight.device))
+                    delta.merge(weight, original if original.is_contiguous() else original.contiguous(),
+                                self._scratch(weight.device))
                 except BaseException:
                     self._put_back(weight, original, rec)
                     raise
                 return
+            # residual: Σ ΔW block by block (the restore recomputes the same blocks), the guess's misses recorded
             scratch = self._scratch(weight.device)
-            encoder = lora_residual.Encoder(weight.dtype, weight.numel(), weight.device) \
-                if rec.how == RESIDUAL else None
+            encoder = lora_residual.Encoder(weight.dtype, weight.numel(), weight.device)
             flat_w, flat_o = weight.view(-1), original.reshape(-1)
             done, fp = 0, 0
             try:
                 for start, end, d in delta.blocks(weight.shape, weight.device, scratch):
-                    if encoder is not None:
-                        encoder.merge_into(start, flat_w[start:end], flat_o[start:end], d, scratch)
-                        fp += lora_residual.fingerprint(d)
-                    else:
-                        lora_residual.merge_into(flat_w[start:end], flat_o[start:end], d, scratch)
+                    encoder.merge_into(start, flat_w[start:end], flat_o[start:end], d, scratch)
+                    fp += lora_residual.fingerprint(d)
                     done = end
             except BaseException:
                 self._undo_prefix(weight, done, rec, encoder, original, delta, scratch)
                 raise
-            if encoder is not None:
-                rec.residual = encoder.finish(fp)
-                rec.device = weight.device
+            rec.residual = encoder.finish(fp)
+            rec.device = weight.device
 
     def _scratch(self, device: torch.device) -> lora_residual.Scratch:
         """Chunk buffers for this job (dropped when it ends, so nothing stays allocated between jobs)."""
@@ -520,15 +540,12 @@ class Patcher:
 
     @staticmethod
     def _undo_prefix(weight, done: int, rec: RestoreRecord, encoder, original, delta, scratch) -> None:
-        """A failure inside one layer's write: the part already written gets its original back."""
+        """A failure inside one layer's residual write: the part already written gets its original back."""
         if done == 0:
             return
         flat_w, flat_o = weight.view(-1), original.reshape(-1)
         if flat_o.data_ptr() != flat_w.data_ptr():
             flat_w[:done].copy_(flat_o[:done])
-            return
-        if encoder is None:
-            flat_w[:done].copy_(rec.clone.reshape(-1)[:done])
             return
         partial = encoder.finish(0)
         for start, end, d in delta.blocks(weight.shape, weight.device, scratch):
@@ -572,6 +589,8 @@ class Patcher:
                     else None
                 if done == DONE:
                     self.stats["source_reads"] += 1
+                    if weight is getattr(module, _weight_attr(module)):
+                        self._note_restored_from(module, rec)
                     return
                 if done == PART_WRITTEN:  # the layer holds a mix now; the residual cannot undo that
                     self._inexact(module, "the checkpoint file changed while it was read")

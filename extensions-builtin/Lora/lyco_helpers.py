@@ -10,6 +10,14 @@ DORA_OUTPUT_AXIS = "output"
 DORA_INPUT_AXIS = "input"
 
 
+def factor(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A low-rank factor as the types keep it: fp32 (16-bit files are widened once, exactly, when the network is
+    parsed, so no job pays for it; A1111 keeps LoRA factors in the model's dtype the same way)."""
+    if t is None or not t.is_floating_point() or t.dtype in (torch.float32, torch.float64):
+        return t
+    return t.float()
+
+
 def flat2d(t: torch.Tensor) -> torch.Tensor:
     """A factor as a matrix: rows stay, everything else is flattened (a 1×1 conv kernel becomes Linear-shaped)."""
     return t.reshape(t.shape[0], -1)

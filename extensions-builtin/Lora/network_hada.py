@@ -37,9 +37,9 @@ class NetworkModuleHada(network.NetworkModule):
     def __init__(self, net: network.Network, weights: network.NetworkWeights):
         super().__init__(net, weights)
         w = weights.w
-        self.w1a, self.w1b, self.w2a, self.w2b = (w[k] for k in PARTS)
-        self.t1 = w.get("hada_t1")
-        self.t2 = w.get("hada_t2")
+        self.w1a, self.w1b, self.w2a, self.w2b = (lyco_helpers.factor(w[k]) for k in PARTS)
+        self.t1 = lyco_helpers.factor(w.get("hada_t1"))
+        self.t2 = lyco_helpers.factor(w.get("hada_t2"))
         self.parts_used |= set(PARTS) | {k for k in ("hada_t1", "hada_t2") if k in w}
         shape1 = _half_shape(self.w1a, self.w1b, self.t1, "w1")
         shape2 = _half_shape(self.w2a, self.w2b, self.t2, "w2")

@@ -22,10 +22,11 @@ class ModuleTypeLokr(network.ModuleType):
 
 
 def _half(w: dict, n: str) -> tuple:
-    full = w.get(f"lokr_w{n}")
+    full = lyco_helpers.factor(w.get(f"lokr_w{n}"))
     if full is not None:
         return full, None, None, {f"lokr_w{n}"}
-    return None, w[f"lokr_w{n}_a"], w[f"lokr_w{n}_b"], {f"lokr_w{n}_a", f"lokr_w{n}_b"}
+    return None, lyco_helpers.factor(w[f"lokr_w{n}_a"]), lyco_helpers.factor(w[f"lokr_w{n}_b"]), \
+        {f"lokr_w{n}_a", f"lokr_w{n}_b"}
 
 
 class NetworkModuleLokr(network.NetworkModule):
@@ -36,7 +37,7 @@ class NetworkModuleLokr(network.NetworkModule):
         w = weights.w
         self.w1, self.w1a, self.w1b, used1 = _half(w, "1")
         self.w2, self.w2a, self.w2b, used2 = _half(w, "2")
-        self.t2 = w.get("lokr_t2") if self.w2 is None else None
+        self.t2 = lyco_helpers.factor(w.get("lokr_t2")) if self.w2 is None else None
         self.parts_used |= used1 | used2 | ({"lokr_t2"} if self.t2 is not None else set())
         self.shape1 = self._check_half("w1", self.w1, self.w1a, self.w1b, None)
         self.shape2 = self._check_half("w2", self.w2, self.w2a, self.w2b, self.t2)

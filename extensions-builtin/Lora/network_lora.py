@@ -43,9 +43,9 @@ class NetworkModuleLora(network.NetworkModule):
     def __init__(self, net: network.Network, weights: network.NetworkWeights):
         super().__init__(net, weights)
         w = weights.w
-        self.up = w["lora_up.weight"]
-        self.down = w["lora_down.weight"]
-        self.mid = w.get("lora_mid.weight")
+        self.up = lyco_helpers.factor(w["lora_up.weight"])
+        self.down = lyco_helpers.factor(w["lora_down.weight"])
+        self.mid = lyco_helpers.factor(w.get("lora_mid.weight"))
         self.parts_used |= {"lora_up.weight", "lora_down.weight"}
         if self.mid is not None:
             self.parts_used.add("lora_mid.weight")
