@@ -9,8 +9,9 @@ For each side (A1111's built-in Lora, then ours, each installed into `extensions
 through the API: one LoRA, a multiplier change, three stacked, LoHa, LoKr, removal, lora_functional on,
 lora_in_memory_limit 2, an A1111 checkpoint merge and a checkpoint switch with a Lora active. It compares
 the weights after each set with the built-in's, checks every parameter bit for bit after each removal, compares
-`Lora hashes` in the infotexts, and times each operation (min / median of --repeats; a job's time minus that of a
-job that changes nothing, so both sides pay their whole Lora cost, A1111's lazy per-layer merge included). Then a
+`Lora hashes` in the infotexts, and times each operation (min / median of --repeats; a job's time minus that of the
+same job run again right after it, which changes nothing: both sides pay their whole Lora cost, A1111's lazy
+per-layer merge included, and the sampling cancels out). Then a
 headless-Chromium pass over A1111's page with ours (scripts/a1111_check_browser.py). Third-party extensions given
 with --third-party are installed for a last pass on each side (see a1111_check_thirdparty.py). It prints one
 markdown table; the Lora folder that was installed before is put back at the end.
@@ -88,26 +89,25 @@ class Side:
 
     # --- the checks, in order -----------------------------------------------------------------------------------
     def timings(self) -> None:
+        """Each operation's job is followed by the same job again (which changes nothing): the operation's cost is
+        the difference of the two, so the sampling and the machine's load at that moment cancel out."""
         base: list[float] = []
+        three = "<lora:a:1> <lora:b:1> <lora:c:1>"
+        steps = [("apply 1 LoRA", "<lora:a:1>"), ("change its multipliers", "<lora:a:0.8:0.5>"),
+                 ("apply 3 stacked", three), ("remove all", ""), ("LoHa", "<lora:loha:1>"), (None, ""),
+                 ("LoKr", "<lora:lokr:1>"), (None, "")]
         for r in range(self.repeats):
             print(f"    timing round {r + 1}/{self.repeats}", flush=True)
             self.job("")
-            base.append(self.job("")[0])
-            three = "<lora:a:1> <lora:b:1> <lora:c:1>"
-            steps = [("apply 1 LoRA", "<lora:a:1>"), (None, "<lora:a:1>"),
-                     ("change its multipliers", "<lora:a:0.8:0.5>"), ("apply 3 stacked", three), (None, three),
-                     ("remove all", ""), ("LoHa", "<lora:loha:1>"), (None, ""), ("LoKr", "<lora:lokr:1>"),
-                     (None, "")]
             for op, prompt in steps:
                 seconds = self.job(prompt)[0]
                 if op is None:
-                    base.append(seconds)
-                else:
-                    self.times[op].append(seconds)
+                    continue
+                again = self.job(prompt)[0]
+                base.append(again)
+                self.times[op].append(max(0.0, seconds - again))
                 if op in ("apply 1 LoRA", "apply 3 stacked", "remove all"):
                     self.rss[op] = max(self.rss.get(op, 0), self.server.info()["rss"])
-        floor = statistics.median(base)
-        self.times = {k: [max(0.0, t - floor) for t in v] for k, v in self.times.items()}
         self.times["(a job that changes nothing)"] = base
 
     def weights(self, originals: dict) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import urllib.request
 
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import sync_playwright
@@ -31,8 +32,15 @@ def _safetensors(tensors: dict[str, tuple[tuple[int, ...], float]], metadata: di
     return struct.pack("<Q", len(text)) + text + b"".join(blobs)
 
 
+def _set_option(url: str, key: str, value) -> None:
+    request = urllib.request.Request(url + "/sdapi/v1/options", data=json.dumps({key: value}).encode(),
+                                     method="POST", headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=120).read()
+
+
 def run(url: str, lora_dir: str, out_dir: str) -> list[tuple[str, bool, str]]:
     results: list[tuple[str, bool, str]] = []
+    _set_option(url, "extra_networks_tree_view_style", "Tree")  # A1111 renders the tree only in that style
     added = [os.path.join(lora_dir, n) for n in ("xl_only.safetensors", "newer.safetensors", "c.json")]
     for path in added:
         if os.path.exists(path):
@@ -63,6 +71,7 @@ def run(url: str, lora_dir: str, out_dir: str) -> list[tuple[str, bool, str]]:
     for path in added:
         if os.path.exists(path):
             os.remove(path)
+    _set_option(url, "extra_networks_tree_view_style", "Dirs")
     return results
 
 
@@ -90,7 +99,8 @@ def _steps(page, url: str, lora_dir: str, out_dir: str, check) -> None:
         f"{cards}[data-name='xl_only']").count() == 0, "xl_only hidden" if "xl_only" not in names else "shown")
 
     card("a").click()
-    check("click inserts the tag", prompt.input_value() == "<lora:a:1>", repr(prompt.input_value()))
+    # A1111 puts its separator (extra_networks_add_text_separator, a space) before the tag
+    check("click inserts the tag", prompt.input_value().strip() == "<lora:a:1>", repr(prompt.input_value()))
     card("a").click()
     check("second click removes it", prompt.input_value().strip() == "", repr(prompt.input_value()))
 
@@ -115,11 +125,15 @@ def _steps(page, url: str, lora_dir: str, out_dir: str, check) -> None:
     ordered = [n for n in visible_names() if n in ("a", "b", "c", "loha", "lokr")]
     check("sort by name", ordered in (sorted(ordered), sorted(ordered, reverse=True)), ", ".join(ordered))
 
-    page.locator(f"#{TAB}_lora_extra_tree_view:visible").click()
-    tree = page.locator(f"#{TAB}_lora_tree")
-    page.wait_for_timeout(300)
-    check("tree view lists the files", tree.is_visible() and "lokr" in tree.inner_text(), tree.inner_text()[:80])
-    page.locator(f"#{TAB}_lora_extra_tree_view:visible").click()
+    tree = page.locator(f"#{TAB}_lora_tree:visible")
+    toggled = tree.count() == 0
+    if toggled:  # the tree button shows and hides the tree pane
+        page.locator(f"#{TAB}_lora_extra_tree_view:visible").click()
+        page.wait_for_timeout(500)
+    text = " ".join(tree.nth(i).inner_text(timeout=10_000) for i in range(tree.count()))
+    check("tree view lists the files", "lokr" in text, text.replace("\n", " ")[:80])
+    if toggled:
+        page.locator(f"#{TAB}_lora_extra_tree_view:visible").click()
 
     card("c").hover()
     card("c").locator(".edit-button").click()
@@ -138,7 +152,7 @@ def _steps(page, url: str, lora_dir: str, out_dir: str, check) -> None:
     page.wait_for_timeout(1500)  # the card is re-fetched (get-single-card)
     prompt.fill("")
     card("c").click()
-    check("the saved card inserts its activation text", prompt.input_value() == "<lora:c:1> ctrigger",
+    check("the saved card inserts its activation text", prompt.input_value().strip() == "<lora:c:1> ctrigger",
           repr(prompt.input_value()))
     prompt.fill("")
 
