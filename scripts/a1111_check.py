@@ -22,6 +22,8 @@ LoRA/LoHa/LoKr files). Take `flock /tmp/a1111.lock` around a run on a shared mac
 from __future__ import annotations
 
 import argparse
+import base64
+import json
 import os
 import re
 import statistics
@@ -57,7 +59,32 @@ class Side:
         self.images: dict[str, bytes] = {}
         self.loaded_digests: dict[str, dict] = {}  # checkpoint → its parameters as loaded (before any Lora)
         self.names: list[str] = []
+        self.browser: list = []  # (check, ok, detail) of the headless-Chromium pass
         self.server = None
+
+    SAVED = ("times", "rss", "restore_diffs", "hashes", "loaded_digests", "names", "browser")
+
+    def save(self) -> None:
+        """The side's results, so a later failure (or --reuse) does not cost this run."""
+        data = {k: getattr(self, k) for k in self.SAVED}
+        data["images"] = {k: base64.b64encode(v).decode() for k, v in self.images.items()}
+        tmp = os.path.join(self.out, f".side_{self.which}.json.tmp")
+        with open(tmp, "w", encoding="utf8") as f:
+            json.dump(data, f)
+        os.replace(tmp, self.saved_path())
+
+    def load(self) -> bool:
+        if not os.path.exists(self.saved_path()):
+            return False
+        with open(self.saved_path(), encoding="utf8") as f:
+            data = json.load(f)
+        for k in self.SAVED:
+            setattr(self, k, data[k])
+        self.images = {k: base64.b64decode(v) for k, v in data["images"].items()}
+        return True
+
+    def saved_path(self) -> str:
+        return os.path.join(self.out, f"side_{self.which}.json")
 
     def path(self, set_name: str) -> str:
         return os.path.join(self.out, f"{self.which}_{set_name}.safetensors")
@@ -86,6 +113,7 @@ class Side:
             checks(self)
         finally:
             self.server.stop()
+        self.save()
 
     # --- the checks, in order -----------------------------------------------------------------------------------
     def timings(self) -> None:
@@ -252,6 +280,9 @@ def main() -> None:
     parser.add_argument("--third-party-together", action="store_true",
                         help="also one run with all --third-party extensions installed at once")
     parser.add_argument("--keep-dumps", action="store_true", help="keep the saved weights in --out")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take a side's results from an earlier run in --out (side_*.json and its weight dumps)"
+                             " instead of running it again")
     parser.add_argument("--skip-main", action="store_true", help="only the third-party pass")
     parser.add_argument("--use", choices=["builtin", "project"], help="only install that Lora folder and exit")
     args = parser.parse_args()
@@ -272,20 +303,22 @@ def main() -> None:
     checkpoint = args.checkpoint or _first_checkpoint(webui)
     base_title = None
     sides = {name: Side(bed, name, args.out, args.repeats) for name in ("builtin", "project")}
-    browser_results: list = []
     third_results: list = []
     bed.add_probe()
     started = time.time()
     try:
         for name in ([] if args.skip_main else ["builtin", "project"] if not args.only else [args.only]):
             side = sides[name]
+            if args.reuse and side.load():
+                print(f"--- {name}: results of an earlier run ({side.saved_path()})", flush=True)
+                continue
 
             def checks(s: Side) -> None:
                 nonlocal base_title
                 base_title = base_title or s.server.info()["checkpoint"]
                 all_checks(s, base_title)
                 if s.which == "project" and not args.skip_browser:
-                    browser_results.extend(a1111_check_browser.run(s.server.url, bed.lora_dir, args.out))
+                    s.browser = a1111_check_browser.run(s.server.url, bed.lora_dir, args.out)
 
             side.run(checkpoint, checks)
         if args.third_party:
@@ -301,8 +334,9 @@ def main() -> None:
         _remove_merged(webui)
         if before in ("builtin", "project"):
             bed.use(before)
+    browser_results = sides["project"].browser
     text = table(sides["builtin"], sides["project"], browser_results, third_results, args.tolerance)
-    if not args.keep_dumps:
+    if not args.keep_dumps and not args.reuse:
         for name in os.listdir(args.out):
             if name.endswith(".safetensors"):
                 os.remove(os.path.join(args.out, name))

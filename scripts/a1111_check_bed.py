@@ -93,7 +93,11 @@ class Bed:
         proc = subprocess.Popen(args, cwd=self.webui, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         server = Server(proc, f"http://127.0.0.1:{self.port}", log_path, log)
-        server.wait_ready()
+        try:
+            server.wait_ready()
+        except BaseException:
+            server.stop()
+            raise
         return server
 
 
@@ -101,22 +105,37 @@ class ApiError(RuntimeError):
     pass
 
 
+class StartError(RuntimeError):
+    """A1111 did not come up (the log names why)."""
+
+
 class Server:
     def __init__(self, proc: subprocess.Popen, url: str, log_path: str, log):
         self.proc, self.url, self.log_path, self._log = proc, url, log_path, log
 
+    def _started(self) -> bool:
+        with open(self.log_path, encoding="utf8", errors="replace") as f:
+            return "Startup time:" in f.read()
+
     def wait_ready(self, timeout: float = 600) -> None:
+        """No request before A1111 logs its start-up time: a request that reaches the app between gradio's launch
+        and A1111's `create_api` builds starlette's middleware stack early, and A1111 then dies with "Cannot add
+        middleware after an application has started"."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise SystemExit(f"A1111 exited with {self.proc.returncode} while starting; see {self.log_path}")
+                raise StartError(f"A1111 exited with {self.proc.returncode} while starting; see {self.log_path}")
+            if not self._started():
+                time.sleep(2)
+                continue
             try:
                 self.get("/sdapi/v1/sd-models", timeout=5)
                 self.get("/lora-check/info", timeout=5)
                 return
             except (OSError, ApiError):
                 time.sleep(2)
-        raise SystemExit(f"A1111 did not answer within {timeout:.0f}s; see {self.log_path}")
+        self.stop()
+        raise StartError(f"A1111 did not answer within {timeout:.0f}s; see {self.log_path}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

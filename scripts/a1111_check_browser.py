@@ -130,8 +130,15 @@ def _steps(page, url: str, lora_dir: str, out_dir: str, check) -> None:
     if toggled:  # the tree button shows and hides the tree pane
         page.locator(f"#{TAB}_lora_extra_tree_view:visible").click()
         page.wait_for_timeout(500)
+    root = tree.locator(".tree-list-content-dir").first  # A1111 renders folders collapsed: open the root
+    if root.count():
+        root.click()
+        page.wait_for_timeout(500)
     text = " ".join(tree.nth(i).inner_text(timeout=10_000) for i in range(tree.count()))
     check("tree view lists the files", "lokr" in text, text.replace("\n", " ")[:80])
+    if root.count():  # a second click closes and deselects it (its filter would hide nothing, but be tidy)
+        root.click()
+        page.wait_for_timeout(300)
     if toggled:
         page.locator(f"#{TAB}_lora_extra_tree_view:visible").click()
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from a1111_check_bed import Bed
+from a1111_check_bed import Bed, StartError
 from a1111_check_compare import changed, image_diff, max_diff, selection
 
 RP_LATENT = [True, False, "Matrix", "Vertical", "Mask", "Prompt", "1,1", "", False, False, False, "Latent", False,
@@ -49,8 +49,15 @@ def _run_side(bed: Bed, side: str, folders: list[str], checkpoint: str, out_dir:
         bed.add_extension(name, folder)
     log = os.path.join(out_dir, f"server_{side}_{label}.log")
     print(f"--- {side} with {', '.join(names)}: starting A1111 (log {log})", flush=True)
-    server = bed.start(checkpoint, log)
     results = {}
+    try:
+        server = bed.start(checkpoint, log)
+    except StartError as e:  # reported for each of the group's jobs; the other groups still run
+        for name in names:
+            bed.remove_extension(name)
+        return {f"{job}{' (all installed)' if len(names) > 1 else ''}": {"error": f"A1111 did not start: {e}",
+                                                                          "log errors": _log_errors(log, 0)}
+                for name in names for job, _, _ in JOBS.get(name, [])}
     try:
         server.options(lora_functional=False, lora_in_memory_limit=0)
         server.txt2img("")
