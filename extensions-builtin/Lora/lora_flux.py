@@ -100,22 +100,22 @@ def bfl_path(path: str) -> str | None:
     return None
 
 
-def _rows(layer) -> int | None:
+def out_rows(layer) -> int | None:
     weight = getattr(layer, "weight", None)
     return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 
 
-def _cols(layer) -> int | None:
+def in_cols(layer) -> int | None:
     weight = getattr(layer, "weight", None)
     return int(weight.shape[1]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 
 
-def _stacked(name: str, parts: list[str], layers: dict) -> FusedLayer | None:
+def stacked_layer(name: str, parts: list[str], layers: dict) -> FusedLayer | None:
     """Layers whose weights the file stacks by rows (q, k, v[, mlp]), each as wide as its own weight."""
     if not all(p in layers for p in parts):
         return None
-    rows = [_rows(layers[p]) for p in parts]
-    cols = {_cols(layers[p]) for p in parts}
+    rows = [out_rows(layers[p]) for p in parts]
+    cols = {in_cols(layers[p]) for p in parts}
     if None in rows or len(cols) != 1:
         return None
     targets, start = [], 0
@@ -140,28 +140,35 @@ def fused_layers(layers: dict) -> dict[str, FusedLayer]:
     for n in sorted(blocks["double"]):
         for fused, parts in _DOUBLE_FUSED.items():
             name = f"transformer.double_blocks.{n}.{fused}"
-            layer = _stacked(name, [f"transformer.transformer_blocks.{n}.{p}" for p in parts], layers)
+            layer = stacked_layer(name, [f"transformer.transformer_blocks.{n}.{p}" for p in parts], layers)
             if layer is not None:
                 res[name] = layer
     for n in sorted(blocks["single"]):
         parts = [f"transformer.single_transformer_blocks.{n}.{p}" for p in _SINGLE_FUSED["linear1"]]
         for name, chosen in ((f"transformer.single_blocks.{n}.linear1", parts),
                              (f"transformer.single_blocks.{n}.linear1.qkv", parts[:3])):  # XLabs' qkv_lora
-            layer = _stacked(name, chosen, layers)
+            layer = stacked_layer(name, chosen, layers)
             if layer is not None:
                 res[name] = layer
         proj = f"transformer.single_transformer_blocks.{n}.proj_out"
-        if proj in layers and _rows(layers[proj]) is not None:
-            rows, cols = _rows(layers[proj]), _cols(layers[proj])
+        if proj in layers and out_rows(layers[proj]) is not None:
+            rows, cols = out_rows(layers[proj]), in_cols(layers[proj])
             name = f"transformer.single_blocks.{n}.processor.proj_lora"
             res[name] = FusedLayer(name, ((proj, ((0, rows),)),), (rows, cols), output_side=True)
-    norm_out = f"transformer.{_NORM_OUT}"
-    rows = _rows(layers[norm_out]) if norm_out in layers else None
-    if rows is not None and rows % 2 == 0:  # BFL's (shift, scale) is diffusers' (scale, shift)
-        name = "transformer.final_layer.adaLN_modulation.1"
-        half = rows // 2
-        res[name] = FusedLayer(name, ((norm_out, ((half, rows), (0, half))),), (rows, _cols(layers[norm_out])))
+    name = "transformer.final_layer.adaLN_modulation.1"
+    if (layer := swapped_halves(name, f"transformer.{_NORM_OUT}", layers)) is not None:
+        res[name] = layer
     return res
+
+
+def swapped_halves(name: str, target: str, layers: dict) -> FusedLayer | None:
+    """A file layer whose two row halves are the loaded layer's in the other order: BFL's and SAI's adaLN
+    (shift, scale) is diffusers' (scale, shift)."""
+    rows = out_rows(layers[target]) if target in layers else None
+    if rows is None or rows % 2:
+        return None
+    half = rows // 2
+    return FusedLayer(name, ((target, ((half, rows), (0, half))),), (rows, in_cols(layers[target])))
 
 
 # --- file-side names --------------------------------------------------------------------------------------------
@@ -211,7 +218,7 @@ def aliases(layers: dict, fused: dict[str, FusedLayer]) -> dict[str, str]:
             bfl = bfl_path(path)
             for prefix, sep in BFL_ROWS if bfl is not None else ():
                 add(_spell(prefix, sep, bfl), canonical)
-                if _rows(layers[canonical]) is None:  # ComfyUI names an RMSNorm by its parameter (`….scale.diff`)
+                if out_rows(layers[canonical]) is None:  # ComfyUI names an RMSNorm by its parameter (`….scale.diff`)
                     add(_spell(prefix, sep, bfl + ".scale"), canonical)
             for prefix, sep in DIFFUSERS_ROWS:
                 add(_spell(prefix, sep, path), canonical)

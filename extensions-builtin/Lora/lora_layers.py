@@ -1,8 +1,8 @@
 """Layer map: the loaded model's patchable modules under canonical names, and the key map built from them.
 
 Two module layouts give the same canonical names (lora_keys):
-- the diffusers host: `sd_model.components()` → unet, text_encoder, text_encoder_2 (CLIP, either transformers
-  naming);
+- the diffusers host: `sd_model.components()` → unet or transformer, text_encoder, text_encoder_2 (CLIP, either
+  transformers naming; T5 on Flux/Chroma), text_encoder_3 (SD3's T5);
 - A1111's compvis layout: `sd_model.model.diffusion_model` (ldm/sgm UNetModel), the text towers under
   `sd_model.cond_stage_model[.wrapped]` (SD1/SD2) or `sd_model.conditioner.embedders[i][.wrapped]` (SDXL): a
   Hugging Face CLIP under `.transformer`, or OpenCLIP under `.model` whose attention is a
@@ -19,10 +19,11 @@ import re
 import lora_checkpoint_source
 import lora_flux
 import lora_keys
+import lora_sd3
 import torch
 
 LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.MultiheadAttention)
-COMPONENT_NAMES = ("unet", "transformer", "text_encoder", "text_encoder_2")
+COMPONENT_NAMES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")  # SD3: T5 third
 FAMILIES = (("is_sdxl", "SDXL"), ("is_sd3", "SD3"), ("is_sd2", "SD2"), ("is_sd1", "SD1"))
 
 # OpenCLIP text tower module paths → CLIP (diffusers) ones; the attention itself becomes three FusedSlices.
@@ -171,6 +172,8 @@ def model_family(sd_model, te_count: int) -> str | None:
     for attr, family in FAMILIES:
         if getattr(sd_model, attr, False) is True:
             return family
+    if transformer is not None and lora_sd3.is_sd3_transformer(transformer):
+        return "SD3"
     return "SDXL" if te_count == 2 else None
 
 
@@ -265,6 +268,8 @@ class LayerMap:
         self.key_map = lora_keys.build_key_map(self.layers, self.structure, te_count, family=self.family)
         if self.family in lora_flux.FAMILIES:
             lora_flux.extend_key_map(self.key_map, self.layers)
+        elif self.family in lora_sd3.FAMILIES:
+            lora_sd3.extend_key_map(self.key_map, self.layers)
         digest = hashlib.sha256("\n".join(self.layers).encode()).hexdigest()[:16]
         self.token = f"{len(self.layers)}:{self.family}:{digest}"
 

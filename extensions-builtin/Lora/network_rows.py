@@ -85,9 +85,13 @@ class NetworkModuleRows(network.NetworkModule):
         inner.dora_scale = None  # applied per layer below, on that layer's rows
         self.dora_scale = None if dora_rows is None else _take(dora_rows, self.ranges)
         self.dora_square_default = lyco_helpers.DORA_OUTPUT_AXIS
-        self.delta_depends_on_weight = self.dora_scale is not None
         self.parts_used = set(inner.parts_used)
         self.dim = inner.dim
+
+    @property
+    def delta_depends_on_weight(self) -> bool:
+        """The rows' ΔW reads the weight only through DoRA (the inner type's must not read it at all)."""
+        return self.dora_scale is not None
 
     def delta_shape(self) -> tuple:
         return (self.rows_count, self.fused_shape[1])
