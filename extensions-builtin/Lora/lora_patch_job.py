@@ -1,0 +1,120 @@
+"""One patch job: its context (the host's source, chunk buffers, counters and notes) and its transaction.
+
+A job is all-or-nothing: if computing or writing any layer fails (out of memory, ...), every layer of the model
+gets its original back and PatchError is raised (Transaction).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import Counter
+from typing import Callable
+
+import lora_delta
+import lora_residual
+import lora_weight_source
+import torch
+
+logger = logging.getLogger("lora")
+
+MAX_NOTES = 50  # notes are taken by each job; bounded if nobody asks
+
+
+class PatchError(RuntimeError):
+    """Writing the weights failed; every layer was put back to its original weights."""
+
+
+class PatchLog:
+    """What the patcher counts (`stats`: writes, restores, source, residual, clone, foreign_changes, inexact, ...)
+    and what the job should be told (`notes`: restores that needed a fallback or were not exact)."""
+
+    def __init__(self):
+        self.stats: Counter = Counter()
+        self.notes: list[str] = []
+
+    def take_notes(self) -> list[str]:
+        notes, self.notes = self.notes, []
+        return notes
+
+    def _add(self, message: str) -> None:
+        if message not in self.notes and len(self.notes) < MAX_NOTES:
+            self.notes.append(message)
+
+    def fallback(self, module, how: str) -> None:
+        """A residual restore that did not reproduce its delta, put right from an exact original."""
+        self.stats["restore_fallbacks"] += 1
+        name = getattr(module, "network_layer_name", module)
+        logger.warning("Lora: %s: the residual restore did not reproduce its Lora delta bit for bit; %s", name, how)
+        self._add(f"Lora: the residual restore of {name} did not reproduce its delta; {how} (exact)")
+
+    def inexact(self, module, why: str) -> None:
+        self.stats["inexact"] += 1
+        name = getattr(module, "network_layer_name", module)
+        logger.error("Lora: %s could not be restored bit-exactly: %s; reload the checkpoint to get its exact "
+                     "weights back", name, why)
+        self._add(f"Lora: {name} could not be restored bit-exactly ({why}); reload the checkpoint")
+
+
+class ScratchPool:
+    """Chunk buffers per device for one job (dropped when it ends, so nothing stays allocated between jobs)."""
+
+    def __init__(self):
+        self._by_device: dict = {}
+
+    def get(self, device: torch.device) -> lora_residual.Scratch:
+        scratch = self._by_device.get(device)
+        if scratch is None:
+            scratch = self._by_device[device] = lora_residual.Scratch(device, lora_delta.chunk_elements(device))
+        return scratch
+
+    def clear(self) -> None:
+        self._by_device.clear()
+
+
+class PatchJob:
+    """What the restore methods and the writer need while they work on layers."""
+
+    def __init__(self, log: PatchLog, pool: ScratchPool, sources: lora_weight_source.Sources):
+        self.log, self.pool, self.sources = log, pool, sources
+
+    @property
+    def stats(self) -> Counter:
+        return self.log.stats
+
+    def scratch(self, device: torch.device) -> lora_residual.Scratch:
+        return self.pool.get(device)
+
+
+@contextlib.contextmanager
+def full_fp32_matmul():
+    """Deltas are fp32: no TF32/bf16 shortcuts in matmul while patching (a host may enable them for sampling)."""
+    previous = torch.get_float32_matmul_precision()
+    if previous != "highest":
+        torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        if previous != "highest":
+            torch.set_float32_matmul_precision(previous)
+
+
+class Transaction:
+    """Runs a job's layer writes; on any error every layer gets its original back (`roll_back`) and PatchError
+    says where it failed. `at` is the layer being written."""
+
+    def __init__(self, roll_back: Callable[[], None]):
+        self.roll_back = roll_back
+        self.at: str | None = None
+        self._matmul = full_fp32_matmul()
+
+    def __enter__(self) -> Transaction:
+        self._matmul.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._matmul.__exit__(None, None, None)
+        if exc is None:
+            return False
+        self.roll_back()  # e.g. out of memory part-way: the model goes back to its original weights
+        raise PatchError(f"applying Lora weights failed at {self.at}: {type(exc).__name__}: {exc}; "
+                         f"the model was put back to its original weights") from exc
