@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 
+import lora_fp8
 import lora_layer_state
 import lora_plan
 import lora_restore_methods
@@ -61,6 +62,7 @@ class Patcher:
         self.stats = self.log.stats  # writes, restores, source, residual, clone, foreign_changes, inexact, ...
         self._pool = ScratchPool()
         self._in_job = False
+        self.fp8_strategy: str | None = None  # fp8 weights: lora_fp8.UPCAST / STOCHASTIC; None = round to nearest
 
     @property
     def notes(self) -> list[str]:
@@ -90,7 +92,8 @@ class Patcher:
         `source` is the host's original weights (optional), `module_paths` the layer map's {name: (component,
         module path)} to find a layer's parameter in it. An error while computing or writing raises PatchError
         after every layer got its original back."""
-        todo = lora_layer_state.changes(layers, plan, self.stats)
+        todo = lora_layer_state.changes(layers, plan, self.stats,
+                                        also=lambda m: lora_fp8.stale(self.record(m), self.fp8_strategy))
         if not todo:
             return 0
         job = self._job(Sources(source, module_paths))
@@ -143,6 +146,9 @@ class Patcher:
             module.network_current_names = key
             return
         rec = self.record(module)
+        if rec is not None and rec.how == lora_fp8.UPCAST and self.fp8_strategy != lora_fp8.UPCAST:
+            self.restore(module)  # the fp8 strategy changed: start again from the fp8 parameter
+            rec, weight = None, getattr(module, weight_attr(module))
         self._settle_dtype_change(job, module, rec)
         original, in_place, read = self._original(job, module, rec, weight)
         delta = compute_delta(name, module, original, contributions, lora_weight_writer.original_bias(module, rec))
@@ -153,11 +159,20 @@ class Patcher:
 
         bias_backup = rec.bias if rec is not None else None
         if delta.has_weight:
-            how, param = lora_restore_methods.choose(job, name, module, weight, original, delta.used, self.prefer)
+            fp8 = lora_fp8.handles(original, self.fp8_strategy)
+            how, param = (lora_fp8.UPCAST, None) if fp8 == lora_fp8.UPCAST else \
+                lora_restore_methods.choose(job, name, module, weight, original, delta.used, self.prefer)
             new_rec = RestoreRecord(how, tuple(delta.used), source=job.sources.source, param=param, bias=bias_backup)
-            method = METHODS[how]
-            method.prepare(job, new_rec, rec, weight, original)
-            lora_weight_writer.write(job, weight, original, delta, new_rec, method)
+            if fp8 is not None:
+                new_rec.fp8 = lora_fp8.Fp8State(fp8, seed=lora_fp8.seed_for(name, delta.used))
+            if how == lora_fp8.UPCAST:
+                new_rec.fp8 = lora_fp8.write_upcast(module, weight_attr(module), original, delta,
+                                                    job.scratch(weight.device))
+                self.stats["fp8_upcast"] += 1
+            else:
+                method = METHODS[how]
+                method.prepare(job, new_rec, rec, weight, original)
+                lora_weight_writer.write(job, weight, original, delta, new_rec, method)
         else:  # only a bias delta: the weight holds its original
             if not in_place:
                 with no_grad_for(weight):
@@ -166,7 +181,7 @@ class Patcher:
         if read is not None:
             release(rec.source, read)
         lora_weight_writer.write_bias(module, weight, delta.bias, new_rec)
-        new_rec.dtype = weight.dtype
+        new_rec.dtype = getattr(module, weight_attr(module)).dtype
         module.network_backup = new_rec
         module.network_current_names = key
         lora_layer_state.record_written(module)
@@ -179,6 +194,8 @@ class Patcher:
         layer is restored in place first (a residual record, or a source that went away)."""
         if rec is None or rec.how is None:
             return weight.detach(), True, None
+        if rec.how == lora_fp8.UPCAST:
+            return rec.fp8.original.detach(), False, None
         got = METHODS[rec.how].original_for_rewrite(job, module, rec, weight)
         if got is not None:
             return got
@@ -191,7 +208,8 @@ class Patcher:
         dtype, so the original comes back in that dtype and is then cast. Exact when the cast widened (the patched
         values survived it) or when the source or a clone holds the original. Returns True when it ran."""
         weight = getattr(module, weight_attr(module), None)
-        if rec is None or rec.how is None or rec.dtype is None or weight is None or weight.dtype == rec.dtype:
+        if rec is None or rec.how in (None, lora_fp8.UPCAST) or rec.dtype is None or weight is None or \
+                weight.dtype == rec.dtype:
             return False
         widened = weight.dtype.is_floating_point and rec.dtype.is_floating_point and \
             torch.finfo(weight.dtype).bits > torch.finfo(rec.dtype).bits
@@ -210,6 +228,9 @@ class Patcher:
         """Writes the layer's original weight into `weight` (default: the layer's own) by the record's method."""
         weight = getattr(module, weight_attr(module)) if weight is None else weight
         if rec.how is None:
+            return
+        if rec.how == lora_fp8.UPCAST:  # the fp8 parameter was never written
+            lora_fp8.restore_upcast(module, weight_attr(module), rec.fp8)
             return
         with no_grad_for(weight):
             METHODS[rec.how].restore(job, module, weight, rec)

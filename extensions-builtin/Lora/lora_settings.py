@@ -51,6 +51,13 @@ def options(with_components: bool = False) -> dict[str, shared.OptionInfo]:
             False, "Lora not found warning in console"),
         "lora_not_found_gradio_warning": shared.OptionInfo(
             False, "Lora not found warning popup in webui").info("the job comment is shown as a warning already"),
+        "lora_fp8_strategy": shared.OptionInfo(
+            "auto", "Loras on fp8 weights", component("Radio"),
+            {"choices": ["auto", "upcast", "stochastic", "bypass"]}).info(
+            "rounding a Lora into fp8 loses most of it; upcast: touched layers held in the compute dtype while a Lora "
+            "is active (memory); stochastic: seeded unbiased rounding into fp8 (no memory, noisier); bypass: fp8 "
+            "weights untouched, the Lora added in each forward; auto: upcast or bypass when it costs at most 10 % of "
+            "the model, else stochastic. Restore is exact in every case"),
     }
     for info in opts.values():
         info.section = SECTION

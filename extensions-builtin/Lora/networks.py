@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import lora_block_weights
 import lora_discovery
+import lora_fp8
 import lora_functional
 import lora_layers
 import lora_loader
@@ -164,6 +165,11 @@ def _load_networks(names, te_multipliers, unet_multipliers, dyn_dims, sd_model, 
     report.seconds = time.perf_counter() - started
     report.notes = patcher.take_notes()
     report.held_bytes = patcher.held_bytes(layer_map.layers) + functional.held_bytes(layer_map.layers)
+    fp8_line = lora_fp8.summary(lora_fp8.setting(), *fp8_last, layer_map.layers,
+                                functional.held_bytes(layer_map.layers))
+    if fp8_line and not report.fatal:
+        logger.info(fp8_line)
+        report.notes.append(fp8_line)
     report.networks = list(loaded_networks)
 
     if lora_loader.purge_networks_from_memory(getattr(shared.opts, "lora_in_memory_limit", 0), loaded_networks):
@@ -187,12 +193,32 @@ def apply_plan(layer_map, plan: dict, sd_model, layers: dict | None = None) -> i
     (default: every layer of the map; the others are left as they are)."""
     layers, source = layer_map.layers if layers is None else layers, original_weights(sd_model)
     paths = getattr(layer_map, "module_paths", None)
-    if not functional_mode():
+    bypass = _fp8_strategy(layer_map, plan, layers) == lora_fp8.BYPASS
+    if not functional_mode() and not bypass:
         changed = functional.clear(layers)
         return changed + patcher.sync(layers, plan, source, paths)
-    merged = {k: v for k, v in plan.items() if not functional.hookable(layers[k])}
+    hooked = {k for k, m in layers.items() if functional.hookable(m) and
+              (not bypass or functional_mode() or lora_fp8.fp8_weight(m) is not None)}
+    if not functional_mode():  # merge mode, fp8 layers bypassed: hooks elsewhere go
+        functional.clear({k: m for k, m in layers.items() if k not in hooked})
+    merged = {k: v for k, v in plan.items() if k not in hooked}
     changed = patcher.sync(layers, merged, source, paths)  # also un-merges what merge mode wrote
-    return changed + functional.sync(layers, {k: v for k, v in plan.items() if k not in merged})
+    return changed + functional.sync({k: layers[k] for k in hooked}, {k: v for k, v in plan.items() if k in hooked})
+
+
+fp8_last: tuple = ("", lora_fp8.Costs())  # (the strategy the last job used, its fp8 costs), for its report line
+
+
+def _fp8_strategy(layer_map, plan: dict, layers: dict) -> str:
+    """The fp8 strategy for this plan (`lora_fp8_strategy`, auto resolved from the plan's memory costs); sets the
+    patcher's."""
+    global fp8_last
+    strategy = lora_fp8.setting()
+    cost = lora_fp8.costs(layers, plan, getattr(layer_map, "components", {}).values())
+    chosen = lora_fp8.resolve(strategy, cost)
+    patcher.fp8_strategy = chosen
+    fp8_last = (chosen, cost)
+    return chosen
 
 
 def _release_device_cache() -> None:
@@ -220,7 +246,8 @@ def network_apply_weights(self: torch.nn.Module) -> None:
     apply_changed_multipliers()
     sd_model = getattr(shared, "sd_model", None)
     layers, plan = {name: self}, {name: lora_plan.contributions_for(name, loaded_networks)}
-    if functional_mode() and functional.hookable(self):
+    bypass = fp8_last[0] == lora_fp8.BYPASS and lora_fp8.fp8_weight(self) is not None
+    if (functional_mode() or bypass) and functional.hookable(self):
         patcher.sync(layers, {}, original_weights(sd_model))
         functional.sync(layers, plan)
     else:
