@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
+import lora_fp8
 import lora_plan
 import lora_residual
 import torch
@@ -62,6 +63,7 @@ class RestoreRecord:
     safety_copy: torch.Tensor | None = None  # residual records on unproven devices (lora_restore_guard)
     bias: BiasBackup | None = None
     dtype: torch.dtype | None = None  # the weight's dtype when the record was made
+    fp8: lora_fp8.Fp8State | None = None  # how an fp8 weight was written (upcast / stochastic; lora_fp8)
 
     @property
     def nbytes(self) -> int:

@@ -89,7 +89,7 @@ class SourceRestore(RestoreMethod):
             if t is not None:
                 w.copy_(t)
 
-        lora_weight_writer.write_fused(job, weight, original, delta, put_back)
+        lora_weight_writer.write_fused(job, weight, original, delta, put_back, rec.fp8)
 
     def original_for_rewrite(self, job, module, rec, weight):
         if not job.sources.is_valid(rec.source):
@@ -223,7 +223,7 @@ class CloneRestore(RestoreMethod):
     def write(self, job, weight, original, delta, rec) -> None:
         if rec.clone is None:
             rec.clone = original.detach().to("cpu", copy=True)
-        lora_weight_writer.write_fused(job, weight, original, delta, lambda w: w.copy_(rec.clone))
+        lora_weight_writer.write_fused(job, weight, original, delta, lambda w: w.copy_(rec.clone), rec.fp8)
 
     def original_for_rewrite(self, job, module, rec, weight):
         return rec.clone.to(weight.device), False, None

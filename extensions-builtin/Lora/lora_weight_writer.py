@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 import lora_delta
+import lora_fp8
 import lora_residual
 import network_lora
 import torch
@@ -34,7 +35,7 @@ def write(job, weight: torch.Tensor, original: torch.Tensor, delta: lora_delta.L
 
 
 def write_fused(job, weight: torch.Tensor, original: torch.Tensor, delta: lora_delta.LayerDelta,
-                put_back: Callable[[torch.Tensor], None]) -> None:
+                put_back: Callable[[torch.Tensor], None], fp8: lora_fp8.Fp8State | None = None) -> None:
     """weight = cast(original + Σ ΔW), each term added straight into the weight. On failure the weight gets
     `original` back, or `put_back(weight)` when the original was the weight itself."""
     term = delta.single
@@ -44,7 +45,14 @@ def write_fused(job, weight: torch.Tensor, original: torch.Tensor, delta: lora_d
         torch.addmm(original.reshape(out.shape), term.up, term.down, out=out)
         return
     try:
-        delta.merge(weight, original if original.is_contiguous() else original.contiguous(), job.scratch(weight.device))
+        if fp8 is not None:  # seeded stochastic rounding into the fp8 weight
+            lora_fp8.merge_stochastic(delta, weight, original if original.is_contiguous() else
+                                      original.contiguous(), job.scratch(weight.device),
+                                      fp8.seed, lora_delta.chunk_elements(weight.device))
+            job.stats["fp8_stochastic"] += 1
+        else:
+            delta.merge(weight, original if original.is_contiguous() else original.contiguous(),
+                        job.scratch(weight.device))
     except BaseException:
         if original.data_ptr() != weight.data_ptr():
             weight.copy_(original)
