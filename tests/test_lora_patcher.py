@@ -593,7 +593,7 @@ def test_functional_plain_lora_keeps_only_factors(tiny_sd1, write_lora, use_patc
     report = networks.load_networks(["plain"], sd_model=tiny_sd1)
     layers = networks.lora_layers.get_layer_map(tiny_sd1).layers
     hooks = [h for m in layers.values() if (h := getattr(m, "network_functional", None)) is not None]
-    assert hooks and all(isinstance(b, lora_functional._LowRank) for h in hooks for b in h.branches)
+    assert hooks and all(isinstance(b, network_lora.LowRankBypass) for h in hooks for b in h.branches)
     touched = sum(m.weight.numel() * m.weight.element_size() for m in layers.values()
                   if getattr(m, "network_functional", None) is not None)
     assert report.held_bytes < touched

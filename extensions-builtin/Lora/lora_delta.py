@@ -6,16 +6,18 @@ Each contribution (network × layer) gives its delta one of two ways:
   ones (LoRA, LoCon, Tucker LoCon) are concatenated along the rank, so one GEMM sums them;
 - generic: the module's own compute() gives the whole fp32 ΔW (DoRA, OFT, IA3, GLoRA, ..., any subclass that
   changes the math).
+No adapter math lives here: both ways are the types' own (network_*.py).
 The same inputs and shapes always give the same blocks and the same bits (the residual restore relies on it).
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 import lora_plan
+import lyco_helpers
 import network_lora
 import torch
+from network import module_compute  # re-exported: it lived here before network.py
 
 CPU_CHUNK = 1 << 18  # elements per block on CPU: the temporaries stay in cache
 ACCELERATOR_CHUNK = 1 << 24  # bounds the scratch memory on a GPU
@@ -27,7 +29,8 @@ def chunk_elements(device: torch.device) -> int:
 
 def delta_depends_on_weight(module) -> bool:
     """Whether the module's ΔW reads the original weight's values (then a residual restore cannot recompute it):
-    declared by the type (`delta_depends_on_weight = False`); DoRA always does; unknown types are assumed to."""
+    what the type declares (NetworkModule.delta_depends_on_weight: its `delta_reads_weight`, DoRA, a subclass
+    that changed the math); a module of no known kind is assumed to."""
     if getattr(module, "dora_scale", None) is not None:
         return True
     flag = getattr(module, "delta_depends_on_weight", None)
@@ -107,45 +110,16 @@ class LayerDelta:
 
 
 def plain_lowrank(module, dyn_dim: int | None):
-    """(up, down, mid, scale) of a plain low-rank module (LoRA / LoCon / Tucker LoCon without DoRA or a
-    weight-shaped `bias` part), with the ranks `dyn` keeps already sliced the way its compute() slices them;
-    None for anything else. Used by functional mode (lora_functional)."""
-    if type(module).__name__ != "NetworkModuleLora" or getattr(module, "applies_multiplier", False):
+    """(up, down, mid, scale) of a plain low-rank module (LoRA / LoCon / Tucker LoCon with its own math, without
+    DoRA or a weight-shaped `bias` part), ranks sliced as `dyn` keeps them; None for anything else. An accessor
+    for size estimates (lora_fp8); the math is network_lora's."""
+    if not isinstance(module, network_lora.NetworkModuleLora) or module.bias is not None or \
+            module.dora_scale is not None or \
+            not lyco_helpers.own_math(module, network_lora.NetworkModuleLora, "calc_delta", "delta_shape"):
         return None
-    if getattr(module, "bias", None) is not None or getattr(module, "dora_scale", None) is not None:
-        return None
-    up, down, mid = getattr(module, "up", None), getattr(module, "down", None), getattr(module, "mid", None)
-    if not isinstance(up, torch.Tensor) or not isinstance(down, torch.Tensor) or up.dim() not in (2, 4):
-        return None
-    if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
-        return None
-    truncated = getattr(module, "truncated_rank", None)
-    rank = truncated(dyn_dim) if callable(truncated) else dyn_dim
-    try:
-        scale = float(module.calc_scale(dyn_dim))
-    except TypeError:  # a calc_scale() without dyn
-        scale = float(module.calc_scale())
-    if rank is not None:
-        up, down = up[:, :rank], down[:rank]
-        mid = None if mid is None else mid[:rank, :rank]
-    return up, down, mid, scale
-
-
-_takes_orig_bias: dict[type, bool] = {}
-
-
-def module_compute(module, original: torch.Tensor, multiplier: float, dyn_dim: int | None,
-                   orig_bias: torch.Tensor | None):
-    """module.compute(), with the layer's original bias for the types that read it (OFT)."""
-    kind = type(module)
-    if kind not in _takes_orig_bias:
-        try:
-            _takes_orig_bias[kind] = "orig_bias" in inspect.signature(module.compute).parameters
-        except (TypeError, ValueError):
-            _takes_orig_bias[kind] = False
-    if _takes_orig_bias[kind]:
-        return module.compute(original, multiplier, dyn_dim, orig_bias=orig_bias)
-    return module.compute(original, multiplier, dyn_dim)
+    rank = module.truncated_rank(dyn_dim)
+    mid = None if module.mid is None else module.mid[:rank, :rank]
+    return module.up[:, :rank], module.down[:rank], mid, float(module.calc_scale(dyn_dim))
 
 
 def _row_delta(c: lora_plan.Contribution, original: torch.Tensor):

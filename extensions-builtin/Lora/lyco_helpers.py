@@ -82,12 +82,10 @@ def dora_axis(scale_shape: tuple, weight_shape: tuple, square_default: str = DOR
                      f"({in_dim}) channels of a weight of shape {weight_shape}")
 
 
-def weight_decompose(delta: torch.Tensor, orig_weight: torch.Tensor, dora_scale: torch.Tensor,
-                     axis: str = DORA_INPUT_AXIS) -> torch.Tensor:
-    """DoRA as a delta: M ⊙ V / ‖V‖ − W with V = W + delta, the norm taken per channel of `axis`.
-
-    ‖V‖ gets float32 eps added, as in LyCORIS's forward, so an all-zero channel does not divide by zero."""
-    merged = orig_weight + delta
+def dora_channel_scale(merged: torch.Tensor, dora_scale: torch.Tensor, axis: str = DORA_INPUT_AXIS) -> torch.Tensor:
+    """DoRA's per-channel factor M / ‖V‖ for the merged weight V, shaped to broadcast over V (out, 1, ...) or
+    (1, in, ...). ‖V‖ gets float32 eps added, as in LyCORIS's forward, so an all-zero channel does not divide by
+    zero."""
     ones = [1] * (merged.dim() - 1)
     if axis == DORA_OUTPUT_AXIS:
         norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(merged.shape[0], *ones)
@@ -95,7 +93,14 @@ def weight_decompose(delta: torch.Tensor, orig_weight: torch.Tensor, dora_scale:
         norm = (merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)
                 .reshape(merged.shape[1], *ones).transpose(0, 1))
     norm = norm + torch.finfo(torch.float32).eps
-    return merged * (dora_scale.reshape(norm.shape) / norm) - orig_weight
+    return dora_scale.reshape(norm.shape) / norm
+
+
+def weight_decompose(delta: torch.Tensor, orig_weight: torch.Tensor, dora_scale: torch.Tensor,
+                     axis: str = DORA_INPUT_AXIS) -> torch.Tensor:
+    """DoRA as a delta: M ⊙ V / ‖V‖ − W with V = W + delta, the norm taken per channel of `axis`."""
+    merged = orig_weight + delta
+    return merged * dora_channel_scale(merged, dora_scale, axis) - orig_weight
 
 
 def fits_weight(delta_shape, weight_shape) -> bool:

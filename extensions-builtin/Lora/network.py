@@ -1,16 +1,19 @@
 """Data types of the Lora extension (A1111 names): a file on disk, a loaded network, and the per-layer module base.
 
 `NetworkModule` and its subclasses are pure tensor code: given the original weight of their layer they return
-(ΔW, Δbias) in fp32. They never write weights (only lora_patcher does) and never look at host state.
+(ΔW, Δbias) in fp32 (`compute`), or a bypass branch that gives the layer's output change without forming ΔW
+(`bypass`, functional mode). They never write weights (only lora_patcher does) and never look at host state.
 """
 from __future__ import annotations
 
 import enum
+import inspect
 import json
 import os
 from dataclasses import dataclass, field
 from typing import Callable
 
+import lora_bypass
 import lora_files
 import lora_identity
 import lyco_helpers
@@ -260,11 +263,15 @@ class NetworkModule:
     the delta before scale and multiplier, fp32, on orig_weight's device. A type whose strength is not a plain
     factor (OFT, BOFT) sets `applies_multiplier` and returns its delta at strength `multiplier` already.
     `validate(weight_shape)` raises ValueError with a clear message when the parts cannot fit the target.
+    `bypass_weight(op, factor, dyn_dim)` is the type's own forward of factor·U (functional mode); `bypass()` puts
+    DoRA, A1111's weight-shaped `bias` part and Δbias around it.
+    `delta_reads_weight`: whether the type's ΔW reads the weight's values (DoRA aside); see delta_depends_on_weight.
     """
 
     common_parts = ("alpha", "scale", "dora_scale", "bias")
     supports_dora = True
     applies_multiplier = False
+    delta_reads_weight = True
 
     def __init__(self, net: Network, weights: NetworkWeights):
         self.network = net
@@ -281,6 +288,17 @@ class NetworkModule:
         self.parts_used: set[str] = {k for k in self.common_parts if k in w}
         if not self.supports_dora:
             self.parts_used.discard("dora_scale")
+
+    @property
+    def delta_depends_on_weight(self) -> bool:
+        """Whether ΔW reads the original weight's values (then a residual restore cannot recompute it from the
+        patched weight): the type's declared `delta_reads_weight`, always with DoRA, and always for a subclass
+        that changes the math of the class that declared it."""
+        if self.dora_scale is not None:
+            return True
+        declared = next((c for c in type(self).__mro__ if "delta_reads_weight" in c.__dict__), NetworkModule)
+        return bool(declared.delta_reads_weight) or not lyco_helpers.own_math(self, declared, "calc_delta",
+                                                                              "delta_shape")
 
     def multiplier(self) -> float:
         return self.network.te_multiplier if is_text_encoder_layer(self.sd_key) else self.network.unet_multiplier
@@ -302,6 +320,10 @@ class NetworkModule:
         """The shape calc_delta returns without reading the weight, for validation; None when it depends on W."""
         return None
 
+    def extra_bias(self) -> torch.Tensor | None:
+        """The type's own Δbias part at strength 1 (full's diff_b, norm's b_norm), for the bypass forward."""
+        return None
+
     def validate(self, weight_shape: tuple) -> None:
         weight_shape = tuple(weight_shape)
         shape = self.delta_shape()
@@ -321,16 +343,20 @@ class NetworkModule:
         updown, output_shape, ex_bias = self.calc_delta(orig_weight, dyn_dim, multiplier, orig_bias)
         return self.finalize_updown(updown, orig_weight, output_shape, ex_bias, multiplier, dyn_dim)
 
-    def finalize_updown(self, updown: torch.Tensor, orig_weight: torch.Tensor, output_shape, ex_bias=None,
-                        multiplier: float | None = None, dyn_dim: int | None = None):
-        m = self.multiplier() if multiplier is None else multiplier
+    def shaped_delta(self, updown: torch.Tensor, orig_weight: torch.Tensor, output_shape) -> torch.Tensor:
+        """U (+ A1111's weight-shaped `bias` part, which is added before the scale) as fp32 shaped like the weight."""
         updown = updown.float()
-        if self.bias is not None:  # A1111's weight-shaped `bias` part: added to U before the scale
+        if self.bias is not None:
             updown = updown.reshape(self.bias.shape) + self.bias.to(updown.device, torch.float32)
             updown = updown.reshape(output_shape)
         if len(output_shape) == 4:
             updown = updown.reshape(output_shape)
-        updown = lyco_helpers.reshape_to_weight(updown, orig_weight.shape)
+        return lyco_helpers.reshape_to_weight(updown, orig_weight.shape)
+
+    def finalize_updown(self, updown: torch.Tensor, orig_weight: torch.Tensor, output_shape, ex_bias=None,
+                        multiplier: float | None = None, dyn_dim: int | None = None):
+        m = self.multiplier() if multiplier is None else multiplier
+        updown = self.shaped_delta(updown, orig_weight, output_shape)
         if ex_bias is not None:
             ex_bias = ex_bias.to(updown.device, torch.float32)
         if self.applies_multiplier:
@@ -343,6 +369,43 @@ class NetworkModule:
             updown = lyco_helpers.weight_decompose(updown, orig_weight.to(updown.device, torch.float32),
                                                    self.dora_scale.to(updown.device, torch.float32), axis)
         return updown * m, ex_bias
+
+    # --- bypass forward (functional mode) ------------------------------------------------------------------------
+    def bypass_weight(self, op: lora_bypass.LayerOp, factor: float, dyn_dim: int | None = None
+                      ) -> lora_bypass.Bypass | None:
+        """The type's own forward of factor·U (for an `applies_multiplier` type: its whole output change at
+        strength `factor`), or None where it has none for this layer (then ΔW is computed in each call)."""
+        return None
+
+    def bypass(self, layer: torch.nn.Module, multiplier: float, dyn_dim: int | None = None) -> lora_bypass.Bypass:
+        """This network's output change on `layer` at strength `multiplier`: Δy(x, y0) with y0 the layer's own
+        output. Equal to running the layer with its merged weights; nothing weight-sized is kept."""
+        return self.bypass_on(lora_bypass.LayerOp(layer), multiplier, dyn_dim)
+
+    def bypass_on(self, op: lora_bypass.LayerOp, multiplier: float, dyn_dim: int | None = None
+                  ) -> lora_bypass.Bypass:
+        self.validate(op.weight_shape)
+        declared = next(c for c in type(self).__mro__ if "bypass_weight" in c.__dict__)
+        if declared is NetworkModule or not lyco_helpers.own_math(self, declared, "calc_delta", "delta_shape"):
+            return ComputedBypass(self, op, multiplier, dyn_dim)  # a subclass with its own math keeps it
+        if self.applies_multiplier:
+            return self.bypass_weight(op, float(multiplier), dyn_dim) or ComputedBypass(self, op, multiplier, dyn_dim)
+        m, scale = float(multiplier), float(self.calc_scale(dyn_dim))
+        factor = scale if self.dora_scale is not None else scale * m
+        core = self.bypass_weight(op, factor, dyn_dim)
+        if core is None:
+            return ComputedBypass(self, op, multiplier, dyn_dim)
+        if self.bias is not None:
+            if self.bias.numel() != torch.Size(op.weight_shape).numel():
+                return ComputedBypass(self, op, multiplier, dyn_dim)
+            part = self.bias
+            core = lora_bypass.Sum([core, lora_bypass.Rebuilt(op, lambda: part.to(op.device, torch.float32) * factor)])
+        if self.dora_scale is not None:
+            core = DoraBypass(self, op, core, scale, m, dyn_dim)
+        ex_bias = self.extra_bias()
+        if ex_bias is not None:
+            core = lora_bypass.Sum([core, lora_bypass.ChannelShift(op, ex_bias.float() * m)])
+        return core
 
     def calc_updown(self, orig_weight: torch.Tensor):
         """A1111 API: the delta for this network's current multiplier and dyn."""
@@ -370,3 +433,68 @@ class NetworkModule:
             return y + functional.group_norm(x, layer.num_groups, dw, db, layer.eps)
         raise TypeError(f"{self.sd_key}: no functional path for {type(layer).__name__}")
 
+
+
+def module_compute(module, original: torch.Tensor, multiplier: float, dyn_dim: int | None,
+                   orig_bias: torch.Tensor | None):
+    """module.compute(), with the layer's original bias for the types that read it (OFT; an A1111-era subclass may
+    not take it)."""
+    kind = type(module)
+    if kind not in _takes_orig_bias:
+        try:
+            _takes_orig_bias[kind] = "orig_bias" in inspect.signature(module.compute).parameters
+        except (TypeError, ValueError):
+            _takes_orig_bias[kind] = False
+    if _takes_orig_bias[kind]:
+        return module.compute(original, multiplier, dyn_dim, orig_bias=orig_bias)
+    return module.compute(original, multiplier, dyn_dim)
+
+
+_takes_orig_bias: dict[type, bool] = {}
+
+
+class ComputedBypass(lora_bypass.Bypass):
+    """Δy = op(x, ΔW, Δb) with (ΔW, Δb) from the module's compute() in each call, dropped after it (holds nothing):
+    for a subclass that changes its type's math and for layers a type's own forward does not cover (an inpainting
+    conv_in's padded delta, a grouped conv). The same as A1111's functional path."""
+
+    def __init__(self, module, op: lora_bypass.LayerOp, multiplier: float, dyn_dim: int | None):
+        super().__init__()
+        self.module, self.op, self.multiplier, self.dyn_dim = module, op, float(multiplier), dyn_dim
+
+    def __call__(self, x: torch.Tensor, y0: torch.Tensor | None) -> torch.Tensor:
+        bias = getattr(self.op.layer, "bias", None)
+        dw, db = module_compute(self.module, self.op.weight(x), self.multiplier, self.dyn_dim,
+                                None if bias is None else bias.detach())
+        return self.op(x, lora_bypass.cast(dw, x), lora_bypass.cast(None if db is None else db.reshape(-1), x))
+
+
+class DoraBypass(lora_bypass.Bypass):
+    """DoRA around a type's forward: W' = c ⊙ V with V = W + s·U and c = M/‖V‖ per channel (computed once from
+    the weight; only c is kept). Per output channel Δy = m·((c − 1)·(y0 − b) + c·core(x)); per input channel
+    Δy = m·(op(x·(c − 1), W) + core(x·c))."""
+
+    def __init__(self, module: NetworkModule, op: lora_bypass.LayerOp, core: lora_bypass.Bypass, scale: float,
+                 multiplier: float, dyn_dim: int | None):
+        super().__init__()
+        weight = op.layer.weight.detach().float()
+        updown, shape, _ = module.calc_delta(weight, dyn_dim, 1.0, None)
+        merged = weight + module.shaped_delta(updown, weight, shape) * scale
+        self.axis = lyco_helpers.dora_axis(module.dora_scale.shape, weight.shape, module.dora_square_default)
+        magnitude = module.dora_scale.to(weight.device, torch.float32)
+        self.c = self.keep(lyco_helpers.dora_channel_scale(merged, magnitude, self.axis).reshape(-1))
+        self.op, self.core, self.m = op, core, float(multiplier)
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + self.core.nbytes
+
+    def __call__(self, x: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
+        op, c = self.op, lora_bypass.cast(self.c, x)
+        if self.axis == lyco_helpers.DORA_OUTPUT_AXIS:
+            bias = getattr(op.layer, "bias", None)
+            z = y0 if bias is None else y0 - op.per_channel(lora_bypass.cast(bias.detach(), y0), y0)
+            cy = op.per_channel(c, y0)
+            return self.m * ((cy - 1) * z + cy * self.core(x, y0))
+        cx = op.per_input_channel(c, x)
+        return self.m * (op(x * (cx - 1), op.weight(x)) + self.core(x * cx, y0))

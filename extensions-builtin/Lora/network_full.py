@@ -1,6 +1,10 @@
-"""Full (A1111 file name): ΔW = m · s · diff, Δbias = m · diff_b; s = `scale` or 1."""
+"""Full (A1111 file name): ΔW = m · s · diff, Δbias = m · diff_b; s = `scale` or 1.
+
+Bypass forward: op(x, m·s·diff) with the file's own diff (it is ΔW; nothing cheaper exists, nothing is copied
+on the layer's device)."""
 from __future__ import annotations
 
+import lora_bypass
 import network
 import torch
 
@@ -13,7 +17,8 @@ class ModuleTypeFull(network.ModuleType):
 
 
 class NetworkModuleFull(network.NetworkModule):
-    delta_depends_on_weight = False  # without DoRA (the patcher checks that): ΔW reads only W's shape
+    delta_reads_weight = False
+
     def __init__(self, net: network.Network, weights: network.NetworkWeights):
         super().__init__(net, weights)
         self.weight = weights.w["diff"]
@@ -28,6 +33,17 @@ class NetworkModuleFull(network.NetworkModule):
         if self.ex_bias is not None and self.ex_bias.numel() != weight_shape[0]:
             raise ValueError(f"diff_b of shape {tuple(self.ex_bias.shape)} does not match the layer's "
                              f"{weight_shape[0]} output channels")
+
+    def extra_bias(self) -> torch.Tensor | None:
+        return self.ex_bias
+
+    def bypass_weight(self, op: lora_bypass.LayerOp, factor: float, dyn_dim: int | None = None):
+        if self.weight.numel() != torch.Size(op.weight_shape).numel():
+            return None  # a padded (inpainting conv_in) delta
+        branch = lora_bypass.Rebuilt(op, None)
+        diff = branch.hold(self.weight, op)
+        branch.rebuild = lambda: diff * factor if factor != 1 else diff
+        return branch
 
     def calc_delta(self, orig_weight: torch.Tensor, dyn_dim: int | None = None, multiplier: float = 1.0,
                    orig_bias: torch.Tensor | None = None):

@@ -4,9 +4,14 @@ LyCORIS layout (a1: in×r, a2: r×in, b1: out×r, b2: r×in[·kh·kw]): W·A = W
 B = b1·b2, or with `bm.weight` (r×r×kh×kw) the Tucker rebuild B[i,j,...] = Σ bm[m,n,...]·b1[i,m]·b2[n,j].
 Old LyCORIS layout (a1: r×in, a2: in×r, b1: r×in, b2: out×r): W·A = (W·a2)·a1, B = b2·b1; told apart by shapes
 as ComfyUI/Forge do.
+
+Bypass forward, low-rank both ways: W·A = W ×₁ (a1·a2) acts as a2 (1×1), then (W ×₁ a1) with the layer's kernel
+geometry (old layout: a1 with the geometry, then W·a2 as a 1×1); B as its factors' chain. W ×₁ a1 (or W·a2) is
+computed once from the layer's weight and kept: out × rank × kernel, rank/in of the weight.
 """
 from __future__ import annotations
 
+import lora_bypass
 import lyco_helpers
 import network
 import torch
@@ -19,6 +24,38 @@ class ModuleTypeGLora(network.ModuleType):
         if all(k in weights.w for k in PARTS):
             return NetworkModuleGLora(net, weights)
         return None
+
+
+class GLoraBypass(lora_bypass.Bypass):
+    """factor·(W·A + B)·x as two factor chains: `wa` (out × r[ × kernel]) is the weight-derived half, kept."""
+
+    def __init__(self, op: lora_bypass.LayerOp, module: NetworkModuleGLora, factor: float):
+        super().__init__()
+        self.op, self.factor = op, factor
+        shape = op.weight_shape
+        weight = op.layer.weight.detach().float()
+        a1, a2, b1, b2 = (self.hold(lyco_helpers.flat2d(t.float()), op) for t in
+                          (module.a1, module.a2, module.b1, module.b2))
+        self.old = module.layout_for(shape)
+        if self.old:  # ΔW = b2·b1 + (W·a2)·a1 on the flattened weight: a1, b1 take the kernel
+            self.a_first, self.a_then = a1.reshape(a1.shape[0], *shape[1:]), self.keep(lyco_helpers.flat2d(weight) @ a2)
+            self.b_chain = (b1.reshape(b1.shape[0], *shape[1:]), None, b2)
+        else:  # ΔW = W ×₁ (a1·a2) + B: a2 mixes the input, then W ×₁ a1 with the layer's kernel
+            self.a_first, self.a_then = a2, self.keep(torch.einsum("o i ..., i r -> o r ...", weight, a1))
+            if module.bm is not None:
+                self.b_chain = (b2, self.hold(module.bm.float(), op), b1)
+            else:
+                self.b_chain = (b2.reshape(b2.shape[0], *shape[1:]), None, b1)
+
+    def __call__(self, x: torch.Tensor, y0: torch.Tensor | None) -> torch.Tensor:
+        op, c = self.op, lora_bypass.cast
+        if self.old:
+            a = op.pointwise(op.first(x, c(self.a_first, x)), c(self.a_then, x))
+        else:
+            a = op.first(op.pointwise(x, c(self.a_first, x)), c(self.a_then, x))
+        down, mid, up = (c(t, x) for t in self.b_chain)
+        h = op.first(x, down) if mid is None else op.first(op.pointwise(x, down), mid)
+        return (a + op.pointwise(h, up)) * self.factor
 
 
 class NetworkModuleGLora(network.NetworkModule):
@@ -68,6 +105,11 @@ class NetworkModuleGLora(network.NetworkModule):
                              f"b2 {tuple(self.b2.shape)} do not fit a weight of shape {tuple(weight_shape)}")
         if self.dora_scale is not None:
             lyco_helpers.dora_axis(self.dora_scale.shape, weight_shape, self.dora_square_default)
+
+    def bypass_weight(self, op: lora_bypass.LayerOp, factor: float, dyn_dim: int | None = None):
+        if not op.chainable or op.weight_shape != tuple(op.layer.weight.shape):
+            return None
+        return GLoraBypass(op, self, factor)
 
     def calc_delta(self, orig_weight: torch.Tensor, dyn_dim: int | None = None, multiplier: float = 1.0,
                    orig_bias: torch.Tensor | None = None):

@@ -2,9 +2,14 @@
 
 W1 = w1_a·w1_b (w1_a: out×r, w1_b: r×in·kh·kw), or with `hada_t1` the Tucker rebuild
 W1[p,q,...] = Σ t1[i,j,...]·w1_a[i,p]·w1_b[j,q] (w1_a: r×out, w1_b: r×in); W2 the same with the `2` parts.
+
+Bypass forward: ΔW rebuilt from the factors in each call and applied with the layer's op (as LyCORIS's
+loha.bypass_forward_diff does). The Hadamard product of two rank-r matrices has rank up to r², so a factored
+forward (x through r² Khatri-Rao columns) costs more than the rebuild for every SD layer at r ≥ 8.
 """
 from __future__ import annotations
 
+import lora_bypass
 import lyco_helpers
 import network
 import torch
@@ -31,8 +36,20 @@ def _half_shape(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None, name: 
     return (a.shape[0], *b.shape[1:])
 
 
+def half(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+    """One Hadamard factor: a·b (b flattened past its rows), or the Tucker rebuild with t."""
+    if t is not None:
+        return lyco_helpers.make_weight_cp(t, a, b)
+    return a @ lyco_helpers.flat2d(b)
+
+
+def diff_weight(w1a, w1b, w2a, w2b, t1, t2, shape, factor: float = 1.0) -> torch.Tensor:
+    """factor · W1 ⊙ W2 shaped `shape` (the factor folded into the smallest part)."""
+    return half(w1a * factor, w1b, t1).reshape(shape) * half(w2a, w2b, t2).reshape(shape)
+
+
 class NetworkModuleHada(network.NetworkModule):
-    delta_depends_on_weight = False  # without DoRA (the patcher checks that): ΔW reads only W's shape
+    delta_reads_weight = False
 
     def __init__(self, net: network.Network, weights: network.NetworkWeights):
         super().__init__(net, weights)
@@ -51,26 +68,28 @@ class NetworkModuleHada(network.NetworkModule):
     def delta_shape(self) -> tuple:
         return self.output_shape
 
-    @staticmethod
-    def _rebuild(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None, device) -> torch.Tensor:
-        a, b = a.to(device, torch.float32), b.to(device, torch.float32)
-        if t is not None:
-            return lyco_helpers.make_weight_cp(t.to(device, torch.float32), a, b)
-        return a @ lyco_helpers.flat2d(b)
+    def _parts(self, device) -> list:
+        return [None if t is None else t.to(device, torch.float32)
+                for t in (self.w1a, self.w1b, self.w2a, self.w2b, self.t1, self.t2)]
 
     def calc_delta(self, orig_weight: torch.Tensor, dyn_dim: int | None = None, multiplier: float = 1.0,
                    orig_bias: torch.Tensor | None = None):
-        device = orig_weight.device
-        w1 = self._rebuild(self.w1a, self.w1b, self.t1, device)
-        w2 = self._rebuild(self.w2a, self.w2b, self.t2, device)
         shape = list(self.output_shape)
-        return w1.reshape(shape) * w2.reshape(shape), shape, None
+        return diff_weight(*self._parts(orig_weight.device), shape), shape, None
+
+    def bypass_weight(self, op: lora_bypass.LayerOp, factor: float, dyn_dim: int | None = None):
+        if torch.Size(self.output_shape).numel() != torch.Size(op.weight_shape).numel():
+            return None  # a padded (inpainting conv_in) delta
+        branch = lora_bypass.Rebuilt(op, None)
+        parts = [branch.hold(t, op) for t in self._parts(self.w1a.device)]
+        branch.rebuild = lambda: diff_weight(*parts, self.output_shape, factor)
+        return branch
 
     def row_delta(self, weight_shape, device, multiplier: float, dyn_dim: int | None = None):
         """ΔW = (c·W1) ⊙ W2 (c = m·s) a block of rows at a time, never forming W1 or W2 whole; None where the
         generic compute() is needed (DoRA, a weight-shaped `bias` part, halves or a weight that do not line up)."""
         if self.bias is not None or self.dora_scale is not None or \
-                not lyco_helpers.own_math(self, NetworkModuleHada, "calc_delta", "delta_shape", "_rebuild"):
+                not lyco_helpers.own_math(self, NetworkModuleHada, "calc_delta", "delta_shape"):
             return None
         weight_shape = torch.Size(weight_shape)
         shape = torch.Size(self.output_shape)

@@ -3,9 +3,13 @@ input channels (`on_input` true), for Linear and conv weights alike. s = `scale`
 
 A file without `on_input` is read by the vector's length; a square layer then means output channels (LyCORIS's
 default, `train_on_input=False`).
+
+Bypass forward: per output channel Δy = f·w ⊙ (y0 − b) (no extra product at all); per input channel
+Δy = f·op(x ⊙ w, W) (one more pass of the layer's op, nothing held).
 """
 from __future__ import annotations
 
+import lora_bypass
 import network
 import torch
 
@@ -15,6 +19,21 @@ class ModuleTypeIa3(network.ModuleType):
         if "weight" in weights.w:
             return NetworkModuleIa3(net, weights)
         return None
+
+
+class Ia3Bypass(lora_bypass.Bypass):
+    def __init__(self, op: lora_bypass.LayerOp, vector: torch.Tensor, axis: int, factor: float):
+        super().__init__()
+        self.op, self.axis, self.factor = op, axis, factor
+        self.vector = self.hold(vector.reshape(-1), op)
+
+    def __call__(self, x: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
+        op, v = self.op, lora_bypass.cast(self.vector, x) * self.factor
+        if self.axis == 1:
+            return op(x * op.per_input_channel(v, x), op.weight(x))
+        bias = getattr(op.layer, "bias", None)
+        z = y0 if bias is None else y0 - op.per_channel(lora_bypass.cast(bias.detach(), y0), y0)
+        return z * op.per_channel(v, y0)
 
 
 class NetworkModuleIa3(network.NetworkModule):
@@ -44,6 +63,14 @@ class NetworkModuleIa3(network.NetworkModule):
 
     def validate(self, weight_shape: tuple) -> None:
         self.axis_for(weight_shape)
+
+    def bypass_weight(self, op: lora_bypass.LayerOp, factor: float, dyn_dim: int | None = None):
+        if op.kind not in ("linear", "conv") or op.weight_shape != tuple(op.layer.weight.shape):
+            return None
+        axis = self.axis_for(op.weight_shape)
+        if axis == 1 and op.kind == "conv" and op.layer.groups != 1:
+            return None
+        return Ia3Bypass(op, self.w.float(), axis, factor)
 
     def calc_delta(self, orig_weight: torch.Tensor, dyn_dim: int | None = None, multiplier: float = 1.0,
                    orig_bias: torch.Tensor | None = None):

@@ -3,9 +3,14 @@
 W1 = lokr_w1 or lokr_w1_a·lokr_w1_b; W2 = lokr_w2, lokr_w2_a·lokr_w2_b (w2_b may carry the conv kernel, flat
 or 4-D), or with `lokr_t2` the Tucker rebuild W2[p,q,...] = Σ t2[i,j,...]·w2_a[i,p]·w2_b[j,q].
 s = alpha/rank when a half is low-rank (rank = w2_b rows, else w1_b rows), else 1 (alpha unused), as LyCORIS.
+
+Bypass forward by the Kronecker identity, never forming ΔW: kron(W1, W2)·vec(X) = vec(W1·X·W2ᵀ) with the
+input's channels read as X (b × d): Linear X @ W2ᵀ, then W1 over the b groups; Conv2d the b groups of d channels
+through W2 as a conv (the layer's stride/padding), then W1 across the groups (as LyCORIS's lokr bypass).
 """
 from __future__ import annotations
 
+import lora_bypass
 import lyco_helpers
 import network
 import torch
@@ -29,8 +34,48 @@ def _half(w: dict, n: str) -> tuple:
         {f"lokr_w{n}_a", f"lokr_w{n}_b"}
 
 
+def rebuild_half(full, a, b, t) -> torch.Tensor:
+    """One Kronecker factor: the full matrix, a·b (b may carry the conv kernel, flat or 4-D), or Tucker with t."""
+    if full is not None:
+        return full
+    if t is not None:
+        return lyco_helpers.make_weight_cp(t, a, b)
+    return (a @ lyco_helpers.flat2d(b)).reshape(a.shape[0], *b.shape[1:])
+
+
+def diff_weight(w1: torch.Tensor, w2: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
+    """factor · kron(W1, W2) (a 2-D W1 with a conv W2: the kernel comes from W2)."""
+    return lyco_helpers.make_kron(w1 * factor, w2)
+
+
+def forward_diff(x: torch.Tensor, op: lora_bypass.LayerOp, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """kron(W1, W2) applied to x (W1: a × b, W2: c × d[ × kh × kw], x's channels b·d): never forms ΔW."""
+    a, b = w1.shape
+    if op.kind == "linear":
+        h = x.unflatten(-1, (b, -1)) @ lyco_helpers.flat2d(w2).T  # (..., b, c)
+        return (w1 @ h).flatten(-2)  # (..., a, c) → a·c channels
+    n = x.shape[0]
+    h = op.first(x.reshape(n * b, -1, *x.shape[2:]), w2)  # (n·b, c, H', W'): W2 with the layer's geometry
+    h = h.reshape(n, b, *h.shape[1:])
+    return torch.einsum("i j, n j c ... -> n i c ...", w1, h).flatten(1, 2)
+
+
+class KronBypass(lora_bypass.Bypass):
+    """The factors held as they are; W1 (a × b) and W2 (c × d·kernel) rebuilt in each call (both are small)."""
+
+    def __init__(self, op: lora_bypass.LayerOp, module, factor: float, w2_shape: tuple):
+        super().__init__()
+        self.op, self.factor, self.w2_shape = op, factor, w2_shape
+        self.parts = [self.hold(t, op) for t in module.factors()]
+
+    def __call__(self, x: torch.Tensor, y0: torch.Tensor | None) -> torch.Tensor:
+        w1f, w1a, w1b, w2f, w2a, w2b, t2 = (lora_bypass.cast(t, x) for t in self.parts)
+        w1 = rebuild_half(w1f, w1a, w1b, None) * self.factor
+        return forward_diff(x, self.op, w1, rebuild_half(w2f, w2a, w2b, t2).reshape(self.w2_shape))
+
+
 class NetworkModuleLokr(network.NetworkModule):
-    delta_depends_on_weight = False  # without DoRA (the patcher checks that): ΔW reads only W's shape
+    delta_reads_weight = False
 
     def __init__(self, net: network.Network, weights: network.NetworkWeights):
         super().__init__(net, weights)
@@ -68,35 +113,40 @@ class NetworkModuleLokr(network.NetworkModule):
         shape = (s1[0] * s2[0], s1[1] * s2[1])
         return shape + tuple(s2[2:])
 
-    @staticmethod
-    def _rebuild(full, a, b, t, device) -> torch.Tensor:
-        if full is not None:
-            return full.to(device, torch.float32)
-        a, b = a.to(device, torch.float32), b.to(device, torch.float32)
-        if t is not None:
-            return lyco_helpers.make_weight_cp(t.to(device, torch.float32), a, b)
-        return (a @ lyco_helpers.flat2d(b)).reshape(a.shape[0], *b.shape[1:])
+    def factors(self, device=None) -> list:
+        """(w1, w1_a, w1_b, w2, w2_a, w2_b, t2), fp32, absent parts None."""
+        parts = (self.w1, self.w1a, self.w1b, self.w2, self.w2a, self.w2b, self.t2)
+        return [None if t is None else t.to(device or t.device, torch.float32) for t in parts]
+
+    def halves(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        w1f, w1a, w1b, w2f, w2a, w2b, t2 = self.factors(device)
+        return rebuild_half(w1f, w1a, w1b, None), rebuild_half(w2f, w2a, w2b, t2)
 
     def calc_delta(self, orig_weight: torch.Tensor, dyn_dim: int | None = None, multiplier: float = 1.0,
                    orig_bias: torch.Tensor | None = None):
-        device = orig_weight.device
-        w1 = self._rebuild(self.w1, self.w1a, self.w1b, None, device)
-        w2 = self._rebuild(self.w2, self.w2a, self.w2b, self.t2, device)
-        updown = lyco_helpers.make_kron(w1, w2)
-        return updown, list(self.delta_shape()), None
+        return diff_weight(*self.halves(orig_weight.device)), list(self.delta_shape()), None
+
+    def bypass_weight(self, op: lora_bypass.LayerOp, factor: float, dyn_dim: int | None = None):
+        """None for a grouped conv or a delta that is not the layer's shape (an inpainting conv_in's padding)."""
+        s1, s2, shape = self.shape1, self.shape2, op.weight_shape
+        if not op.chainable or len(s1) != 2 or s1[0] * s2[0] != shape[0] or shape[1] % s1[1]:
+            return None
+        w2_shape = (shape[0] // s1[0], shape[1] // s1[1], *shape[2:])  # W2 as a d-channel kernel (flat w2_b too)
+        if torch.Size(s2).numel() != torch.Size(w2_shape).numel():
+            return None
+        return KronBypass(op, self, factor, w2_shape)
 
     def row_delta(self, weight_shape, device, multiplier: float, dyn_dim: int | None = None):
         """ΔW = kron(c·W1, W2) (c = m·s) written straight into rows of the weight's 2-D view, never formed
         whole; None where the generic compute() is needed (DoRA, a weight-shaped `bias` part, a padded delta)."""
         if self.bias is not None or self.dora_scale is not None or \
-                not lyco_helpers.own_math(self, NetworkModuleLokr, "calc_delta", "delta_shape", "_rebuild"):
+                not lyco_helpers.own_math(self, NetworkModuleLokr, "calc_delta", "delta_shape"):
             return None
         weight_shape = torch.Size(weight_shape)
         shape = torch.Size(self.delta_shape())
         if len(weight_shape) < 2 or shape[0] != weight_shape[0] or shape.numel() != weight_shape.numel():
             return None
-        w1 = self._rebuild(self.w1, self.w1a, self.w1b, None, device)
-        w2 = self._rebuild(self.w2, self.w2a, self.w2b, self.t2, device)
+        w1, w2 = self.halves(device)
         if w1.dim() != 2:
             return None
         c = float(self.calc_scale(dyn_dim)) * float(multiplier)

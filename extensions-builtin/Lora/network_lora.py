@@ -5,6 +5,7 @@ up (out, r, 1, 1). `dyn=d` keeps the first d ranks (of mid too) and scales by al
 """
 from __future__ import annotations
 
+import lora_bypass
 import lyco_helpers
 import network
 import torch
@@ -37,8 +38,36 @@ class ModuleTypeLora(network.ModuleType):
         return None
 
 
+def diff_weight(up: torch.Tensor, down: torch.Tensor, mid: torch.Tensor | None, shape,
+                rank: int | None = None) -> torch.Tensor:
+    """U = up·down reshaped to `shape`, or Tucker U[i, j, ...] = Σ mid[n, m, ...]·up[i, n]·down[m, j]; `rank` keeps
+    the first ranks of all three (dyn)."""
+    if mid is not None:
+        return lyco_helpers.rebuild_cp_decomposition(up, down, mid, rank)
+    return lyco_helpers.rebuild_conventional(up, down, shape, rank)
+
+
+def forward_diff(x: torch.Tensor, op: lora_bypass.LayerOp, up: torch.Tensor, down: torch.Tensor,
+                 mid: torch.Tensor | None, factor: float) -> torch.Tensor:
+    """factor·U applied to x without forming U: down with the layer's kernel geometry (Tucker: a 1×1 down, then
+    mid with it), then the 1×1 up; the factor is applied on the rank-sized intermediate."""
+    h = op.first(x, down) if mid is None else op.first(op.pointwise(x, down), mid)
+    return op.pointwise(h * factor, up)
+
+
+class LowRankBypass(lora_bypass.Bypass):
+    def __init__(self, op: lora_bypass.LayerOp, up, down, mid, factor: float):
+        super().__init__()
+        self.op, self.factor = op, factor
+        self.up, self.down, self.mid = (self.hold(t, op) for t in (up, down, mid))
+
+    def __call__(self, x: torch.Tensor, y0: torch.Tensor | None) -> torch.Tensor:
+        c = lora_bypass.cast
+        return forward_diff(x, self.op, c(self.up, x), c(self.down, x), c(self.mid, x), self.factor)
+
+
 class NetworkModuleLora(network.NetworkModule):
-    delta_depends_on_weight = False  # without DoRA (the patcher checks that): ΔW reads only W's shape
+    delta_reads_weight = False
 
     def __init__(self, net: network.Network, weights: network.NetworkWeights):
         super().__init__(net, weights)
@@ -91,14 +120,28 @@ class NetworkModuleLora(network.NetworkModule):
         device = orig_weight.device
         up = self.up.to(device, torch.float32)
         down = self.down.to(device, torch.float32)
-        rank = self.truncated_rank(dyn_dim)
+        mid = None if self.mid is None else self.mid.to(device, torch.float32)
         output_shape = list(self.delta_shape())
-        if self.mid is not None:
-            mid = self.mid.to(device, torch.float32)
-            updown = lyco_helpers.rebuild_cp_decomposition(up, down, mid, rank)
-        else:
-            updown = lyco_helpers.rebuild_conventional(up, down, output_shape, rank)
-        return updown, output_shape, None
+        return diff_weight(up, down, mid, output_shape, self.truncated_rank(dyn_dim)), output_shape, None
+
+    def bypass_weight(self, op: lora_bypass.LayerOp, factor: float, dyn_dim: int | None = None):
+        """Two (Tucker: three) small products per call; None where the factors do not chain into the layer's op
+        (a grouped conv, an inpainting conv_in's padded delta)."""
+        rank = self.truncated_rank(dyn_dim)
+        up, down = self.up[:, :rank], self.down[:rank]
+        mid = None if self.mid is None else self.mid[:rank, :rank]
+        shape = op.weight_shape
+        if not op.chainable or up.shape[0] != shape[0] or up.dim() == 4 and up.shape[2:] != (1, 1):
+            return None
+        if mid is not None:
+            if op.kind != "conv" or tuple(mid.shape[2:]) != shape[2:] or down[0].numel() != shape[1]:
+                return None
+        elif down[0].numel() != torch.Size(shape[1:]).numel() or op.kind == "conv" and down.dim() == 4 and \
+                down.shape[1:] != shape[1:]:
+            return None
+        else:  # a kernel stored flat (or a Linear-shaped LoRA on a 1×1 conv): as the layer's kernel
+            down = down.reshape(down.shape[0], *shape[1:])
+        return LowRankBypass(op, lyco_helpers.flat2d(up), down, mid, factor)
 
     def row_delta(self, weight_shape, device, multiplier: float, dyn_dim: int | None = None):
         """ΔW as fp32 factors (m·s·up) @ down of the weight's 2-D view, Tucker's `mid` folded into down, or None

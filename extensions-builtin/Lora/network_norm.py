@@ -1,6 +1,10 @@
-"""Norm (A1111 file name): LayerNorm/GroupNorm affine parameters, Δweight = m · s · w_norm, Δbias = m · b_norm."""
+"""Norm (A1111 file name): LayerNorm/GroupNorm affine parameters, Δweight = m · s · w_norm, Δbias = m · b_norm.
+
+Bypass forward: the layer's norm with (m·s·w_norm, m·b_norm) as its affine parameters (the normalised input times
+the weight change plus the bias change)."""
 from __future__ import annotations
 
+import lora_bypass
 import network
 import torch
 
@@ -13,7 +17,7 @@ class ModuleTypeNorm(network.ModuleType):
 
 
 class NetworkModuleNorm(network.NetworkModule):
-    delta_depends_on_weight = False  # without DoRA (the patcher checks that): ΔW reads only W's shape
+    delta_reads_weight = False
     supports_dora = False
 
     def __init__(self, net: network.Network, weights: network.NetworkWeights):
@@ -32,6 +36,15 @@ class NetworkModuleNorm(network.NetworkModule):
         if self.b_norm is not None and self.b_norm.numel() != self.w_norm.numel():
             raise ValueError(f"b_norm of shape {tuple(self.b_norm.shape)} does not match w_norm "
                              f"{tuple(self.w_norm.shape)}")
+
+    def extra_bias(self) -> torch.Tensor | None:
+        return self.b_norm
+
+    def bypass_weight(self, op: lora_bypass.LayerOp, factor: float, dyn_dim: int | None = None):
+        branch = lora_bypass.Rebuilt(op, None)
+        w_norm = branch.hold(self.w_norm, op)
+        branch.rebuild = lambda: w_norm * factor
+        return branch
 
     def calc_delta(self, orig_weight: torch.Tensor, dyn_dim: int | None = None, multiplier: float = 1.0,
                    orig_bias: torch.Tensor | None = None):

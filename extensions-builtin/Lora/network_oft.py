@@ -9,12 +9,47 @@ Variants, each computed as its trainer's forward does (strength m included):
 - BOFT (`oft_blocks` (stages, k, b, b)): each stage's R_m = m·R + (1−m)·I applied in butterfly order (R·W).
 `rescale` is applied at strength m as 1 + m·(rescale − 1), so strength 0 is the base model (LyCORIS applies it
 fully at any strength). The file's `scale` and `dora_scale` do not apply to rotations.
+
+Bypass forward: the output rotated instead of the weight, y' − y = rescale·R(z) − z with z = y0 − b (kohya: the
+bias turns too), R rebuilt from the blocks in each call (Cayley of k b×b blocks): nothing weight-sized is formed
+and nothing is kept.
 """
 from __future__ import annotations
 
+import lora_bypass
 import lyco_helpers
 import network
 import torch
+
+
+def rotate_rows(rows: torch.Tensor, r: torch.Tensor, boft: bool) -> torch.Tensor:
+    """R applied to the rows of a (channels, ...) tensor: OFT's blocks (Rᵀ per block) or BOFT's butterfly stages.
+    A weight's output rows and an output's channels turn the same way."""
+    return lyco_helpers.butterfly(rows, r) if boft else lyco_helpers.rotate_blocks(rows, r)
+
+
+class OftBypass(lora_bypass.Bypass):
+    def __init__(self, op: lora_bypass.LayerOp, module: NetworkModuleOFT, multiplier: float):
+        super().__init__()
+        self.op, self.module, self.m = op, module, multiplier
+        self.blocks = self.hold(module.blocks, op)
+        self.rescale = self.hold(module.rescale, op)
+
+    def __call__(self, x: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
+        op, module = self.op, self.module
+        r = module.rotation(op.out_channels, self.m, y0.device, self.blocks)
+        bias = getattr(op.layer, "bias", None)
+        z = y0.float()
+        if bias is not None:
+            b = bias.detach().float()
+            z = z - op.per_channel(b, z)
+        turned = op.on_channels(z, lambda rows: rotate_rows(rows, r, module.is_boft))
+        if self.rescale is not None:
+            turned = turned * op.per_channel(1 + self.m * (self.rescale.float().reshape(-1) - 1), z)
+        out = turned - z
+        if module.is_kohya and bias is not None:
+            out = out + op.per_channel(rotate_rows(b.reshape(-1, 1), r, False).reshape(-1) - b, z)
+        return out.to(y0.dtype)
 
 
 class ModuleTypeOFT(network.ModuleType):
@@ -68,9 +103,9 @@ class NetworkModuleOFT(network.NetworkModule):
             raise ValueError(f"rescale of shape {tuple(self.rescale.shape)} does not match the {out_dim} output "
                              "channels")
 
-    def rotation(self, out_dim: int, multiplier: float, device) -> torch.Tensor:
+    def rotation(self, out_dim: int, multiplier: float, device, blocks: torch.Tensor | None = None) -> torch.Tensor:
         """R at strength m: (blocks, b, b), or (stages, blocks, b, b) for BOFT."""
-        blocks = self.blocks.to(device, torch.float32)
+        blocks = (self.blocks if blocks is None else blocks).to(device, torch.float32)
         if self.stored_r:
             r = blocks
         else:
@@ -86,7 +121,7 @@ class NetworkModuleOFT(network.NetworkModule):
         self.validate(tuple(orig_weight.shape))
         weight = orig_weight.to(torch.float32)
         r = self.rotation(weight.shape[0], multiplier, weight.device)
-        rotated = lyco_helpers.butterfly(weight, r) if self.is_boft else lyco_helpers.rotate_blocks(weight, r)
+        rotated = rotate_rows(weight, r, self.is_boft)
         if self.rescale is not None:
             rescale = self.rescale.to(weight.device, torch.float32).reshape(-1, *([1] * (weight.dim() - 1)))
             rotated = rotated * (1 + multiplier * (rescale - 1))
@@ -95,3 +130,9 @@ class NetworkModuleOFT(network.NetworkModule):
             bias = orig_bias.to(weight.device, torch.float32).reshape(-1, 1)
             ex_bias = (lyco_helpers.rotate_blocks(bias, r) - bias).reshape(-1)
         return rotated - weight, list(weight.shape), ex_bias
+
+    def bypass_weight(self, op: lora_bypass.LayerOp, factor: float, dyn_dim: int | None = None):
+        """The whole output change at strength `factor` (a rotation's strength is not a plain factor)."""
+        if op.kind not in ("linear", "conv") or op.weight_shape != tuple(op.layer.weight.shape):
+            return None
+        return OftBypass(op, self, factor)

@@ -13,6 +13,7 @@ it for the coverage report and the rest of the file applies.
 """
 from __future__ import annotations
 
+import lora_bypass
 import lyco_helpers
 import network
 import network_lora
@@ -65,7 +66,7 @@ def split(module: network.NetworkModule, fused, layers: dict) -> dict[str, netwo
             piece.dora_square_default = lyco_helpers.DORA_OUTPUT_AXIS
             res[target] = piece
         else:
-            if getattr(module, "delta_depends_on_weight", True) or getattr(module, "applies_multiplier", False):
+            if module.delta_depends_on_weight or module.applies_multiplier:
                 raise ValueError(f"a {type(module).__name__} delta reads the whole fused weight of the layers it "
                                  f"spans; not applied")
             res[target] = NetworkModuleRows(module, target, layers[target], ranges, fused.shape, dora)
@@ -74,7 +75,10 @@ def split(module: network.NetworkModule, fused, layers: dict) -> dict[str, netwo
 
 class NetworkModuleRows(network.NetworkModule):
     """The rows `ranges` of another module's ΔW for a file layer of shape `fused_shape` (that module's delta must
-    not read the weight). A DoRA magnitude per output channel is applied here, on the layer's own rows."""
+    not read the weight). A DoRA magnitude per output channel is applied here, on the layer's own rows.
+    Bypass forward (Linear layers): the inner type's forward on the file layer, this layer's channels taken."""
+
+    delta_reads_weight = False
 
     def __init__(self, inner: network.NetworkModule, target: str, sd_module, ranges, fused_shape, dora_rows=None):
         super().__init__(inner.network, network.NetworkWeights(inner.network_key, target, {}, sd_module))
@@ -116,6 +120,15 @@ class NetworkModuleRows(network.NetworkModule):
             db = None if db is None else db * multiplier
         return dw.reshape(orig_weight.shape), db
 
+    def bypass(self, layer: torch.nn.Module, multiplier: float, dyn_dim: int | None = None) -> lora_bypass.Bypass:
+        op = lora_bypass.LayerOp(layer)
+        self.validate(op.weight_shape)
+        if self.dora_scale is not None or op.kind != "linear":
+            return network.ComputedBypass(self, op, multiplier, dyn_dim)
+        inner = self.inner.bypass_on(lora_bypass.LayerOp(layer, self.fused_shape), multiplier, dyn_dim)
+        index = torch.cat([torch.arange(r0, r1) for r0, r1 in self.ranges]).to(op.device)
+        return RowsBypass(inner, index)
+
     def row_delta(self, weight_shape, device, multiplier: float, dyn_dim: int | None = None):
         """The inner type's block-by-block ΔW, read at this layer's rows; None when it has none (or with DoRA)."""
         inner_rows = getattr(self.inner, "row_delta", None)
@@ -144,11 +157,39 @@ class RowsOf(lyco_helpers.RowDelta):
             start += f1 - f0
 
 
+class RowsBypass(lora_bypass.Bypass):
+    """Channels `index` of a file layer's output change (the inner forward never reads y0: its ΔW reads no W)."""
+
+    def __init__(self, inner: lora_bypass.Bypass, index: torch.Tensor):
+        super().__init__()
+        self.inner, self.index = inner, index
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes
+
+    def __call__(self, x: torch.Tensor, y0: torch.Tensor | None) -> torch.Tensor:
+        return self.inner(x, None).index_select(-1, self.index)
+
+
+class OutputLoraBypass(lora_bypass.Bypass):
+    """Δy = m·s·up(down(y0)): the LoRA on the layer's output, as XLabs applies it."""
+
+    def __init__(self, op: lora_bypass.LayerOp, up: torch.Tensor, down: torch.Tensor, factor: float):
+        super().__init__()
+        self.op, self.factor = op, factor
+        self.up, self.down = self.hold(up, op), self.hold(down, op)
+
+    def __call__(self, x: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
+        c = lora_bypass.cast
+        return network_lora.forward_diff(y0, self.op, c(self.up, y0), c(self.down, y0), None, self.factor)
+
+
 class NetworkModuleOutputLora(network.NetworkModule):
     """A LoRA added to a Linear's output (XLabs' early single-block `proj_lora`: out + m·s·up(down(out))): the same
     as the Linear with W' = (I + m·s·up·down)·W and b' = (I + m·s·up·down)·b."""
 
-    delta_depends_on_weight = True
+    delta_reads_weight = True
 
     def __init__(self, lora: network_lora.NetworkModuleLora, target: str, sd_module):
         super().__init__(lora.network, _weights(lora, target, sd_module, {}))
@@ -168,11 +209,20 @@ class NetworkModuleOutputLora(network.NetworkModule):
             raise ValueError(f"an output-side LoRA of shapes up {tuple(self.up.shape)} / down {tuple(self.down.shape)} "
                              f"does not fit a weight of shape {tuple(weight_shape)}")
 
+    def _rank_scale(self, dyn_dim: int | None) -> tuple[int, float]:
+        rank = self.dim if dyn_dim is None or dyn_dim >= self.dim else max(1, int(dyn_dim))
+        return rank, self.scale if self.scale is not None else (self.alpha / rank if self.alpha else 1.0)
+
+    def bypass(self, layer: torch.nn.Module, multiplier: float, dyn_dim: int | None = None) -> lora_bypass.Bypass:
+        op = lora_bypass.LayerOp(layer)
+        self.validate(op.weight_shape)
+        rank, scale = self._rank_scale(dyn_dim)
+        return OutputLoraBypass(op, self.up[:, :rank], self.down[:rank], scale * float(multiplier))
+
     def compute(self, orig_weight: torch.Tensor, multiplier: float, dyn_dim: int | None = None,
                 orig_bias: torch.Tensor | None = None):
         device = orig_weight.device
-        rank = self.dim if dyn_dim is None or dyn_dim >= self.dim else max(1, int(dyn_dim))
-        scale = self.scale if self.scale is not None else (self.alpha / rank if self.alpha else 1.0)
+        rank, scale = self._rank_scale(dyn_dim)
         mix = (self.up[:, :rank].to(device, torch.float32) * (scale * multiplier)) @ \
             self.down[:rank].to(device, torch.float32)
         dw = mix @ orig_weight.to(device, torch.float32)
