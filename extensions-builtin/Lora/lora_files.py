@@ -199,12 +199,37 @@ def version_hint_from_keys(tensors: dict) -> str | None:
             families = _TE_WIDTH.get(m.group(1), {}).get(int(shape[1]))
             if families:
                 narrow(families)
+    if other_archs == {"DiT"} and _sd3_diffusers_keys(tensors):
+        return "SD3"
     for arch, _ in _OTHER_ARCHS:
         if arch in other_archs:
             return arch
     if clues and len(candidates) == 1:
         return next(iter(candidates))
     return None
+
+
+# diffusers-named joint attention (text and image streams: SD3, Flux, other MMDiTs), its input width, and SD3.5
+# Medium's second image attention
+_re_joint_attention = re.compile(r"transformer_blocks[._]\d+[._]attn[._](?:add_[qkv]_proj|to_add_out)[._]")
+_re_dual_attention = re.compile(r"transformer_blocks[._]\d+[._]attn2[._]")
+_SD3_WIDTHS = (1536, 2432)  # SD3 Medium / SD3.5 Medium, SD3.5 Large (Flux.1 is 3072)
+
+
+def _sd3_diffusers_keys(tensors: dict) -> bool:
+    """Diffusers-named transformer keys that only SD3 has: joint attention 1536 or 2432 wide, or joint attention
+    together with an `attn2` in the same blocks (MMDiT-X)."""
+    joint = dual = False
+    for key, value in tensors.items():
+        if _re_joint_attention.search(key):
+            joint = True
+            shape = _shape_of(value)
+            if len(shape) == 2 and "add_" in key and (key.endswith(_INPUT_PARTS) or _re_input_part.search(key)) \
+                    and shape[1] in _SD3_WIDTHS:
+                return True
+        elif _re_dual_attention.search(key):
+            dual = True
+    return joint and dual
 
 
 # ss_base_model_version / modelspec.architecture prefixes of the transformer families (kohya/sd-scripts and the
@@ -225,11 +250,26 @@ def transformer_family_from_metadata(metadata: dict) -> str | None:
     return None
 
 
+# Layers Flux.1 has and Chroma lacks (Chroma's distilled guidance layer replaces modulation and the vector embedders)
+_FLUX_ONLY = ("_mod_lin", "_mod.lin", "modulation_lin", "modulation.lin", "time_in", "vector_in", "guidance_in",
+              "time_text_embed", "norm1.linear", "norm1_linear", "norm1_context", "norm.linear", "norm_linear")
+
+
+def file_family(tensors: dict, metadata: dict) -> str | None:
+    """The family of a file for its card: the keys' (version_hint_from_keys), except that Flux-block keys without a
+    Flux-only layer are Chroma's when the metadata says Chroma (a Chroma LoRA trains Flux's block layers)."""
+    hint = version_hint_from_keys(tensors)
+    if hint == "Flux" and transformer_family_from_metadata(metadata) == "Chroma" and \
+            not any(n in key for key in tensors for n in _FLUX_ONLY):
+        return "Chroma"
+    return hint
+
+
 def header_info(filename: str) -> dict:
     """{"metadata": decoded metadata, "version_hint": family or None} of a safetensors file."""
     raw, tensors = read_safetensors_header(filename)
     metadata = read_metadata(filename) if raw else {}
-    return {"metadata": metadata, "version_hint": version_hint_from_keys(tensors)}
+    return {"metadata": metadata, "version_hint": file_family(tensors, metadata)}
 
 
 def embedded_hash(metadata: dict) -> str | None:
