@@ -107,6 +107,7 @@ def _age_folders(root) -> None:
 
 def test_missing_name_never_triggers_a_full_rescan(lora_dir):
     import lora_discovery
+    import lora_folders
 
     _write(lora_dir, "a.safetensors", tiny_lora_bytes(seed=1))
     lora_discovery.list_available_networks()
@@ -114,13 +115,13 @@ def test_missing_name_never_triggers_a_full_rescan(lora_dir):
     lora_discovery.rescan_changed_folders()  # folders now known as settled
     full_scans = lora_discovery.scan_count
     scanned = []
-    real_scan_dir = lora_discovery._scan_dir
+    real_scan_dir = lora_folders._scan_dir
 
     def counting_scan_dir(path, st, old=None):
         scanned.append(path)
         return real_scan_dir(path, st, old)
 
-    lora_discovery._scan_dir = counting_scan_dir
+    lora_folders._scan_dir = counting_scan_dir
     try:
         found, missing = lora_discovery.find_networks(["a", "nope"])
         assert list(found) == ["a"] and missing == ["nope"]
@@ -132,7 +133,7 @@ def test_missing_name_never_triggers_a_full_rescan(lora_dir):
         assert found["later"].filename.endswith(os.path.join("sub", "later.safetensors")) and not missing
         assert set(scanned) == {str(lora_dir), os.path.join(str(lora_dir), "sub")}
     finally:
-        lora_discovery._scan_dir = real_scan_dir
+        lora_folders._scan_dir = real_scan_dir
     assert lora_discovery.scan_count == full_scans
 
 
