@@ -9,7 +9,7 @@ import lora_coverage
 import lora_layers
 import lora_syntax
 import networks
-import pytest
+import safetensors.torch
 import torch
 from flux_lora_files import M, model_state, write_factors, write_file
 from sd3_lora_files import (
@@ -56,9 +56,9 @@ def _assert_merged(model, want: dict, original: dict) -> int:
     return changed
 
 
-@pytest.mark.parametrize("layout", ["folder", "full"])
-def test_kohya_sd3_lora_on_the_host_model(sd3_files, write_lora, layout):
-    model = sd_models_diffusers.load(sd3_files[layout], CPU, torch.float32)
+def test_kohya_sd3_lora_on_the_sai_single_file_model(sd3_files, write_lora):
+    """The folder-loaded model is test_lora_sd3's; here the all-in-one file, restored from its fused tensors."""
+    model = sd_models_diffusers.load(sd3_files["full"], CPU, torch.float32)
     tensors, f, shapes, te = _kohya_file(model)
     write_lora("host_sd3", tensors=tensors, metadata={"ss_base_model_version": "sd3"})
     sai = sai_state(model.transformer)
@@ -181,7 +181,7 @@ def test_merge_tool_on_the_sai_single_file(sd3_files, write_lora, lora_dir, tmp_
     assert changed == 6 + len(te)
 
 
-def test_card_versions_and_the_filter_tell_flux_chroma_and_sd3(write_file, monkeypatch):
+def test_card_versions_and_the_filter_tell_flux_chroma_and_sd3(lora_dir, monkeypatch):
     """Cards from keys, shapes and metadata: an sd-scripts Chroma file (Flux's block names, no modulation) is Chroma by
     its `ss_model_type`, a Flux file with modulation layers stays Flux whatever the metadata says, SD3 Medium (kohya)
     and SD3.5 Large (diffusers PEFT, 2432 wide joint attention, no metadata) are both SD3, and an SD3.5 Medium PEFT
@@ -207,7 +207,9 @@ def test_card_versions_and_the_filter_tell_flux_chroma_and_sd3(write_file, monke
         "dit": ({peft + "add_q_proj.lora_A.weight": torch.zeros(2, 3072)}, {}, "Unknown"),
     }
     for name, (tensors, metadata, _) in files.items():
-        write_file(f"card_{name}", tensors, metadata={**metadata, "ss_network_module": "networks.lora"})
+        safetensors.torch.save_file(tensors, str(lora_dir / f"card_{name}.safetensors"),
+                                    metadata={**metadata, "ss_network_module": "networks.lora"})
+    networks.list_available_networks()
     versions = {name: network.SdVersion(networks.available_networks[f"card_{name}"].sd_version).name for name in files}
     assert versions == {name: family for name, (_, _, family) in files.items()}
     page = object.__new__(ui_extra_networks_lora.ExtraNetworksPageLora)
