@@ -64,8 +64,9 @@ def options(with_components: bool = False) -> dict[str, shared.OptionInfo]:
     functional = shared.OptionInfo(
         False, "Lora/Networks: use old method that takes longer when you have multiple Loras active and produces "
                "same results as kohya-ss/sd-webui-additional-networks extension").info(
-        "adds each Lora's output in every forward instead of merging it into the weights: no weight is written "
-        "or copied (low memory), sampling is slower; works for every network type")
+        "adds each Lora's output change in every forward instead of merging it into the weights: no weight is "
+        "written or copied, only the Loras' own factors are used (on a GPU one copy of them is kept there; LoHa and "
+        "full diffs rebuild their delta in each forward); sampling is slower; works for every network type")
     functional.section = COMPATIBILITY_SECTION
     opts["lora_functional"] = functional
     return opts

@@ -38,10 +38,12 @@ class GLoraBypass(lora_bypass.Bypass):
                           (module.a1, module.a2, module.b1, module.b2))
         self.old = module.layout_for(shape)
         if self.old:  # ΔW = b2·b1 + (W·a2)·a1 on the flattened weight: a1, b1 take the kernel
-            self.a_first, self.a_then = a1.reshape(a1.shape[0], *shape[1:]), self.keep(lyco_helpers.flat2d(weight) @ a2)
+            wa = lyco_helpers.flat2d(weight) @ a2.float()
+            self.a_first, self.a_then = a1.reshape(a1.shape[0], *shape[1:]), self.keep(wa.to(op.compute_dtype))
             self.b_chain = (b1.reshape(b1.shape[0], *shape[1:]), None, b2)
         else:  # ΔW = W ×₁ (a1·a2) + B: a2 mixes the input, then W ×₁ a1 with the layer's kernel
-            self.a_first, self.a_then = a2, self.keep(torch.einsum("o i ..., i r -> o r ...", weight, a1))
+            wa = torch.einsum("o i ..., i r -> o r ...", weight, a1.float())
+            self.a_first, self.a_then = a2, self.keep(wa.to(op.compute_dtype))
             if module.bm is not None:
                 self.b_chain = (b2, self.hold(module.bm.float(), op), b1)
             else:
