@@ -337,3 +337,22 @@ def test_bf16_layer_follows_the_merge():
         dw, _ = module.compute(layer.weight.detach(), 1.0)
         want = F.linear(x.float(), layer.weight.float() + dw, layer.bias.float())
     close(got, want, 2e-2)
+
+
+def test_on_another_device_a_branch_holds_one_copy_of_its_factors_in_the_compute_dtype():
+    """A layer whose device is not the factors' (meta stands for an accelerator): each branch keeps one copy of the
+    factors there in the layer's dtype, plus what it derives from the weight; never a weight-sized tensor."""
+    with torch.device("meta"):
+        lin = torch.nn.Linear(48, 64, dtype=torch.bfloat16)
+    cases = {
+        "lora": ({"lora_up.weight": rnd(64, 4), "lora_down.weight": rnd(4, 48)}, (64 + 48) * 4),
+        "loha": ({"hada_w1_a": rnd(64, 4), "hada_w1_b": rnd(4, 48), "hada_w2_a": rnd(64, 4),
+                  "hada_w2_b": rnd(4, 48)}, 2 * (64 + 48) * 4),
+        "lokr": ({"lokr_w1": rnd(8, 6), "lokr_w2": rnd(8, 8)}, 8 * 6 + 8 * 8),
+        "oft": ({"oft_blocks": rnd(8, 8, 8)}, 8 * 8 * 8),
+        "glora": ({"a1.weight": rnd(48, 4), "a2.weight": rnd(4, 48), "b1.weight": rnd(64, 4),
+                   "b2.weight": rnd(4, 48)}, 4 * (48 + 48 + 64 + 48) + 64 * 4),
+    }
+    for kind, (parts, elements) in cases.items():
+        branch = build(parts, lin).bypass(lin, 0.5)
+        assert branch.nbytes == 2 * elements, kind

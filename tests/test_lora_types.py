@@ -301,13 +301,25 @@ def test_glora_conv_with_and_without_bm():
     close(delta(tucker, layer)[0], wa + wb)
 
 
-def test_glora_old_layout():
-    layer = linear(6, 5)
-    a1, a2, b1, b2 = rnd(2, 5), rnd(5, 2), rnd(2, 5), rnd(6, 2)
-    module = build({"a1.weight": a1, "a2.weight": a2, "b1.weight": b1, "b2.weight": b2,
+def _small_linear(weight, bias=None) -> torch.nn.Linear:
+    layer = torch.nn.Linear(len(weight[0]), len(weight), bias=bias is not None)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor(weight))
+        if bias is not None:
+            layer.bias.copy_(torch.tensor(bias))
+    return layer
+
+
+def test_glora_old_layout_hand_computed():
+    """Old LyCORIS GLoRA (a1: r×in, a2: in×r, b1: r×in, b2: out×r): ΔW = b2·b1 + (W·a2)·a1, worked by hand:
+    W·a2 = [7, 16]ᵀ, (W·a2)·a1 = [[7, 0, -7], [16, 0, -16]], b2·b1 = [[0, 2, 0], [0, -1, 0]]."""
+    layer = _small_linear([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    module = build({"a1.weight": torch.tensor([[1.0, 0.0, -1.0]]), "a2.weight": torch.tensor([[1.0], [0.0], [2.0]]),
+                    "b1.weight": torch.tensor([[0.0, 1.0, 0.0]]), "b2.weight": torch.tensor([[2.0], [-1.0]]),
                     "alpha": torch.tensor(1.0)}, layer)
-    w = layer.weight.detach()
-    close(delta(module, layer)[0], 0.5 * (b2 @ b1 + (w @ a2) @ a1))
+    assert module.layout_for((2, 3))
+    close(delta(module, layer)[0], torch.tensor([[7.0, 2.0, -7.0], [16.0, -1.0, -16.0]]))
+    close(delta(module, layer, 0.5)[0], torch.tensor([[3.5, 1.0, -3.5], [8.0, -0.5, -8.0]]))
 
 
 # --- Full, Norm ----------------------------------------------------------------------------------------------------
@@ -336,24 +348,22 @@ def _cayley(blocks: torch.Tensor) -> torch.Tensor:
     return (eye + q) @ torch.linalg.inv(eye - q)
 
 
-def test_kohya_oft_follows_its_forward_including_the_bias():
-    """kohya networks/oft.py: y = org(x) @ blockdiag(m·R + (1−m)·I), with ‖Q‖ clamped to alpha·out_dim."""
-    layer = linear(6, 5)
-    blocks = rnd(3, 2, 2)
-    alpha = 0.01  # the constraint 0.06 binds: ‖Q‖ is larger
-    module = build({"oft_blocks": blocks, "alpha": torch.tensor(alpha)}, layer, key="oft_unet_layer")
-    m = 0.7
-    q = blocks - blocks.transpose(1, 2)
-    norm = torch.norm(q.flatten())
-    q = q * ((torch.clamp(norm, max=alpha * 6) + 1e-8) / (norm + 1e-8))
-    eye = torch.eye(2).unsqueeze(0).repeat(3, 1, 1)
-    r = torch.matmul(eye + q, (eye - q).inverse())
-    big_r = torch.block_diag(*(m * r + (1 - m) * eye))
-    x = rnd(4, 5)
-    expected_y = layer(x) @ big_r
-    dw, db = delta(module, layer, m, bias=layer.bias.detach())
-    y = x @ (layer.weight + dw).T + (layer.bias + db)
-    close(y.detach(), expected_y.detach())
+def test_kohya_oft_hand_computed_including_the_bias():
+    """kohya networks/oft.py on one 2×2 block: y' = org(x) @ (m·R + (1−m)·I), R = (I + Q)(I − Q)⁻¹ with
+    Q = B − Bᵀ scaled to ‖Q‖ = min(‖Q‖, alpha·out_dim). Worked by hand: B = [[0, 0.5], [0, 0]] gives ‖Q‖ = √0.5,
+    alpha 0.25 clamps it to 0.5 (q = √2/4, q² = 1/8), R = [[7/9, 4√2/9], [−4√2/9, 7/9]]; W = [[1, 2, 3],
+    [4, 5, 6]], b = [0.5, −1], x = [1, 0, −1] give y = [−1.5, −3] and y·R = [−7/6 + 4√2·3/9, −2√2/3 − 7/3]."""
+    layer = _small_linear([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], [0.5, -1.0])
+    blocks = torch.tensor([[[0.0, 0.5], [0.0, 0.0]]])
+    module = build({"oft_blocks": blocks, "alpha": torch.tensor(0.25)}, layer, key="oft_unet_layer")
+    x = torch.tensor([1.0, 0.0, -1.0])
+    for m, want in ((1.0, [0.71895141, -3.27614237]), (0.5, [-0.39052429, -3.13807119])):
+        dw, db = delta(module, layer, m, bias=layer.bias.detach())
+        y = (layer.weight + dw) @ x + layer.bias + db
+        close(y.detach(), torch.tensor(want), 1e-6)
+    # kohya clamps even at alpha 0: ‖Q‖ → 0, no rotation at all (LyCORIS reads 0 as unconstrained)
+    zero = build({"oft_blocks": blocks, "alpha": torch.tensor(0.0)}, layer, key="oft_unet_layer")
+    assert float(delta(zero, layer, bias=layer.bias.detach())[0].abs().max()) < 1e-6
 
 
 def test_lycoris_diag_oft_strength_rescale_and_unconstrained():
@@ -370,34 +380,32 @@ def test_lycoris_diag_oft_strength_rescale_and_unconstrained():
         assert db is None  # LyCORIS leaves the bias alone
 
 
-def test_old_lycoris_oft_diag_is_the_rotation():
-    layer = linear(6, 5)
-    r = _cayley(rnd(3, 2, 2))  # a rotation (not symmetric, unlike a 2×2 reflection)
-    module = build({"oft_diag": r}, layer)
-    w = layer.weight.detach()
-    m = 0.5
-    rm = torch.block_diag(*(m * r + (1 - m) * torch.eye(2)))
-    close(delta(module, layer, m)[0], rm.T @ w - w)
+def test_old_lycoris_oft_diag_hand_computed():
+    """Old LyCORIS `oft_diag` stores R itself; A1111 turns W's rows by Rᵀ per block, strength m·R + (1−m)·I.
+    Worked by hand: R = [[0.6, 0.8], [−0.8, 0.6]], W = [[1, 2, 3], [4, 5, 6]] → Rᵀ·W = [[−2.6, −2.8, −3],
+    [3.2, 4.6, 6]]; at m = 0.5, R_m = [[0.8, 0.4], [−0.4, 0.8]] → R_mᵀ·W = [[−0.8, −0.4, 0], [3.6, 4.8, 6]]."""
+    layer = _small_linear([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    module = build({"oft_diag": torch.tensor([[[0.6, 0.8], [-0.8, 0.6]]])}, layer)
+    close(delta(module, layer)[0], torch.tensor([[-3.6, -4.8, -6.0], [-0.8, -0.4, 0.0]]))
+    close(delta(module, layer, 0.5)[0], torch.tensor([[-1.8, -2.4, -3.0], [-0.4, -0.2, 0.0]]))
 
 
-def test_boft_butterfly_stages():
-    layer = linear(8, 3)
-    blocks = rnd(2, 4, 2, 2)  # 2 stages of 4 blocks of size 2
-    module = build({"oft_blocks": blocks, "alpha": torch.tensor(0.0)}, layer)
-    r = _cayley(blocks)
-    w = layer.weight.detach()
-    m = 0.6
-    x = w.clone()
-    for i in range(2):  # stage i pairs rows 2^i apart, one R block per pair (LyCORIS boft._diff_weight)
-        ri = m * r[i] + (1 - m) * torch.eye(2)
-        k = 2 ** i
-        out = x.clone()
-        for c in range(8 // (2 * k)):
-            for j in range(k):
-                rows = [c * 2 * k + j, c * 2 * k + k + j]
-                out[rows] = ri[c * k + j] @ x[rows]
-        x = out
-    close(delta(module, layer, m)[0], x - w)
+def test_boft_and_diag_oft_against_lycoris_diff_weight():
+    """BOFT's butterfly stages (strength folded into every stage) and diag-OFT with rescale and a binding
+    constraint, against lycoris-lora's own diff_weight (its pure-torch backend)."""
+    from lycoris.functional import boft as ly_boft
+    from lycoris.functional import diag_oft as ly_oft
+
+    for layer in (linear(8, 3), conv(8, 4)):
+        w = layer.weight.detach()
+        blocks = rnd(2, 4, 2, 2)  # 2 stages of 4 blocks of size 2
+        module = build({"oft_blocks": blocks, "alpha": torch.tensor(0.0)}, layer)
+        for m in (1.0, 0.6):
+            close(delta(module, layer, m)[0], ly_boft.diff_weight(w, blocks, None, constraint=0.0, scale=m,
+                                                                  backend="torch"))
+        blocks, rescale = rnd(4, 2, 2), rnd(8, *([1] * (w.dim() - 1))) + 1
+        module = build({"oft_blocks": blocks, "rescale": rescale, "alpha": torch.tensor(0.01)}, layer)
+        close(delta(module, layer)[0], ly_oft.diff_weight(w, blocks, rescale, constraint=0.01 * 8, backend="torch"))
 
 
 def test_oft_blocks_must_cover_the_output_channels():
