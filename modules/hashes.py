@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-from modules import cache
+from modules import cache, safetensors_header
 
 _CHUNK = 1024 * 1024
 
@@ -20,9 +20,9 @@ def calculate_sha256(filename: str) -> str:
 def addnet_hash_safetensors(b) -> str:
     """SHA-256 of everything after the safetensors header (stable when only metadata is edited)."""
     h = hashlib.sha256()
+    size = b.seek(0, os.SEEK_END)
     b.seek(0)
-    header = b.read(8)
-    n = int.from_bytes(header, "little")
+    n = safetensors_header.header_length(b, size, str(getattr(b, "name", "safetensors data")))  # capped, in range
     b.seek(n + 8)
     for chunk in iter(lambda: b.read(_CHUNK), b""):
         h.update(chunk)

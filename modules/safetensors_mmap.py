@@ -7,23 +7,14 @@ if anyone touches them again), which keeps peak memory near one copy of the mode
 """
 from __future__ import annotations
 
-import json
-import math
 import mmap
-import os
-import struct
 import threading
 import weakref
 
 import torch
 
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-_DTYPES_SIZE = {dt: torch.tensor([], dtype=dt).element_size() for dt in _DTYPES.values()}
-_MAX_HEADER = 100 * 1024 * 1024
+from modules import safetensors_header
+
 _PAGE = mmap.PAGESIZE
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14; Python names it only from 3.13
 
@@ -40,42 +31,17 @@ class MmapStateDict(dict):
     filename: str
 
 
-def _read_header(f, size: int, filename: str) -> tuple[dict, int]:
-    raw = f.read(8)
-    if len(raw) != 8:
-        raise ValueError(f"{filename}: not a safetensors file (shorter than 8 bytes)")
-    (n,) = struct.unpack("<Q", raw)
-    if n > _MAX_HEADER or 8 + n > size:
-        raise ValueError(f"{filename}: not a safetensors file (header length {n} out of range)")
-    try:
-        header = json.loads(f.read(n))
-    except ValueError as e:
-        raise ValueError(f"{filename}: not a safetensors file (header is not JSON: {e})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{filename}: not a safetensors file (header is not an object)")
-    return header, 8 + n
-
-
-def _entry(key: str, info, data_start: int, size: int, filename: str) -> tuple[torch.dtype, list[int], int, int]:
-    try:
-        dtype = _DTYPES[info["dtype"]]
-        shape = [int(x) for x in info["shape"]]
-        begin, end = (int(x) for x in info["data_offsets"])
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(f"{filename}: bad header entry for {key!r}: {info!r}") from None
-    nbytes = math.prod(shape) * _DTYPES_SIZE[dtype]
-    if begin < 0 or end - begin != nbytes or data_start + end > size:
-        raise ValueError(f"{filename}: tensor {key!r} has offsets {begin}..{end} that do not fit its shape or the file")
-    return dtype, shape, data_start + begin, nbytes
+def _torch_entry(key: str, entry: safetensors_header.Entry, filename: str) -> tuple[torch.dtype, list[int], int, int]:
+    if entry.torch_dtype is None:
+        raise safetensors_header.HeaderError(f"{filename}: tensor {key!r} has a dtype this torch lacks: {entry.dtype}")
+    return entry.torch_dtype, list(entry.shape), entry.offset, entry.nbytes
 
 
 def read_index(f, filename: str) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
-    """{key: (dtype, shape, file offset, byte count)} from the header of an open safetensors file."""
-    size = os.fstat(f.fileno()).st_size
-    f.seek(0)
-    header, data_start = _read_header(f, size, filename)
-    header.pop("__metadata__", None)
-    return {key: _entry(key, info, data_start, size, filename) for key, info in header.items()}
+    """{key: (dtype, shape, file offset, byte count)} from the validated header (safetensors_header) of an open
+    safetensors file."""
+    header = safetensors_header.read_header(f, filename)
+    return {key: _torch_entry(key, entry, filename) for key, entry in header.tensors.items()}
 
 
 def open_safetensors_mmap(filename: str, populate: bool = False, prefetch: bool = True) -> MmapStateDict:
@@ -87,16 +53,16 @@ def open_safetensors_mmap(filename: str, populate: bool = False, prefetch: bool 
     than half the memory available. populate=True maps every page in before returning (read faults only: pages
     stay shared with the page cache). Writing to a tensor changes only this process's copy, never the file.
     """
-    size = os.path.getsize(filename)
     with open(filename, "rb") as f:
-        header, data_start = _read_header(f, size, filename)
+        header = safetensors_header.read_header(f, filename)
+        size, data_start = header.size, header.data_start
         # not MAP_POPULATE: on a writable private map it write-faults, copying every page out of the page cache
         mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE) if size else None
     if mm is not None and populate:
         _populate_read(mm, size)
 
     res = MmapStateDict()
-    res.metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+    res.metadata = {str(k): str(v) for k, v in header.metadata.items()}
     res.filename = filename
     if mm is None:
         return res
@@ -107,12 +73,12 @@ def open_safetensors_mmap(filename: str, populate: bool = False, prefetch: bool 
             _prefetchers[base] = _Prefetcher(filename, data_start, size)
     weakref.finalize(mm, _forget_map, base)
 
-    for key, info in header.items():
-        dtype, shape, offset, nbytes = _entry(key, info, data_start, size, filename)
+    for key, entry in header.tensors.items():
+        dtype, shape, offset, nbytes = _torch_entry(key, entry, filename)
         if nbytes == 0:
             res[key] = torch.empty(shape, dtype=dtype)
             continue
-        res[key] = torch.frombuffer(mm, dtype=dtype, count=nbytes // _DTYPES_SIZE[dtype], offset=offset).view(shape)
+        res[key] = torch.frombuffer(mm, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset).view(shape)
     return res
 
 

@@ -14,7 +14,17 @@ import time
 
 import torch
 
-from modules import devices, errors, hashes, original_weights, script_callbacks, sd_models_diffusers, sd_modules, shared
+from modules import (
+    devices,
+    errors,
+    hashes,
+    original_weights,
+    safetensors_header,
+    script_callbacks,
+    sd_models_diffusers,
+    sd_modules,
+    shared,
+)
 from modules.sd_models_diffusers import ModelType  # noqa: F401  (A1111 name)
 from modules.sd_models_ldm import CheckpointFormatError
 
@@ -215,26 +225,17 @@ def select_checkpoint() -> CheckpointInfo:
 
 
 def read_metadata_from_safetensors(filename: str) -> dict:
-    """The `__metadata__` of a safetensors file, with JSON-looking string values decoded (A1111 behaviour)."""
-    with open(filename, mode="rb") as file:
-        metadata_len = int.from_bytes(file.read(8), "little")
-        json_start = file.read(2)
-        if metadata_len <= 2 or json_start not in (b'{"', b"{'"):
-            raise ValueError(f"{filename} is not a safetensors file")
-        res = {}
-        try:
-            json_data = json_start + file.read(metadata_len - 2)
-            json_obj = json.loads(json_data)
-            for k, v in (json_obj.get("__metadata__", {}) or {}).items():
-                res[k] = v
-                if isinstance(v, str) and v[0:1] == "{":
-                    try:
-                        res[k] = json.loads(v)
-                    except Exception:
-                        pass
-        except Exception:
-            errors.report(f"Error reading metadata from file: {filename}", exc_info=True)
-        return res
+    """The `__metadata__` of a safetensors file, with JSON-looking string values decoded (A1111 behaviour). The
+    header is read and checked by safetensors_header: a file that is not a safetensors file raises ValueError."""
+    res = {}
+    for k, v in safetensors_header.read_header_file(filename).metadata.items():
+        res[k] = v
+        if isinstance(v, str) and v[0:1] == "{":
+            try:
+                res[k] = json.loads(v)
+            except Exception:
+                pass
+    return res
 
 
 def read_state_dict(checkpoint_file: str, print_global_state: bool = False, map_location: str | None = None

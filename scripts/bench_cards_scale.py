@@ -26,7 +26,6 @@ import os
 import random
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -50,16 +49,13 @@ PREVIEW_PNG = bytes.fromhex(  # a 1x1 grey PNG
 
 # --- the files ----------------------------------------------------------------------------------------------------
 def safetensors_file(tensors: dict[str, tuple[str, list[int], bytes]], metadata: dict[str, str]) -> bytes:
-    """A valid safetensors file: 8-byte header length, JSON header (8-byte aligned), tensor bytes."""
-    header: dict = {"__metadata__": metadata}
-    offset, blobs = 0, []
-    for name, (dtype, shape, data) in tensors.items():
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(data)]}
-        offset += len(data)
-        blobs.append(data)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
+    """A valid safetensors file written by the safetensors library: name → (dtype, shape, raw bytes)."""
+    import safetensors.torch
+    import torch
+
+    dtypes = {"F16": torch.float16, "F32": torch.float32, "BF16": torch.bfloat16}
+    return safetensors.torch.save({name: torch.frombuffer(bytearray(data), dtype=dtypes[dtype]).reshape(shape)
+                                   for name, (dtype, shape, data) in tensors.items()}, metadata=metadata)
 
 
 def lora_file(index: int, rng: random.Random) -> tuple[bytes, str]:

@@ -47,10 +47,10 @@ def _host_argv(args: argparse.Namespace) -> list[str]:
 def model_file_dtype(path: str):
     """The dtype most UNet tensors have in the file (so an fp16 checkpoint is merged and written as fp16)."""
     import collections
-    import json
-    import struct
 
     import torch
+
+    from modules import safetensors_header
 
     names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
     if os.path.isdir(path):
@@ -60,10 +60,8 @@ def model_file_dtype(path: str):
         path = os.path.join(folder, files[0] if files else "diffusion_pytorch_model.safetensors")
     if not path.lower().endswith(".safetensors") or not os.path.isfile(path):
         return torch.float32
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    counts = collections.Counter(v.get("dtype") for k, v in header.items() if k != "__metadata__")
+    header = safetensors_header.read_header_file(path)
+    counts = collections.Counter(entry.dtype for entry in header.tensors.values())
     return next((names[d] for d, _ in counts.most_common() if d in names), torch.float32)
 
 

@@ -534,23 +534,13 @@ def cards_page(chromium, webui_server, sd1_checkpoint):
 
 def tiny_lora_bytes(metadata: dict | None = None, seed: int = 0, width: int = 16) -> bytes:
     """A small valid kohya-style safetensors file (one SD1-shaped layer pair, rank 1) with `metadata`."""
-    import json as _json
-    import struct
+    import safetensors.torch
 
     gen = torch.Generator().manual_seed(seed)
     key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
     tensors = {f"{key}.lora_down.weight": torch.randn(1, width, generator=gen),
                f"{key}.lora_up.weight": torch.randn(8, 1, generator=gen)}
-    header: dict = {"__metadata__": {k: str(v) for k, v in (metadata or {}).items()}} if metadata else {}
-    blobs, offset = [], 0
-    for name, t in tensors.items():
-        data = t.contiguous().numpy().tobytes()
-        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
-        offset += len(data)
-        blobs.append(data)
-    text = _json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
+    return safetensors.torch.save(tensors, metadata={k: str(v) for k, v in metadata.items()} if metadata else None)
 
 
 @pytest.fixture

@@ -8,13 +8,13 @@ import json
 import os
 import pickle
 import re
-import struct
 import sys
 
+import lora_safetensors
 import safetensors.torch
 import torch
 
-SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
+SAFETENSORS_MAX_HEADER = lora_safetensors.MAX_HEADER
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 network_extensions = (".pt", ".ckpt", ".safetensors")
@@ -24,69 +24,30 @@ class LoraFileError(ValueError):
     """A file that is not a readable Lora file; the message names the file."""
 
 
-def _read_header_object(f, size: int, filename: str) -> tuple[dict, int]:
-    """(the parsed header object, offset of the data block) of an open safetensors file."""
-    raw = f.read(8)
-    if len(raw) != 8:
-        raise LoraFileError(f"{filename}: not a safetensors file (shorter than 8 bytes)")
-    (n,) = struct.unpack("<Q", raw)
-    if n > SAFETENSORS_MAX_HEADER or n + 8 > size:
-        raise LoraFileError(f"{filename}: not a safetensors file (header length {n} out of range)")
-    text = f.read(n)
+def _header(filename: str, f=None) -> lora_safetensors.Header:
+    """The file's validated safetensors header (lora_safetensors), problems as LoraFileError."""
     try:
-        header = json.loads(text)
-    except ValueError as e:
-        raise LoraFileError(f"{filename}: safetensors header is not JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise LoraFileError(f"{filename}: safetensors header is not an object")
-    return header, 8 + n
+        return lora_safetensors.read_header(f, filename) if f is not None else \
+            lora_safetensors.read_header_file(filename)
+    except lora_safetensors.HeaderError as e:
+        raise LoraFileError(str(e)) from None
 
 
 def read_safetensors_header(filename: str) -> tuple[dict, dict]:
     """Returns (raw `__metadata__` strings, {tensor key: {"dtype", "shape"}}) without reading tensor data."""
-    try:
-        size = os.path.getsize(filename)
-        with open(filename, "rb") as f:
-            header, _ = _read_header_object(f, size, filename)
-    except OSError as e:
-        raise LoraFileError(f"{filename}: cannot read: {e}") from None
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        metadata = {}
-    tensors = {k: {"dtype": v.get("dtype"), "shape": v.get("shape")} for k, v in header.items() if isinstance(v, dict)}
-    return metadata, tensors
+    header = _header(filename)
+    tensors = {k: {"dtype": e.dtype, "shape": list(e.shape)} for k, e in header.tensors.items()}
+    return header.metadata, tensors
 
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
-                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}
+SAFETENSORS_DTYPES = lora_safetensors.TORCH_DTYPES
 
 
 def read_safetensors_index(f, filename: str) -> dict[str, tuple[torch.dtype, tuple, int, int]]:
-    """{key: (dtype, shape, file offset, byte count)} of the tensors of an open safetensors file, each checked to
-    lie inside the file with a byte count that fits its shape (tensors of unknown dtypes are left out)."""
-    size = os.fstat(f.fileno()).st_size
-    f.seek(0)
-    header, data_start = _read_header_object(f, size, filename)
-    header.pop("__metadata__", None)
-    index = {}
-    for key, info in header.items():
-        dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
-        if dtype is None:
-            continue
-        shape, offsets = info.get("shape"), info.get("data_offsets")
-        if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape) and
-                isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(n, int) for n in offsets)):
-            raise LoraFileError(f"{filename}: bad shape or offsets for {key!r}")
-        begin, end = offsets
-        numel = 1
-        for n in shape:
-            numel *= n
-        if not 0 <= begin <= end or data_start + end > size or end - begin != numel * dtype.itemsize:
-            raise LoraFileError(f"{filename}: tensor {key!r} does not fit the file")
-        index[key] = (dtype, tuple(shape), data_start + begin, end - begin)
-    return index
+    """{key: (dtype, shape, file offset, byte count)} of the tensors of an open safetensors file (tensors of dtypes
+    this torch lacks are left out)."""
+    return {key: (e.torch_dtype, e.shape, e.offset, e.nbytes) for key, e in _header(filename, f).tensors.items()
+            if e.torch_dtype is not None}
 
 
 def decode_metadata(raw: dict) -> dict:
