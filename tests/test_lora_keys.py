@@ -1,6 +1,7 @@
 """Key formats: every trainer's spelling of a layer and its parts lands on the same canonical layer with the
 same delta; the compvis names agree with diffusers' own single-file mapping; the key map has no collisions."""
 import json
+import re
 
 import lora_keys
 import lora_layers
@@ -298,3 +299,43 @@ def test_compvis_names_agree_with_diffusers_single_file_mapping(family):
     for key in markers:
         path = key.rpartition(".")[0]
         assert lora_keys.compvis_to_diffusers(lora_keys.diffusers_to_compvis(path, structure), table) == path
+
+
+@pytest.mark.parametrize("family,fmt", [("sdxl", "kohya_diffusers_unet"), ("sdxl", "kohya"), ("sd1", "kohya")])
+def test_kohya_spellings_name_the_layers_diffusers_converter_names(request, family, fmt):
+    """OneTrainer's SDXL spelling (kohya keys over diffusers UNet names), kohya SDXL (sgm names, lora_te1_/te2_) and
+    kohya SD1: every file key names the layer that diffusers' own kohya converter
+    (`lora_conversion_utils._convert_non_diffusers_lora_to_diffusers`, sgm names mapped first as its loader does)
+    turns it into; build_file's expected layers are where our loader puts the deltas (test above)."""
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_non_diffusers_lora_to_diffusers,
+        _maybe_map_sgm_blocks_to_diffusers,
+    )
+
+    model = request.getfixturevalue(f"tiny_{family}")
+    tensors, _, expected = build_file(model, fmt)
+    state = _maybe_map_sgm_blocks_to_diffusers(dict(tensors), model.unet.config)
+    converted, _ = _convert_non_diffusers_lora_to_diffusers(state)
+    named = {_diffusers_layer(key) for key in converted}
+    # SDXL's add_embedding.linear_1/_2 under diffusers names are the converter's blind spot (both become
+    # `add.embedding.linear`); from sgm names (label_emb) it gets them right
+    unhandled = {k for k in expected if k.startswith("unet.add_embedding.")} - named
+    assert named - {"unet.add.embedding.linear"} == set(expected) - unhandled
+    assert len(named) > 50
+
+
+def _diffusers_layer(key: str) -> str:
+    """The layer a diffusers LoRA key names, in our canonical form: its old processor spelling
+    (`attn.processor.to_q_lora.up.weight` → `attn.to_q`, `to_out_lora` → `to_out.0`, CLIP `self_attn.to_q_lora`
+    → `self_attn.q_proj`), `.lora.up`/`.lora_linear_layer.up` and PEFT's `lora_A`/`lora_B`."""
+    path = re.sub(r"\.(lora_linear_layer|lora)\.(up|down)\.weight$|\.lora_[AB]\.weight$", "", key)
+    match = re.search(r"(\.processor)?\.to_(q|k|v|out)_lora\.(up|down)\.weight$", path)
+    if match:
+        proj = match.group(2)
+        head = path[:match.start()]
+        if head.startswith("unet."):
+            path = f"{head}.to_out.0" if proj == "out" else f"{head}.to_{proj}"
+        else:
+            path = f"{head}.{proj}_proj" if proj != "out" else f"{head}.out_proj"
+    component, _, rest = path.partition(".")
+    return f"{component}.{rest.removeprefix('text_model.')}"
