@@ -142,3 +142,21 @@ def test_auto_picks_by_memory(fp8_model, peft_lora, monkeypatch):
     assert lora_fp8.resolve("auto", lora_fp8.costs(layers, one, components)) == "upcast"
     assert lora_fp8.resolve("auto", lora_fp8.Costs(1, 50, 50, 100)) == "stochastic"
     assert lora_fp8.resolve("stochastic", cost) == "stochastic"
+
+
+def test_changing_the_strategy_rewrites_the_same_set(fp8_model, peft_lora, write_lora, monkeypatch):
+    """The same Lora set under another strategy: each layer is brought to the new way; the end is bit-exact."""
+    write_lora("fp8_peft", tensors=peft_lora[0], metadata={})
+    before = _fp8_bytes(fp8_model)
+    layer = fp8_model.transformer.single_transformer_blocks[0].proj_mlp
+    original = peft_lora[2]["single_transformer_blocks.0.proj_mlp"]
+    for strategy, dtype, hooked in (("upcast", BF16, False), ("stochastic", FP8, False), ("bypass", FP8, True),
+                                    ("upcast", BF16, False)):
+        monkeypatch.setitem(shared.opts.data, "lora_fp8_strategy", strategy)
+        networks.load_networks(["fp8_peft"], [1.0], [1.0], sd_model=fp8_model)
+        assert layer.weight.dtype == dtype and (getattr(layer, "network_functional", None) is not None) == hooked
+        if strategy == "bypass":
+            assert torch.equal(layer.weight.view(torch.uint8), original.view(torch.uint8))
+    networks.load_networks([], sd_model=fp8_model)
+    after = _fp8_bytes(fp8_model)
+    assert all(torch.equal(after[k][0], v) and after[k][1] == d for k, (v, d) in before.items())
