@@ -19,6 +19,7 @@ from typing import Callable
 
 import lora_files
 import lora_folders
+import lora_identity
 import network
 from lora_folders import (  # noqa: F401  (lora_discovery's names before the folder walk moved out)
     RACY_SECONDS,
@@ -39,7 +40,7 @@ from modules import shared
 available_networks: dict[str, network.NetworkOnDisk] = {}
 available_network_aliases: dict[str, network.NetworkOnDisk] = {}
 forbidden_network_aliases: dict[str, int] = {}
-available_network_hash_lookup = network.available_network_hash_lookup  # the records fill it as hashes become known
+available_network_hash_lookup: dict[str, network.NetworkOnDisk] = {}  # shorthash → record, filled as hashes are known
 available_network_paths: dict[str, network.NetworkOnDisk] = {}  # path-qualified name → record
 
 _records: dict[str, network.NetworkOnDisk] = {}  # absolute path → record, reused while (size, mtime) hold
@@ -65,6 +66,32 @@ _lock = threading.RLock()
 logger = logging.getLogger("lora")
 
 
+def read_facts(filename: str, stat: os.stat_result | None = None) -> network.FileFacts:
+    """What a record holds of its file: size and times, the header's metadata and family hint (cached by path,
+    size and mtime; a .pt/.ckpt is checked to load without unpickling code), a hash known without reading
+    tensors. A file that cannot be read gets `read_error`; one that cannot be stat'ed raises OSError."""
+    st = stat or os.stat(filename)
+    facts = network.FileFacts(st.st_size, st.st_mtime, st.st_mtime_ns)
+    is_safetensors = os.path.splitext(filename)[1].lower() == ".safetensors"
+    if is_safetensors:
+        try:
+            info = lora_identity.cached_header_info(filename)
+            facts.metadata, facts.version_hint = info.get("metadata") or {}, info.get("version_hint")
+        except Exception as e:
+            facts.read_error = str(e)
+    else:  # a pickle that needs more than tensors is named on its card at scan time, not when first used
+        try:
+            facts.read_error = lora_identity.cached_pickle_problem(filename)
+        except Exception as e:
+            facts.read_error = f"{filename}: {e}"
+    facts.hash = lora_identity.known_hash_of(filename, is_safetensors, facts.metadata)
+    return facts
+
+
+def _hash_known(entry: network.NetworkOnDisk) -> None:
+    available_network_hash_lookup[entry.shorthash] = entry
+
+
 def _record(filename: str, root: str, st: os.stat_result | None = None) -> network.NetworkOnDisk | None:
     """The record for a file: the previous one while size and mtime hold (no read at all), else a new one."""
     try:
@@ -77,7 +104,7 @@ def _record(filename: str, root: str, st: os.stat_result | None = None) -> netwo
     stem = os.path.splitext(os.path.basename(filename))[0]
     try:
         return network.NetworkOnDisk(stem, filename, qualified_name=qualified_name_for(filename, root), root=root,
-                                     stat=st)
+                                     facts=read_facts(filename, st))
     except Exception as e:  # one unreadable file must not hide the others
         logger.warning("Lora: skipping %s: %s", filename, e)
         return None
@@ -268,7 +295,7 @@ def refresh_record(entry: network.NetworkOnDisk) -> network.NetworkOnDisk:
     with _lock:
         try:
             fresh = network.NetworkOnDisk(entry.stem, entry.filename, qualified_name=entry.qualified_name,
-                                          root=entry.root, stat=st)
+                                          root=entry.root, facts=read_facts(entry.filename, st))
         except Exception as e:
             logger.warning("Lora: cannot re-read %s: %s", entry.filename, e)
             return entry
@@ -300,3 +327,4 @@ def ambiguous_alias_files(name: str) -> list[network.NetworkOnDisk]:
 
 
 network.set_name_resolver(find_network)
+network.set_file_io(read_facts, lora_identity.compute_hash, _hash_known)

@@ -30,11 +30,15 @@ def cached_pickle_problem(filename: str) -> str | None:
                                       lambda: lora_files.pickle_problem(filename)) or None
 
 
-def known_hash(entry) -> str | None:
+def known_hash_of(filename: str, is_safetensors: bool, metadata: dict) -> str | None:
     """A hash available without reading tensors: a cached computed one, else a plausible embedded one."""
-    cached = hashes.sha256_from_cache(entry.filename, cache_title(entry.filename),
-                                      use_addnet_hash=entry.is_safetensors)
-    return cached or lora_files.embedded_hash(entry.metadata)
+    cached = hashes.sha256_from_cache(filename, cache_title(filename), use_addnet_hash=is_safetensors)
+    return cached or lora_files.embedded_hash(metadata)
+
+
+def known_hash(entry) -> str | None:
+    """known_hash_of for a record."""
+    return known_hash_of(entry.filename, entry.is_safetensors, entry.metadata)
 
 
 def compute_hash(entry) -> str | None:

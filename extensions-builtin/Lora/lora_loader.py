@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 
+import lora_discovery  # noqa: F401  (registers the file reader that records built A1111-style use)
 import lora_files
 import lora_keys
 import network

@@ -15,7 +15,6 @@ from typing import Callable
 
 import lora_bypass
 import lora_files
-import lora_identity
 import lyco_helpers
 import torch
 
@@ -69,23 +68,51 @@ def detect_version(metadata: dict, version_hint: str | None = None) -> SdVersion
     return SdVersion.Unknown
 
 
-# shorthash → record (A1111's `networks.available_network_hash_lookup`: lora_discovery re-exports this dict).
-available_network_hash_lookup: dict[str, NetworkOnDisk] = {}
-# How a prompt name resolves to a record. Name resolution lives in lora_discovery, which imports this module, so it
-# hands its resolver over at import (set_name_resolver) instead of this module importing it back.
-_name_resolver: list[Callable[[str], NetworkOnDisk | None]] = []
+@dataclass
+class FileFacts:
+    """What discovery read of a Lora file for its record (lora_discovery.read_facts); this module reads nothing."""
+
+    size: int
+    mtime: float
+    mtime_ns: int
+    metadata: dict = field(default_factory=dict)
+    version_hint: str | None = None
+    read_error: str | None = None
+    hash: str | None = None  # known without reading tensors (cached, or a plausible embedded one)
+
+
+class _DiscoveryHooks:
+    """What records need from discovery, which imports this module and so hands these over at import
+    (lora_discovery: set_name_resolver, set_file_io) instead of this module importing it back."""
+
+    find_network: Callable[[str], NetworkOnDisk | None] | None = None
+    read_facts: Callable[[str, os.stat_result | None], FileFacts] | None = None
+    compute_hash: Callable[[NetworkOnDisk], str | None] | None = None
+    hash_known: Callable[[NetworkOnDisk], None] | None = None
+
+
+_hooks = _DiscoveryHooks()
 
 
 def set_name_resolver(find_network: Callable[[str], NetworkOnDisk | None]) -> None:
-    _name_resolver[:] = [find_network]
+    _hooks.find_network = find_network
+
+
+def set_file_io(read_facts: Callable[[str, os.stat_result | None], FileFacts],
+                compute_hash: Callable[[NetworkOnDisk], str | None],
+                hash_known: Callable[[NetworkOnDisk], None]) -> None:
+    """Discovery's file reader and hasher (records built A1111-style, `NetworkOnDisk(name, filename)`, use them),
+    and its hash lookup's update."""
+    _hooks.read_facts, _hooks.compute_hash, _hooks.hash_known = read_facts, compute_hash, hash_known
 
 
 def _find_network(name: str) -> NetworkOnDisk | None:
-    return _name_resolver[0](name) if _name_resolver else None
+    return _hooks.find_network(name) if _hooks.find_network is not None else None
 
 
 class NetworkOnDisk:
-    """One Lora file found on disk. Reads only the header (through the cache); never tensors.
+    """One Lora file found on disk: what discovery read of its header (FileFacts); never tensors. Built without
+    `facts` (A1111 style), it asks discovery's reader.
 
     Fields for the card page: name (unique key in `available_networks`: the stem, or the path-qualified name
     for a later file with the same stem), stem, qualified_name (`sub/stem` relative to its Lora folder),
@@ -94,40 +121,29 @@ class NetworkOnDisk:
     """
 
     def __init__(self, name: str, filename: str, *, qualified_name: str | None = None, root: str | None = None,
-                 stat: os.stat_result | None = None):
+                 stat: os.stat_result | None = None, facts: FileFacts | None = None):
         self.name = name
         self.filename = os.path.abspath(filename)
         self.stem = os.path.splitext(os.path.basename(filename))[0]
         self.qualified_name = qualified_name or self.stem
         self.root = root
-        st = stat or os.stat(self.filename)
-        self.size = st.st_size
-        self.mtime = st.st_mtime
-        self.mtime_ns = st.st_mtime_ns
         self.is_safetensors = os.path.splitext(filename)[1].lower() == ".safetensors"
-        self.read_error: str | None = None
+        if facts is None:
+            if _hooks.read_facts is None:
+                raise RuntimeError("NetworkOnDisk: lora_discovery is not loaded (it reads the files)")
+            facts = _hooks.read_facts(self.filename, stat)
+        self.size, self.mtime, self.mtime_ns = facts.size, facts.mtime, facts.mtime_ns
+        self.read_error: str | None = facts.read_error
         self.load_error: str | None = None
-
-        metadata, version_hint = {}, None
-        if self.is_safetensors:
-            try:
-                info = lora_identity.cached_header_info(self.filename)
-                metadata, version_hint = info.get("metadata") or {}, info.get("version_hint")
-            except Exception as e:
-                self.read_error = str(e)
-        else:  # a pickle that needs more than tensors is named on its card at scan time, not when first used
-            try:
-                self.read_error = lora_identity.cached_pickle_problem(self.filename)
-            except Exception as e:
-                self.read_error = f"{self.filename}: {e}"
+        metadata = facts.metadata or {}
         self.metadata = dict(sorted(metadata.items(), key=lambda x: metadata_tags_order.get(x[0], 999)))
-        self.version_hint = version_hint
+        self.version_hint = facts.version_hint
         alias = self.metadata.get("ss_output_name")
         self.alias = alias if isinstance(alias, str) and alias.strip() else self.stem
 
         self.hash: str | None = None
         self.shorthash: str | None = None
-        self.set_hash(lora_identity.known_hash(self))
+        self.set_hash(facts.hash)
         self.sd_version = detect_version(self.metadata, self.version_hint)
 
     @property
@@ -141,13 +157,13 @@ class NetworkOnDisk:
     def set_hash(self, v: str | None) -> None:
         self.hash = v or None
         self.shorthash = self.hash[0:12] if self.hash else None
-        if self.shorthash:
-            available_network_hash_lookup[self.shorthash] = self
+        if self.shorthash and _hooks.hash_known is not None:
+            _hooks.hash_known(self)
 
     def read_hash(self) -> None:
         """Computes the hash on first use (tensor-data "addnet" hash for safetensors, else file sha256)."""
-        if not self.hash:
-            self.set_hash(lora_identity.compute_hash(self))
+        if not self.hash and _hooks.compute_hash is not None:
+            self.set_hash(_hooks.compute_hash(self))
 
     def get_alias(self) -> str:
         """The name a card inserts: the alias when it resolves back to this file, else the unique name."""
