@@ -306,7 +306,7 @@ def test_dora_wrapper_on_lora_loha_lokr(axis):
                       {"lokr_w1": rnd(2, 2), "lokr_w2": rnd(out_c // 2, in_c // 2, *layer.weight.shape[2:])}):
             module = build({**parts, "alpha": torch.tensor(1.0), "dora_scale": magnitude}, layer)
             for m in (1.0, 0.4):
-                check_merged(module, layer, m, kind=network.DoraBypass)
+                check_merged(module, layer, m, kind=lora_bypass.DoraBypass)
             assert module.bypass(layer, 1.0).nbytes == 4 * (out_c if axis == "output" else in_c)
 
 
@@ -320,11 +320,11 @@ def test_subclass_with_its_own_math_and_padded_conv_in_take_the_computed_path():
 
     module = build({"lora_up.weight": rnd(8, 2), "lora_down.weight": rnd(2, 6)}, layer)
     module.__class__ = Doubled
-    check_merged(module, layer, 0.5, kind=network.ComputedBypass)
+    check_merged(module, layer, 0.5, kind=lora_bypass.ComputedBypass)
     assert module.delta_depends_on_weight  # changed math: the residual restore must not trust it
     inpaint = conv(8, 9, stride=1)
     padded = build({"lora_up.weight": rnd(8, 2, 1, 1), "lora_down.weight": rnd(2, 4, 3, 3)}, inpaint)
-    check_merged(padded, inpaint, 1.0, kind=network.ComputedBypass)
+    check_merged(padded, inpaint, 1.0, kind=lora_bypass.ComputedBypass)
 
 
 def test_bf16_layer_follows_the_merge():

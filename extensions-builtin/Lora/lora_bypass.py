@@ -3,12 +3,17 @@
 
 A branch gives one network's change of one layer's output, Δy = f(x, y0), where y0 is the layer's own output
 (original weights, the other networks' branches not added) — without forming ΔW where the type can. The math of
-each type lives in its network_*.py; this module holds only the layer's op and the plumbing every type shares.
+each type lives in its network_*.py; this module holds the layer's op, the plumbing every type shares, and the two
+wrappers any type gets: ComputedBypass (ΔW from compute() per call, for what a type's own forward does not cover)
+and DoraBypass (DoRA's per-channel scale around a type's forward).
 Branches keep the network's own tensors where they already are on the layer's device (fp32 factors, cast per call
 to the input's dtype: a few KB each); on another device they hold one copy there, which `nbytes` counts.
 """
 from __future__ import annotations
 
+import inspect
+
+import lyco_helpers
 import torch
 import torch.nn.functional as F
 
@@ -191,3 +196,68 @@ class ChannelShift(Bypass):
 
     def __call__(self, x: torch.Tensor, y0: torch.Tensor | None) -> torch.Tensor:
         return self.op.per_channel(cast(self.bias, x), x)
+
+
+def module_compute(module, original: torch.Tensor, multiplier: float, dyn_dim: int | None,
+                   orig_bias: torch.Tensor | None):
+    """module.compute(), with the layer's original bias for the types that read it (OFT; an A1111-era subclass may
+    not take it)."""
+    kind = type(module)
+    if kind not in _takes_orig_bias:
+        try:
+            _takes_orig_bias[kind] = "orig_bias" in inspect.signature(module.compute).parameters
+        except (TypeError, ValueError):
+            _takes_orig_bias[kind] = False
+    if _takes_orig_bias[kind]:
+        return module.compute(original, multiplier, dyn_dim, orig_bias=orig_bias)
+    return module.compute(original, multiplier, dyn_dim)
+
+
+_takes_orig_bias: dict[type, bool] = {}
+
+
+class ComputedBypass(Bypass):
+    """Δy = op(x, ΔW, Δb) with (ΔW, Δb) from the module's compute() in each call, dropped after it (holds nothing):
+    for a subclass that changes its type's math and for layers a type's own forward does not cover (an inpainting
+    conv_in's padded delta, a grouped conv). The same as A1111's functional path."""
+
+    def __init__(self, module, op: LayerOp, multiplier: float, dyn_dim: int | None):
+        super().__init__()
+        self.module, self.op, self.multiplier, self.dyn_dim = module, op, float(multiplier), dyn_dim
+
+    def __call__(self, x: torch.Tensor, y0: torch.Tensor | None) -> torch.Tensor:
+        bias = getattr(self.op.layer, "bias", None)
+        dw, db = module_compute(self.module, self.op.weight(x), self.multiplier, self.dyn_dim,
+                                None if bias is None else bias.detach())
+        return self.op(x, cast(dw, x), cast(None if db is None else db.reshape(-1), x))
+
+
+class DoraBypass(Bypass):
+    """DoRA around a type's forward: W' = c ⊙ V with V = W + s·U and c = M/‖V‖ per channel (computed once from
+    the weight; only c is kept). Per output channel Δy = m·((c − 1)·(y0 − b) + c·core(x)); per input channel
+    Δy = m·(op(x·(c − 1), W) + core(x·c))."""
+
+    def __init__(self, module, op: LayerOp, core: Bypass, scale: float,
+                 multiplier: float, dyn_dim: int | None):
+        super().__init__()
+        weight = op.layer.weight.detach().float()
+        updown, shape, _ = module.calc_delta(weight, dyn_dim, 1.0, None)
+        merged = weight + module.shaped_delta(updown, weight, shape) * scale
+        self.axis = lyco_helpers.dora_axis(module.dora_scale.shape, weight.shape, module.dora_square_default)
+        magnitude = module.dora_scale.to(weight.device, torch.float32)
+        self.c = self.keep(lyco_helpers.dora_channel_scale(merged, magnitude, self.axis).reshape(-1))
+        self.op, self.core, self.m = op, core, float(multiplier)
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + self.core.nbytes
+
+    def __call__(self, x: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
+        op, c = self.op, cast(self.c, x)
+        if self.axis == lyco_helpers.DORA_OUTPUT_AXIS:
+            bias = getattr(op.layer, "bias", None)
+            z = y0 if bias is None else y0 - op.per_channel(cast(bias.detach(), y0), y0)
+            cy = op.per_channel(c, y0)
+            return self.m * ((cy - 1) * z + cy * self.core(x, y0))
+        cx = op.per_input_channel(c, x)
+        return self.m * (op(x * (cx - 1), op.weight(x)) + self.core(x * cx, y0))

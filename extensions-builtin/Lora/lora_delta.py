@@ -17,7 +17,7 @@ import lora_plan
 import lyco_helpers
 import network_lora
 import torch
-from network import module_compute  # re-exported: it lived here before network.py
+from lora_bypass import module_compute  # re-exported: it lived here before
 
 CPU_CHUNK = 1 << 18  # elements per block on CPU: the temporaries stay in cache
 ACCELERATOR_CHUNK = 1 << 24  # bounds the scratch memory on a GPU

@@ -18,7 +18,6 @@ import logging
 
 import lora_bypass
 import lora_plan
-import network
 import torch
 
 logger = logging.getLogger("lora")
@@ -48,7 +47,7 @@ def branch_for(c: lora_plan.Contribution, layer: torch.nn.Module) -> lora_bypass
     bypass = getattr(c.module, "bypass", None)
     if callable(bypass):
         return bypass(layer, c.multiplier, c.dyn_dim)
-    return network.ComputedBypass(c.module, lora_bypass.LayerOp(layer), c.multiplier, c.dyn_dim)
+    return lora_bypass.ComputedBypass(c.module, lora_bypass.LayerOp(layer), c.multiplier, c.dyn_dim)
 
 
 def _branches(name: str, layer: torch.nn.Module, contributions: list) -> list:

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import enum
-import inspect
 import json
 import os
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import lora_bypass
 import lora_files
 import lyco_helpers
 import torch
+from lora_bypass import ComputedBypass, DoraBypass, module_compute  # noqa: F401  (used below; lora_delta imports)
 
 from modules import extra_networks, shared
 
@@ -450,67 +450,3 @@ class NetworkModule:
         raise TypeError(f"{self.sd_key}: no functional path for {type(layer).__name__}")
 
 
-
-def module_compute(module, original: torch.Tensor, multiplier: float, dyn_dim: int | None,
-                   orig_bias: torch.Tensor | None):
-    """module.compute(), with the layer's original bias for the types that read it (OFT; an A1111-era subclass may
-    not take it)."""
-    kind = type(module)
-    if kind not in _takes_orig_bias:
-        try:
-            _takes_orig_bias[kind] = "orig_bias" in inspect.signature(module.compute).parameters
-        except (TypeError, ValueError):
-            _takes_orig_bias[kind] = False
-    if _takes_orig_bias[kind]:
-        return module.compute(original, multiplier, dyn_dim, orig_bias=orig_bias)
-    return module.compute(original, multiplier, dyn_dim)
-
-
-_takes_orig_bias: dict[type, bool] = {}
-
-
-class ComputedBypass(lora_bypass.Bypass):
-    """Δy = op(x, ΔW, Δb) with (ΔW, Δb) from the module's compute() in each call, dropped after it (holds nothing):
-    for a subclass that changes its type's math and for layers a type's own forward does not cover (an inpainting
-    conv_in's padded delta, a grouped conv). The same as A1111's functional path."""
-
-    def __init__(self, module, op: lora_bypass.LayerOp, multiplier: float, dyn_dim: int | None):
-        super().__init__()
-        self.module, self.op, self.multiplier, self.dyn_dim = module, op, float(multiplier), dyn_dim
-
-    def __call__(self, x: torch.Tensor, y0: torch.Tensor | None) -> torch.Tensor:
-        bias = getattr(self.op.layer, "bias", None)
-        dw, db = module_compute(self.module, self.op.weight(x), self.multiplier, self.dyn_dim,
-                                None if bias is None else bias.detach())
-        return self.op(x, lora_bypass.cast(dw, x), lora_bypass.cast(None if db is None else db.reshape(-1), x))
-
-
-class DoraBypass(lora_bypass.Bypass):
-    """DoRA around a type's forward: W' = c ⊙ V with V = W + s·U and c = M/‖V‖ per channel (computed once from
-    the weight; only c is kept). Per output channel Δy = m·((c − 1)·(y0 − b) + c·core(x)); per input channel
-    Δy = m·(op(x·(c − 1), W) + core(x·c))."""
-
-    def __init__(self, module: NetworkModule, op: lora_bypass.LayerOp, core: lora_bypass.Bypass, scale: float,
-                 multiplier: float, dyn_dim: int | None):
-        super().__init__()
-        weight = op.layer.weight.detach().float()
-        updown, shape, _ = module.calc_delta(weight, dyn_dim, 1.0, None)
-        merged = weight + module.shaped_delta(updown, weight, shape) * scale
-        self.axis = lyco_helpers.dora_axis(module.dora_scale.shape, weight.shape, module.dora_square_default)
-        magnitude = module.dora_scale.to(weight.device, torch.float32)
-        self.c = self.keep(lyco_helpers.dora_channel_scale(merged, magnitude, self.axis).reshape(-1))
-        self.op, self.core, self.m = op, core, float(multiplier)
-
-    @property
-    def nbytes(self) -> int:
-        return super().nbytes + self.core.nbytes
-
-    def __call__(self, x: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
-        op, c = self.op, lora_bypass.cast(self.c, x)
-        if self.axis == lyco_helpers.DORA_OUTPUT_AXIS:
-            bias = getattr(op.layer, "bias", None)
-            z = y0 if bias is None else y0 - op.per_channel(lora_bypass.cast(bias.detach(), y0), y0)
-            cy = op.per_channel(c, y0)
-            return self.m * ((cy - 1) * z + cy * self.core(x, y0))
-        cx = op.per_input_channel(c, x)
-        return self.m * (op(x * (cx - 1), op.weight(x)) + self.core(x * cx, y0))

@@ -124,7 +124,7 @@ class NetworkModuleRows(network.NetworkModule):
         op = lora_bypass.LayerOp(layer)
         self.validate(op.weight_shape)
         if self.dora_scale is not None or op.kind != "linear":
-            return network.ComputedBypass(self, op, multiplier, dyn_dim)
+            return lora_bypass.ComputedBypass(self, op, multiplier, dyn_dim)
         inner = self.inner.bypass_on(lora_bypass.LayerOp(layer, self.fused_shape), multiplier, dyn_dim)
         index = torch.cat([torch.arange(r0, r1) for r0, r1 in self.ranges]).to(op.device)
         return RowsBypass(inner, index)
