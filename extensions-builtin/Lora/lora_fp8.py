@@ -24,6 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
+try:  # both hosts have them (imported at load time: A1111 drops the extension folder from sys.path later)
+    from modules import devices, shared
+except ImportError:  # a tool or a bare test without a host
+    devices = shared = None
+
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 AUTO, UPCAST, STOCHASTIC, BYPASS = "auto", "upcast", "stochastic", "bypass"
 STRATEGIES = (AUTO, UPCAST, STOCHASTIC, BYPASS)
@@ -38,9 +43,8 @@ def is_fp8(dtype: torch.dtype | None) -> bool:
 def setting() -> str:
     """The `lora_fp8_strategy` option (auto when unset or unknown)."""
     try:
-        from modules import shared
         value = str(getattr(shared.opts, "lora_fp8_strategy", AUTO)).lower()
-    except Exception:
+    except Exception:  # no host (a tool, a bare test)
         value = AUTO
     return value if value in STRATEGIES else AUTO
 
@@ -52,7 +56,6 @@ def compute_dtype(module: torch.nn.Module) -> torch.dtype:
     if isinstance(bias, torch.Tensor) and bias.is_floating_point() and not is_fp8(bias.dtype):
         return bias.dtype
     try:
-        from modules import devices
         dtype = getattr(devices, "dtype", None)
         if isinstance(dtype, torch.dtype) and dtype.is_floating_point and not is_fp8(dtype):
             return dtype
