@@ -280,6 +280,8 @@ def main() -> None:
     parser.add_argument("--third-party-together", action="store_true",
                         help="also one run with all --third-party extensions installed at once")
     parser.add_argument("--keep-dumps", action="store_true", help="keep the saved weights in --out")
+    parser.add_argument("--timings-only", action="store_true",
+                        help="only the timings and memory (no weight, restore, hash or browser checks)")
     parser.add_argument("--reuse", action="store_true",
                         help="take a side's results from an earlier run in --out (side_*.json and its weight dumps)"
                              " instead of running it again")
@@ -316,6 +318,10 @@ def main() -> None:
             def checks(s: Side) -> None:
                 nonlocal base_title
                 base_title = base_title or s.server.info()["checkpoint"]
+                if args.timings_only:
+                    s.timings()
+                    s.functional(s.server.snapshot()["digests"])
+                    return
                 all_checks(s, base_title)
                 if s.which == "project" and not args.skip_browser:
                     s.browser = a1111_check_browser.run(s.server.url, bed.lora_dir, args.out)
