@@ -54,7 +54,7 @@ class LayerDelta:
     @property
     def single(self):
         """The one fused term when there is exactly one (it can add itself into the weight in place), else None."""
-        terms = ([self.lowrank] if self.lowrank is not None else []) + self.parts
+        terms = self.terms
         return terms[0] if len(terms) == 1 and self.full is None else None
 
     def merge(self, out: torch.Tensor, original: torch.Tensor, scratch) -> None:
@@ -64,7 +64,7 @@ class LayerDelta:
         rows = out.shape[0] if out.dim() else 1
         cols = max(1, out.numel() // max(rows, 1))
         out2, orig2 = out.view(rows, cols), original.reshape(rows, cols)
-        terms = ([self.lowrank] if self.lowrank is not None else []) + self.parts
+        terms = self.terms
         full = self.full.reshape(rows, cols) if self.full is not None else None
         block = chunk_elements(out.device)
         if out.dtype == torch.float32:
@@ -75,16 +75,30 @@ class LayerDelta:
             if full is not None:
                 out2.add_(full)
             return
+        for r0, r1, s in self.summed_rows(out, original, scratch, block):
+            out2[r0:r1].copy_(s)
+
+    @property
+    def terms(self) -> list:
+        return ([self.lowrank] if self.lowrank is not None else []) + self.parts
+
+    def summed_rows(self, out: torch.Tensor, original: torch.Tensor, scratch, block: int):
+        """(r0, r1, fp32 rows r0:r1 of original + Σ ΔW) in cache-sized blocks of `out`'s 2-D view; each block is
+        one scratch buffer, valid until the next is asked for (the caller stores it into `out` its own way)."""
+        rows = out.shape[0] if out.dim() else 1
+        cols = max(1, out.numel() // max(rows, 1))
+        orig2 = original.reshape(rows, cols)
+        full = self.full.reshape(rows, cols) if self.full is not None else None
         step = max(1, block // cols)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             s = scratch.get("merge", torch.float32, (r1 - r0) * cols).view(r1 - r0, cols)
             s.copy_(orig2[r0:r1])
-            for term in terms:
+            for term in self.terms:
                 term.rows(s, r0, r1, scratch, accumulate=True)
             if full is not None:
                 s.add_(full[r0:r1])
-            out2[r0:r1].copy_(s)
+            yield r0, r1, s
 
     def blocks(self, shape: torch.Size, device: torch.device, scratch):
         """(start, end, Σ ΔW of those flat positions) in blocks of whole rows of the weight's 2-D view."""

@@ -199,20 +199,9 @@ def merge_stochastic(delta, out: torch.Tensor, original: torch.Tensor, scratch, 
     """out (fp8) = stochastic_round(original + Σ ΔW), through cache-sized fp32 row blocks. `out` may be
     `original`; both contiguous."""
     rows = out.shape[0] if out.dim() else 1
-    cols = max(1, out.numel() // max(rows, 1))
-    out2, orig2 = out.view(rows, cols), original.reshape(rows, cols)
-    terms = ([delta.lowrank] if delta.lowrank is not None else []) + delta.parts
-    full = delta.full.reshape(rows, cols) if delta.full is not None else None
+    out2 = out.view(rows, max(1, out.numel() // max(rows, 1)))
     generator = torch.Generator(device=out.device).manual_seed(seed)
-    step = max(1, block // cols)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        s = scratch.get("merge", torch.float32, (r1 - r0) * cols).view(r1 - r0, cols)
-        s.copy_(orig2[r0:r1])
-        for term in terms:
-            term.rows(s, r0, r1, scratch, accumulate=True)
-        if full is not None:
-            s.add_(full[r0:r1])
+    for r0, r1, s in delta.summed_rows(out, original, scratch, block):
         noise = scratch.get("noise", torch.float32, s.numel()).view_as(s)
         torch.rand(s.shape, generator=generator, device=s.device, out=noise)
         out2[r0:r1].copy_(stochastic_round(s, out.dtype, noise))
