@@ -155,3 +155,14 @@ def test_onetrainer_simpletuner_and_raw_peft_spellings(sd3, write_file, prefix):
         want["transformer"][f"{name}.weight"] = want["transformer"][f"{name}.weight"] + delta(d, u, a, (-1, d.shape[1]))
     original = model_state(sd3)
     assert check(apply(sd3, "sd3_names"), want, original) == len(f)
+
+
+def test_the_extension_names_sd3_layers_as_the_host_loads_them():
+    """The extension cannot import the host (it must run in A1111), so it keeps its own diffusers → SAI name table;
+    every name the host's single-file loader maps must map the same way there."""
+    import lora_sd3
+
+    from modules import sd3_layout
+
+    assert sd3_layout._SIMPLE.items() <= lora_sd3._SIMPLE.items()
+    assert sd3_layout._BLOCK.items() <= lora_sd3._BLOCK.items()
