@@ -7,9 +7,11 @@ models are shared with other tests and must not be switched or damaged)."""
 import base64
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -96,9 +98,14 @@ def _assert_listed_once(api, server) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def reference(api):
-    """The loaded good model's title and image."""
+    """The loaded good model's title and image. The title gains the file's short hash when the background hashing
+    finishes: wait for it, so the tests compare with the title the server keeps."""
+    deadline = time.time() + 120
     title = _loaded(api)
-    assert title.startswith(GOOD), title
+    while not re.fullmatch(re.escape(GOOD) + r" \[[0-9a-f]{10}\]", title) and time.time() < deadline:
+        time.sleep(0.5)
+        title = _loaded(api)
+    assert re.fullmatch(re.escape(GOOD) + r" \[[0-9a-f]{10}\]", title), title
     return title, _image(api)
 
 
