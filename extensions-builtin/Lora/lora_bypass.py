@@ -3,9 +3,10 @@
 
 A branch gives one network's change of one layer's output, Δy = f(x, y0), where y0 is the layer's own output
 (original weights, the other networks' branches not added) — without forming ΔW where the type can. The math of
-each type lives in its network_*.py; this module holds the layer's op, the plumbing every type shares, and the two
+each type lives in its network_*.py; this module holds the layer's op, the plumbing every type shares, the two
 wrappers any type gets: ComputedBypass (ΔW from compute() per call, for what a type's own forward does not cover)
-and DoraBypass (DoRA's per-channel scale around a type's forward).
+and DoraBypass (DoRA's per-channel scale around a type's forward), and `assemble`, which puts them and the shared
+parts (A1111's `bias` part, Δbias) around a type's forward.
 Branches keep the network's own tensors where they already are on the layer's device (fp32 factors, cast per call
 to the input's dtype: a few KB each); on another device they hold one copy there, which `nbytes` counts.
 """
@@ -261,3 +262,27 @@ class DoraBypass(Bypass):
             return self.m * ((cy - 1) * z + cy * self.core(x, y0))
         cx = op.per_input_channel(c, x)
         return self.m * (op(x * (cx - 1), op.weight(x)) + self.core(x * cx, y0))
+
+
+def assemble(module, op: LayerOp, multiplier: float, dyn_dim: int | None) -> Bypass:
+    """A type's own forward (`module.bypass_weight`) at strength `multiplier`, with what every type shares put
+    around it: A1111's weight-shaped `bias` part, DoRA's scale, the type's own Δbias. Falls back to ComputedBypass
+    where the type has no forward for this layer. NetworkModule.bypass_on calls this for a type with its own math."""
+    if module.applies_multiplier:
+        return module.bypass_weight(op, float(multiplier), dyn_dim) or ComputedBypass(module, op, multiplier, dyn_dim)
+    m, scale = float(multiplier), float(module.calc_scale(dyn_dim))
+    factor = scale if module.dora_scale is not None else scale * m  # DoraBypass applies m after its scale
+    core = module.bypass_weight(op, factor, dyn_dim)
+    if core is None:
+        return ComputedBypass(module, op, multiplier, dyn_dim)
+    if module.bias is not None:
+        if module.bias.numel() != torch.Size(op.weight_shape).numel():
+            return ComputedBypass(module, op, multiplier, dyn_dim)
+        part = module.bias
+        core = Sum([core, Rebuilt(op, lambda: part.to(op.device, torch.float32) * factor)])
+    if module.dora_scale is not None:
+        core = DoraBypass(module, op, core, scale, m, dyn_dim)
+    ex_bias = module.extra_bias()
+    if ex_bias is not None:
+        core = Sum([core, ChannelShift(op, ex_bias.float() * m)])
+    return core

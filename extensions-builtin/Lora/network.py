@@ -6,66 +6,21 @@
 """
 from __future__ import annotations
 
-import enum
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Callable
 
 import lora_bypass
-import lora_files
+import lora_metadata
 import lyco_helpers
 import torch
-from lora_bypass import ComputedBypass, DoraBypass, module_compute  # noqa: F401  (used below; lora_delta imports)
+from lora_bypass import ComputedBypass
+from lora_metadata import SdVersion, detect_version  # noqa: F401  (A1111 names: network.SdVersion, ...)
 
 from modules import extra_networks, shared
 
 metadata_tags_order = {"ss_sd_model_name": 1, "ss_resolution": 2, "ss_clip_skip": 3, "ss_num_train_images": 10,
                        "ss_tag_frequency": 20}
-
-
-class SdVersion(enum.Enum):
-    Unknown = 1
-    SD1 = 2
-    SD2 = 3
-    SDXL = 4
-    SD3 = 5  # the transformer families are ours; A1111 v1.10.1 has the four above
-    Flux = 6
-    Chroma = 7
-
-
-def detect_version(metadata: dict, version_hint: str | None = None) -> SdVersion:
-    """The model family of a Lora file. Its keys and shapes (`version_hint`, lora_files.version_hint_from_keys)
-    win over what the metadata says, since trainers write wrong or no `ss_*` values and A1111 calls every LoRA
-    with metadata SD1 (13A-10). Without a key hint: A1111's rules (ss_base_model_version, ss_v2), then
-    modelspec.architecture; Flux/Chroma/SD3 from keys or metadata (`flux1`, `flux-1-dev/lora`, `chroma`, ...);
-    a file of another architecture is Unknown, and any other file with metadata is SD1, as in A1111."""
-    if version_hint in SdVersion.__members__ and version_hint != "Unknown":
-        return SdVersion[version_hint]
-    transformer = lora_files.transformer_family_from_metadata(metadata)
-    if version_hint == "DiT":  # the keys say "a transformer" only: the metadata may say which
-        return SdVersion[transformer] if transformer else SdVersion.Unknown
-    if version_hint:  # another architecture: none of ours
-        return SdVersion.Unknown
-    if transformer:
-        return SdVersion[transformer]
-    base = str(metadata.get("ss_base_model_version", "") or "")
-    if base.startswith("sdxl_"):
-        return SdVersion.SDXL
-    if str(metadata.get("ss_v2", "")) == "True" or base.startswith("sd_v2"):
-        return SdVersion.SD2
-    if base.startswith("sd_v1"):
-        return SdVersion.SD1
-    arch = str(metadata.get("modelspec.architecture", "") or "")
-    for prefix, version in (("stable-diffusion-xl", SdVersion.SDXL), ("stable-diffusion-v2", SdVersion.SD2),
-                            ("stable-diffusion-v1", SdVersion.SD1)):
-        if arch.startswith(prefix):
-            return version
-    if base or arch:  # named, but not a family of ours (flux1, sd3, stable-diffusion-v3-medium/lora, ...)
-        return SdVersion.Unknown
-    if metadata:
-        return SdVersion.SD1
-    return SdVersion.Unknown
 
 
 @dataclass
@@ -237,32 +192,9 @@ def _scalar(t) -> float | None:
     return float(t)
 
 
-def _truthy(value) -> bool | None:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes"):
-        return True
-    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no"):
-        return False
-    return None
-
-
 def dora_square_default(net: Network | None) -> str:
-    """The DoRA axis for a 1-D magnitude on a square layer: the file's own `wd_on_output` training argument when
-    its metadata has one (LyCORIS, `ss_network_args`), else the kohya/A1111 input-axis convention."""
-    metadata = getattr(getattr(net, "network_on_disk", None), "metadata", None) or {}
-    args = metadata.get("ss_network_args")
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except ValueError:
-            args = None
-    if isinstance(args, dict):
-        for key in ("wd_on_output", "wd_on_out"):
-            flag = _truthy(args.get(key))
-            if flag is not None:
-                return lyco_helpers.DORA_OUTPUT_AXIS if flag else lyco_helpers.DORA_INPUT_AXIS
-    return lyco_helpers.DORA_INPUT_AXIS
+    """The DoRA axis for a 1-D magnitude on a square layer, from the network's file metadata (lora_metadata)."""
+    return lora_metadata.dora_axis_from_metadata(getattr(getattr(net, "network_on_disk", None), "metadata", None))
 
 
 class ModuleType:
@@ -404,24 +336,7 @@ class NetworkModule:
         declared = next(c for c in type(self).__mro__ if "bypass_weight" in c.__dict__)
         if declared is NetworkModule or not lyco_helpers.own_math(self, declared, "calc_delta", "delta_shape"):
             return ComputedBypass(self, op, multiplier, dyn_dim)  # a subclass with its own math keeps it
-        if self.applies_multiplier:
-            return self.bypass_weight(op, float(multiplier), dyn_dim) or ComputedBypass(self, op, multiplier, dyn_dim)
-        m, scale = float(multiplier), float(self.calc_scale(dyn_dim))
-        factor = scale if self.dora_scale is not None else scale * m
-        core = self.bypass_weight(op, factor, dyn_dim)
-        if core is None:
-            return ComputedBypass(self, op, multiplier, dyn_dim)
-        if self.bias is not None:
-            if self.bias.numel() != torch.Size(op.weight_shape).numel():
-                return ComputedBypass(self, op, multiplier, dyn_dim)
-            part = self.bias
-            core = lora_bypass.Sum([core, lora_bypass.Rebuilt(op, lambda: part.to(op.device, torch.float32) * factor)])
-        if self.dora_scale is not None:
-            core = DoraBypass(self, op, core, scale, m, dyn_dim)
-        ex_bias = self.extra_bias()
-        if ex_bias is not None:
-            core = lora_bypass.Sum([core, lora_bypass.ChannelShift(op, ex_bias.float() * m)])
-        return core
+        return lora_bypass.assemble(self, op, multiplier, dyn_dim)
 
     def calc_updown(self, orig_weight: torch.Tensor):
         """A1111 API: the delta for this network's current multiplier and dyn."""
@@ -435,18 +350,9 @@ class NetworkModule:
         weight = getattr(layer, "weight", None)
         if weight is None:
             raise TypeError(f"{self.sd_key}: the layer has no weight")
+        try:
+            op = lora_bypass.LayerOp(layer)
+        except TypeError as e:
+            raise TypeError(f"{self.sd_key}: no functional path ({e})") from None
         dw, db = self.calc_updown(weight.detach())
-        dw = dw.to(x.device, x.dtype)
-        db = None if db is None else db.to(x.device, x.dtype)
-        functional = torch.nn.functional
-        if isinstance(layer, torch.nn.Linear):
-            return y + functional.linear(x, dw, db)
-        if isinstance(layer, torch.nn.Conv2d):
-            return y + functional.conv2d(x, dw, db, layer.stride, layer.padding, layer.dilation, layer.groups)
-        if isinstance(layer, torch.nn.LayerNorm):
-            return y + functional.layer_norm(x, layer.normalized_shape, dw, db, layer.eps)
-        if isinstance(layer, torch.nn.GroupNorm):
-            return y + functional.group_norm(x, layer.num_groups, dw, db, layer.eps)
-        raise TypeError(f"{self.sd_key}: no functional path for {type(layer).__name__}")
-
-
+        return y + op(x, dw.to(x.device, x.dtype), None if db is None else db.to(x.device, x.dtype))
