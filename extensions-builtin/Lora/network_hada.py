@@ -44,8 +44,9 @@ def half(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None) -> torch.Tens
 
 
 def diff_weight(w1a, w1b, w2a, w2b, t1, t2, shape, factor: float = 1.0) -> torch.Tensor:
-    """factor · W1 ⊙ W2 shaped `shape` (the factor folded into the smallest part)."""
-    return half(w1a * factor, w1b, t1).reshape(shape) * half(w2a, w2b, t2).reshape(shape)
+    """factor · W1 ⊙ W2 shaped `shape` (the factor folded into the smallest part; the product written into W1's
+    fresh tensor, so a forward's rebuild peaks at two weight-sized tensors, not three)."""
+    return half(w1a * factor, w1b, t1).reshape(shape).mul_(half(w2a, w2b, t2).reshape(shape))
 
 
 class NetworkModuleHada(network.NetworkModule):
