@@ -332,7 +332,8 @@ def main() -> None:
                 third_results = a1111_check_thirdparty.run(bed, args.third_party, checkpoint, args.out,
                                                             [n for n in ("builtin", "project")
                                                              if not args.only or n == args.only],
-                                                            together=args.third_party_together)
+                                                            together=args.third_party_together,
+                                                            reuse=args.reuse)
             except Exception as e:  # the main table is still worth printing
                 third_results = [("third party", "", "", f"the run failed: {type(e).__name__}: {e}")]
     finally:

@@ -13,6 +13,8 @@ Known extensions (by folder name) and what is checked:
 """
 from __future__ import annotations
 
+import base64
+import json
 import os
 
 from a1111_check_bed import Bed, StartError
@@ -86,15 +88,34 @@ def _run_side(bed: Bed, side: str, folders: list[str], checkpoint: str, out_dir:
     return results
 
 
+def _saved(out_dir: str, side: str, group: list[str]) -> str:
+    names = "+".join(os.path.basename(os.path.normpath(f)) for f in group)
+    return os.path.join(out_dir, f"thirdparty_{side}_{names}.json")
+
+
 def run(bed: Bed, folders: list[str], checkpoint: str, out_dir: str, sides: list[str],
-        together: bool = False) -> list[tuple]:
+        together: bool = False, reuse: bool = False) -> list[tuple]:
     """[(check, built-in result, ours, verdict)] for the table: each extension alone in its own server run, and
-    with `together` once more all of them installed at once."""
+    with `together` once more all of them installed at once. Each side's results are saved in `out_dir`;
+    `reuse` takes them from there (with their weight dumps) instead of running that side again."""
     groups = [[f] for f in folders] + ([folders] if together and len(folders) > 1 else [])
     by_side: dict[str, dict] = {side: {} for side in sides}
     for i, group in enumerate(groups):
         for side in sides:
-            by_side[side].update(_run_side(bed, side, group, checkpoint, out_dir, f"thirdparty{i}"))
+            saved = _saved(out_dir, side, group)
+            if reuse and os.path.exists(saved):
+                with open(saved, encoding="utf8") as f:
+                    results = {job: {**e, "image": base64.b64decode(e["image"]) if e.get("image") else None}
+                               for job, e in json.load(f).items()}
+                if all(e.get("file") is None or os.path.exists(e["file"]) for e in results.values()):
+                    print(f"--- {side} with {os.path.basename(saved)}: results of an earlier run", flush=True)
+                    by_side[side].update(results)
+                    continue
+            results = _run_side(bed, side, group, checkpoint, out_dir, f"thirdparty{i}")
+            with open(saved, "w", encoding="utf8") as f:
+                json.dump({job: {**e, "image": base64.b64encode(e["image"]).decode() if e.get("image") else None}
+                           for job, e in results.items()}, f)
+            by_side[side].update(results)
     rows = []
     for job in dict.fromkeys(j for res in by_side.values() for j in res):
         b, o = by_side.get("builtin", {}).get(job), by_side.get("project", {}).get(job)

@@ -270,3 +270,80 @@ def test_replaced_network_cache_is_emptied(tiny_sd1, write_lora):
     assert networks.loaded_networks[0] is not first
     assert networks.networks_in_memory is networks.lora_loader.networks_in_memory
     networks.load_networks([], sd_model=tiny_sd1)
+
+
+def test_lbw_scaled_modules_are_merged_before_the_prompt_is_encoded(tiny_ldm_pair, write_lora):
+    """LoRA Block Weight runs after activation: for each of `net.modules.keys()` (A1111's layer names, as A1111's
+    dict is keyed) it picks a block ratio by name and assigns scaled tensors to the module (its lbw(), LoRA branch:
+    `module.up_model.weight = Parameter(module.up_model.weight * ratio)`). A1111 merges in the layers' forwards, so
+    the text encoder and the UNet run with the scaled network; removing it restores every weight bit for bit."""
+    import lora_layers
+    import networks
+
+    ldm, twin = tiny_ldm_pair("sd1")
+    path = write_lora("lbwnet", twin, "sd1")
+    networks.assign_network_names_to_compvis_modules(ldm)
+    layer_map = lora_layers.get_layer_map(ldm)
+    originals = {k: m.weight.detach().clone() for k, m in layer_map.layers.items() if hasattr(m, "weight")}
+    networks.load_networks(["lbwnet"], [1.0], [1.0], sd_model=ldm)
+    net = networks.loaded_networks[0]
+    picked = {"in": next(k for k in net.modules if k.startswith("unet.down_blocks.") and k.endswith("attn1.to_q")),
+              "out": next(k for k in net.modules if k.startswith("unet.up_blocks.") and k.endswith("attn1.to_q")),
+              "te": next(k for k in net.modules if k.startswith("text_encoder.") and k.endswith("q_proj"))}
+    before = {k: layer_map.layers[k].weight.double() - originals[k].double() for k in picked.values()}
+
+    keys = list(net.modules.keys())
+    assert "diffusion_model_input_blocks_1_1_transformer_blocks_0_attn1_to_q" in keys
+    ratios = {}
+    for key in keys:  # LBW's lbw() with BASE 0.5, IN 0, the rest 1
+        ratio = 0.0 if "diffusion_model_input_blocks_" in key else 0.5 if "encoder" in key else 1.0
+        module = net.modules[key]
+        module.up_model.weight = torch.nn.Parameter(module.up_model.weight * ratio)
+        ratios[module.sd_key] = ratio
+    assert ratios[picked["in"]] == 0.0 and ratios[picked["out"]] == 1.0 and ratios[picked["te"]] == 0.5
+
+    text_encoder = layer_map.components["text_encoder"]
+    hooks = [h for h in text_encoder._forward_pre_hooks.values()
+             if getattr(h, "__name__", "") == "_before_text_encoder"]
+    assert len(hooks) == 1
+    hooks[0](text_encoder, ())  # the prompt is encoded: the change is merged first
+    for key in picked.values():
+        delta = layer_map.layers[key].weight.double() - originals[key].double()
+        torch.testing.assert_close(delta, ratios[key] * before[key], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(before[picked["out"]], _plain_delta(path, picked["out"], 1.0), rtol=1e-5, atol=1e-6)
+    assert networks.apply_changed_multipliers(ldm) == 0  # nothing changed since: nothing written
+
+    networks.load_networks([], sd_model=ldm)
+    for key, weight in originals.items():
+        assert torch.equal(layer_map.layers[key].weight, weight), key
+
+
+class _Script:
+    def __init__(self, title: str, args_from: int):
+        self._title, self.args_from = title, args_from
+
+    def title(self) -> str:
+        return self._title
+
+
+@pytest.mark.parametrize("active", [True, False])
+def test_lbw_syntax_is_left_to_lbw_when_its_script_is_active(active):
+    """With LBW's *Active* box on, LBW applies `lbw=`, `w=`, `start=`, `stop=` and its positional preset by scaling
+    the loaded modules; reading them here as well would apply the block weights twice."""
+    import extra_networks_lora
+    import lora_syntax
+
+    from modules import extra_networks
+
+    runner = type("Runner", (), {})()
+    runner.alwayson_scripts = [_Script("Other", 0), _Script("LoRA Block Weight", 2)]
+    p = type("P", (), {})()
+    p.scripts, p.script_args = runner, [None, None, "preset text", active, False]
+    assert extra_networks_lora.lbw_script_active(p) is active
+    for items in (["x", "0.8", "lbw=OUTALL", "start=2"], ["x", "0.8", "OUTALL"]):
+        tag = lora_syntax.parse_lora_params(extra_networks.ExtraNetworkParams(items=items),
+                                            leave_lbw_syntax=extra_networks_lora.lbw_script_active(p))
+        assert (tag.blocks is None and tag.window is None) is active, items
+        assert tag.te == tag.unet == 0.8
+    p.scripts = None
+    assert extra_networks_lora.lbw_script_active(p) is False

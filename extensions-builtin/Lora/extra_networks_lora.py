@@ -65,6 +65,22 @@ def block_layer_names(sd_model, family: str | None) -> list[str]:
     return list(lora_layers.get_layer_map(sd_model).layers)
 
 
+LBW_TITLE = "LoRA Block Weight"
+
+
+def lbw_script_active(p) -> bool:
+    """Whether LoRA Block Weight's script is on for this job (its *Active* box, the second of its arguments: its
+    `process(p, loraratios, useblocks, ...)`). Then it applies the tags' block weights and start/stop itself."""
+    runner, args = getattr(p, "scripts", None), getattr(p, "script_args", None)
+    for script in getattr(runner, "alwayson_scripts", None) or []:
+        try:
+            if script.title() == LBW_TITLE:
+                return bool(args[script.args_from + 1])
+        except Exception:  # another extension's object: not LBW's, or not set up for this job
+            continue
+    return False
+
+
 def hash_key(name: str) -> str:
     return name.replace(":", "").replace(",", "")
 
@@ -94,11 +110,12 @@ class ExtraNetworkLora(extra_networks.ExtraNetwork):
         sd_model = getattr(p, "sd_model", None)
         family = model_family(sd_model if sd_model is not None else getattr(shared, "sd_model", None))
         presets = lora_block_weights.all_presets(getattr(shared, "data_path", None))
+        lbw_owns_blocks = lbw_script_active(p)
         tags: dict[str, lora_syntax.LoraTag] = {}
         blocks: dict[str, dict[str, float] | None] = {}
         for params in params_list:
             try:
-                tag = lora_syntax.parse_lora_params(params, presets)
+                tag = lora_syntax.parse_lora_params(params, presets, leave_lbw_syntax=lbw_owns_blocks)
                 weights = tag.blocks.for_family(family, block_layer_names(sd_model, family)) \
                     if tag.blocks is not None else None
             except (lora_syntax.LoraTagError, lora_block_weights.BlockWeightError) as e:

@@ -73,6 +73,8 @@ def build_module(net: network.Network, weights: network.NetworkWeights) -> netwo
 def parse_state_dict(net: network.Network, state_dict: dict, layer_map) -> network.Network:
     parsed = lora_keys.parse_state_dict(state_dict, layer_map.key_map, getattr(net.network_on_disk, "metadata", None))
     state_dict, groups, bases, net.unmatched_keys = parsed.tensors, parsed.groups, parsed.bases, parsed.unmatched
+    if isinstance(net.modules, network.ModuleDict):
+        net.modules.a1111_names = getattr(layer_map, "a1111_names", {})
     net.bundle_embeddings, net.version_hint, net.refused = parsed.bundle_embeddings, parsed.version_hint, parsed.refused
     for canonical, parts in groups.items():
         bad = _non_finite_parts(parts, state_dict)

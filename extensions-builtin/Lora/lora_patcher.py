@@ -162,7 +162,8 @@ class Patcher:
             fp8 = lora_fp8.handles(original, self.fp8_strategy)
             how, param = (lora_fp8.UPCAST, None) if fp8 == lora_fp8.UPCAST else \
                 lora_restore_methods.choose(job, name, module, weight, original, delta.used, self.prefer)
-            new_rec = RestoreRecord(how, tuple(delta.used), source=job.sources.source, param=param, bias=bias_backup)
+            new_rec = RestoreRecord(how, tuple(c.held() for c in delta.used), source=job.sources.source, param=param,
+                                    bias=bias_backup)
             if fp8 is not None:
                 new_rec.fp8 = lora_fp8.Fp8State(fp8, seed=lora_fp8.seed_for(name, delta.used))
             if how == lora_fp8.UPCAST:
@@ -177,7 +178,7 @@ class Patcher:
             if not in_place:
                 with no_grad_for(weight):
                     weight.copy_(original)
-            new_rec = RestoreRecord(None, tuple(delta.used), bias=bias_backup)
+            new_rec = RestoreRecord(None, tuple(c.held() for c in delta.used), bias=bias_backup)
         if read is not None:
             release(rec.source, read)
         lora_weight_writer.write_bias(module, weight, delta.bias, new_rec)

@@ -1,11 +1,14 @@
 """Plan: for the wanted networks, what each layer should hold.
 
-A layer's wanted state is the ordered list of (network file identity, multiplier, dyn) of the networks that
-target it with a non-zero multiplier. The patcher compares it with the state the layer holds and touches only
-layers where the two differ; a changed file (new size or mtime) is a new identity, so it re-applies.
+A layer's wanted state is the ordered list of (network file identity, module factors version, multiplier, dyn) of
+the networks that target it with a non-zero multiplier. The patcher compares it with the state the layer holds and
+touches only layers where the two differ; a changed file (new size or mtime) is a new identity, and tensors another
+extension assigned to a module a new factors version, so either re-applies.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -21,7 +24,12 @@ class Contribution:
 
     @property
     def key(self) -> tuple:
-        return self.network.identity, self.multiplier, self.dyn_dim
+        return self.network.identity, getattr(self.module, "factors_version", 0), self.multiplier, self.dyn_dim
+
+    def held(self) -> Contribution:
+        """This contribution with a shallow copy of its module, for a restore record: the tensors the merge used
+        stay with it when another extension assigns new ones to the module (NetworkModule.__setattr__)."""
+        return dataclasses.replace(self, module=copy.copy(self.module))
 
 
 def multiplier_for(net: network.Network, layer_name: str) -> float:

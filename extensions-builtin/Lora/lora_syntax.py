@@ -93,20 +93,27 @@ def _first(weight: Weight) -> float:
     return weight.keyframes[0][1] if isinstance(weight, lora_schedule.Schedule) else weight
 
 
-def parse_lora_params(params, presets: dict[str, str] | None = None) -> LoraTag:
+LBW_KEYS = ("lbw", "w", "start", "stop")
+
+
+def parse_lora_params(params, presets: dict[str, str] | None = None, leave_lbw_syntax: bool = False) -> LoraTag:
     """One ExtraNetworkParams → LoraTag. Unknown named keys are ignored, as in A1111.
 
-    `presets`: block-weight presets by name (lora_block_weights.all_presets; the built-ins when None)."""
+    `presets`: block-weight presets by name (lora_block_weights.all_presets; the built-ins when None).
+    `leave_lbw_syntax`: LoRA Block Weight is active and applies its own syntax (`lbw=`, `w=`, `start=`, `stop=`,
+    the positional preset) by scaling the loaded modules: those are read as A1111 reads them (ignored)."""
     presets = lora_block_weights.BUILTIN_PRESETS if presets is None else presets
     positional = list(params.positional)
     named = dict(params.named)
+    if leave_lbw_syntax:
+        named = {k: v for k, v in named.items() if k not in LBW_KEYS}
     text = ":".join(str(x) for x in params.items)
     if not positional or not str(positional[0]).strip():
         raise LoraTagError("no Lora name")
     blocks = None
     # LBW's older form puts the block weights where A1111 has the unet multiplier: `<lora:x:1:OUTALL>`
     if len(positional) > 2 and lora_block_weights.looks_like_vector_or_preset(str(positional[2]).strip(), presets):
-        blocks = _blocks(lora_block_weights.parse_vector, str(positional[2]), presets)
+        blocks = None if leave_lbw_syntax else _blocks(lora_block_weights.parse_vector, str(positional[2]), presets)
         positional = positional[:2]
     te = _weight(positional[1], "multiplier") if len(positional) > 1 else 1.0
     te = _weight(named["te"], "te") if "te" in named else te

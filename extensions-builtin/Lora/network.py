@@ -136,8 +136,30 @@ class NetworkOnDisk:
         return f"NetworkOnDisk({self.name!r}, {self.filename!r})"
 
 
+class ModuleDict(dict):
+    """`Network.modules`: {canonical layer name: NetworkModule}. `keys()` lists A1111's layer names where the model
+    has them (`diffusion_model_input_blocks_1_1_proj_in`, as A1111's own dict is keyed: LoRA Block Weight picks a
+    module's block weight by that name) and indexing takes either name; iteration, items() and get() are canonical."""
+
+    a1111_names: dict[str, str] = {}  # {canonical: A1111 name} (lora_layers.LayerMap.a1111_names)
+
+    def keys(self) -> list[str]:
+        return [self.a1111_names.get(k, k) for k in dict.keys(self)]
+
+    def __getitem__(self, key: str) -> NetworkModule:
+        try:
+            return dict.__getitem__(self, key)
+        except KeyError:
+            canonical = next((c for c, a in self.a1111_names.items() if a == key and dict.__contains__(self, c)), None)
+            if canonical is None:
+                raise
+            return dict.__getitem__(self, canonical)
+
+
 class Network:  # LoraModule
     """A Lora file parsed for one model: {canonical layer name: NetworkModule} plus what did not match."""
+
+    factors_version = 0  # tensor replacements in its modules (NetworkModule.__setattr__); networks' wanted state
 
     def __init__(self, name: str, network_on_disk: NetworkOnDisk):
         self.name = name
@@ -147,7 +169,7 @@ class Network:  # LoraModule
         self.dyn_dim: int | None = None
         self.block_weights: dict[str, float] | None = None  # {LBW block id: weight} from the tag, this job
         self.layer_factors: dict[str, float] = {}  # {layer: block weight} where it is not 1 (lora_plan reads it)
-        self.modules: dict[str, NetworkModule] = {}
+        self.modules: ModuleDict = ModuleDict()
         self.bundle_embeddings: dict = {}
         self.mtime: float | None = network_on_disk.mtime if network_on_disk else None
         self.mentioned_name: str | None = None
@@ -197,6 +219,11 @@ def dora_square_default(net: Network | None) -> str:
     return lora_metadata.dora_axis_from_metadata(getattr(getattr(net, "network_on_disk", None), "metadata", None))
 
 
+def _same_tensor(old, new: torch.Tensor) -> bool:
+    return isinstance(old, torch.Tensor) and old.data_ptr() == new.data_ptr() and old.dtype == new.dtype and \
+        old.shape == new.shape and old.stride() == new.stride() and old.device == new.device
+
+
 class ModuleType:
     """Claims the parts of one layer group it understands by returning a NetworkModule, else None."""
 
@@ -220,6 +247,21 @@ class NetworkModule:
     supports_dora = True
     applies_multiplier = False
     delta_reads_weight = True
+    factors_version = 0  # tensors assigned to the module so far: part of the layer's plan key (lora_plan)
+
+    def __setattr__(self, name: str, value) -> None:
+        # Other extensions scale a loaded network by assigning new tensors to its modules (LoRA Block Weight:
+        # `module.w1a = Parameter(module.w1a * ratio)`, `module.up_model.weight = ...`): each replacement is
+        # counted, so the plan sees the layer change and merges it again. Reassigning the same storage
+        # (Regional Prompter moves factors to the device they are on) is no change. Kept as plain tensors.
+        if isinstance(value, torch.Tensor):
+            value = value.detach() if value.requires_grad else value
+            if not _same_tensor(self.__dict__.get(name), value):
+                object.__setattr__(self, "factors_version", self.factors_version + 1)
+                net = self.__dict__.get("network")
+                if net is not None:
+                    net.factors_version = getattr(net, "factors_version", 0) + 1
+        object.__setattr__(self, name, value)
 
     def __init__(self, net: Network, weights: NetworkWeights):
         self.network = net

@@ -60,7 +60,14 @@ class GLoraBypass(lora_bypass.Bypass):
         return (a + op.pointwise(h, up)) * self.factor
 
 
+def _a1111_name(part: str) -> property:
+    """A1111 calls GLoRA's parts w1a, w1b, w2a, w2b (a1, b1, a2, b2); LoRA Block Weight scales `w1a` by that name."""
+    return property(lambda self: getattr(self, part), lambda self, value: setattr(self, part, value))
+
+
 class NetworkModuleGLora(network.NetworkModule):
+    w1a, w1b, w2a, w2b = (_a1111_name(p) for p in ("a1", "b1", "a2", "b2"))
+
     def __init__(self, net: network.Network, weights: network.NetworkWeights):
         super().__init__(net, weights)
         w = weights.w

@@ -66,8 +66,38 @@ class LowRankBypass(lora_bypass.Bypass):
         return forward_diff(x, self.op, c(self.up, x), c(self.down, x), c(self.mid, x), self.factor)
 
 
+class FactorView:
+    """A1111's `up_model`/`down_model`/`mid_model` stand-in: `.weight` reads and assigns the module's factor, so
+    extensions that scale `module.up_model.weight` (LoRA Block Weight, Regional Prompter) change what is merged."""
+
+    def __init__(self, module: network.NetworkModule, part: str):
+        self._where = (module, part)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        module, part = self._where
+        return getattr(module, part)
+
+    @weight.setter
+    def weight(self, value: torch.Tensor) -> None:
+        module, part = self._where
+        setattr(module, part, value)
+
+
 class NetworkModuleLora(network.NetworkModule):
     delta_reads_weight = False
+
+    @property
+    def up_model(self) -> FactorView:
+        return FactorView(self, "up")
+
+    @property
+    def down_model(self) -> FactorView:
+        return FactorView(self, "down")
+
+    @property
+    def mid_model(self) -> FactorView | None:
+        return FactorView(self, "mid") if self.mid is not None else None
 
     def __init__(self, net: network.Network, weights: network.NetworkWeights):
         super().__init__(net, weights)

@@ -76,6 +76,9 @@ def assign_network_names_to_compvis_modules(sd_model) -> None:
     layer_map = lora_layers.assign_network_names_to_compvis_modules(sd_model)
     if layer_map is not None:
         _watch_unet(layer_map.components.get("unet"))
+        for name, component in layer_map.components.items():
+            if name.startswith("text_encoder"):
+                _watch_text_encoder(component)
 
 
 def load_network(name: str, network_on_disk: NetworkOnDisk, sd_model=None) -> Network:
@@ -280,16 +283,17 @@ def restore_all(sd_model=None) -> None:
 # A1111 merges lazily in each layer's forward and compares the loaded networks' (name, te, unet, dyn) there, so
 # extensions change those between steps or even layers: loractl turns the multipliers into properties of the
 # sampling step, LoRA Block Weight's start/stop and Regional Prompter's regions set them from their own callbacks
-# and forwards. Here the merge happens in load_networks; these notice such changes and apply them (the plan then
-# rewrites only the layers whose multiplier changed).
-_applied_state: tuple = (False, ())  # (functional mode, each loaded network's id, name, te, unet, dyn)
+# and forwards, and LBW scales the loaded modules' tensors after activation. Here the merge happens in load_networks;
+# these notice such changes (a module's new tensors show in its network's factors_version) before the text encoders
+# and the UNet run, and apply them (the plan then rewrites only the layers that changed).
+_applied_state: tuple = (False, ())  # (functional mode, each loaded network's id, name, te, unet, dyn, version)
 _applied_unet_state: tuple = (False, ())  # the same, as far as the UNet's layers hold it
 _applied_model = None  # weakref to the model they were applied to
 
 
 def _wanted_state() -> tuple:
-    return functional_mode(), tuple((id(n), n.name, float(n.te_multiplier), float(n.unet_multiplier), n.dyn_dim)
-                                    for n in loaded_networks)
+    return functional_mode(), tuple((id(n), n.name, float(n.te_multiplier), float(n.unet_multiplier), n.dyn_dim,
+                                     getattr(n, "factors_version", 0)) for n in loaded_networks)
 
 
 def _remember_applied(sd_model) -> None:
@@ -333,6 +337,18 @@ def apply_changed_multipliers(sd_model=None, unet_only: bool = False) -> int:
 
 def _before_unet(module, args) -> None:
     apply_changed_multipliers(unet_only=True)
+
+
+def _before_text_encoder(module, args) -> None:
+    apply_changed_multipliers()
+
+
+def _watch_text_encoder(text_encoder) -> None:
+    """Checks for changes before each text encoder call: LoRA Block Weight scales the loaded modules' tensors after
+    activation and before the prompt is encoded (A1111 merges in the layers' forwards, so the encoder sees them)."""
+    if isinstance(text_encoder, torch.nn.Module) and not getattr(text_encoder, "_lora_watched", False):
+        text_encoder.register_forward_pre_hook(_before_text_encoder)
+        text_encoder._lora_watched = True
 
 
 def _watch_unet(unet) -> None:
