@@ -148,7 +148,19 @@ class Floors:
                 if w.dtype == torch.float32 and self.chunk is None:
                     w4.addcmul_(w2.view(1, c, 1, d), w1.view(a, 1, b, 1))
                     continue
-                step = c if self.chunk is None else max(1, self.chunk // (b * d))
+                per_i = c * b * d  # the elements of W1's row i: a run of c rows of the weight
+                if self.chunk is None or self.chunk >= per_i:  # blocks of whole runs, n of them at once
+                    n = a if self.chunk is None else self.chunk // per_i
+                    for i0 in range(0, a, n):
+                        i1 = min(a, i0 + n)
+                        if w.dtype == torch.float32:
+                            w4[i0:i1].addcmul_(w2.view(1, c, 1, d), w1[i0:i1].view(-1, 1, b, 1))
+                            continue
+                        s = self._buffer(0, (i1 - i0) * per_i).view(i1 - i0, c, b, d).copy_(w4[i0:i1])
+                        s.addcmul_(w2.view(1, c, 1, d), w1[i0:i1].view(-1, 1, b, 1))
+                        w4[i0:i1].copy_(s)
+                    continue
+                step = max(1, self.chunk // (b * d))
                 for i in range(a):
                     for k0 in range(0, c, step):
                         k1 = min(c, k0 + step)

@@ -341,7 +341,7 @@ def bench_patcher(model, layers, paths, nets, strategy, source, repeats, clock, 
 
 def bench_floor(layers, nets, repeats, clock, device) -> dict:
     """Each operation's floor (scripts/bench_lora_floors.py), timed the same way, with the block size that was
-    fastest for it in a calibration run (apply 3 uses apply 1's, multiplier uses switch's: the same loops); the
+    fastest for it in a calibration run (multiplier uses switch's: the same loop on the same shapes); the
     weights are put back from the floor's in-memory originals after each (not timed)."""
     from scripts.bench_lora_floors import Floors, chunk_name
     floors = Floors(layers, nets, device)
@@ -354,9 +354,9 @@ def bench_floor(layers, nets, repeats, clock, device) -> dict:
            "multiplier": lambda: floors.apply_lora(multiplier, from_original=True),
            "remove": lambda: floors.remove(one)}
     chunks, calibration = {}, {}
-    for op in ("apply 1", "loha", "lokr", "switch"):
+    for op in ("apply 1", "apply 3", "loha", "lokr", "switch"):
         chunks[op], calibration[op] = floors.calibrate(ops[op], clock)
-    chunks["apply 3"], chunks["multiplier"], chunks["remove"] = chunks["apply 1"], chunks["switch"], None
+    chunks["multiplier"], chunks["remove"] = chunks["switch"], None
     times: dict[str, list] = {op: [] for op in ops}
     for _ in range(repeats):
         for op, fn in ops.items():
