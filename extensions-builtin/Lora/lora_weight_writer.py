@@ -42,7 +42,7 @@ def write_fused(job, weight: torch.Tensor, original: torch.Tensor, delta: lora_d
     if isinstance(term, network_lora.LowRankRows) and weight.dtype == torch.float32 and \
             original.data_ptr() != weight.data_ptr() and original.is_contiguous():
         out = weight.view(weight.shape[0], -1)  # one GEMM from the original into the weight
-        torch.addmm(original.reshape(out.shape), term.up, term.down, out=out)
+        torch.addmm(original.reshape(out.shape), term.up, term.down, alpha=term.alpha, out=out)
         return
     try:
         if fp8 is not None:  # seeded stochastic rounding into the fp8 weight

@@ -190,27 +190,30 @@ class NetworkModuleLora(network.NetworkModule):
         if len(weight_shape) < 2 or up.shape[1] != down.shape[0] or up.shape[0] != weight_shape[0] or \
                 up.shape[0] * down.shape[1] != weight_shape.numel():
             return None
-        return LowRankRows(up * (float(self.calc_scale(dyn_dim)) * float(multiplier)), down)
+        return LowRankRows(up, down, float(self.calc_scale(dyn_dim)) * float(multiplier))
 
 
 class LowRankRows(lyco_helpers.RowDelta):
-    """ΔW = up @ down (up: out × rank with multiplier and scale folded in, down: rank × cols, fp32). Several
-    of them on one layer concatenate along the rank, so one GEMM sums them."""
+    """ΔW = alpha · up @ down (up: out × rank, down: rank × cols, fp32; alpha: multiplier × scale, applied by the
+    GEMM, so the factors are used as loaded, without a scaled copy per job). Several of them on one layer
+    concatenate along the rank (each up scaled by its alpha), so one GEMM sums them."""
 
-    def __init__(self, up: torch.Tensor, down: torch.Tensor):
-        self.up, self.down = up, down
+    def __init__(self, up: torch.Tensor, down: torch.Tensor, alpha: float = 1.0):
+        self.up, self.down, self.alpha = up, down, float(alpha)
 
     @staticmethod
     def concat(parts: list[LowRankRows]) -> LowRankRows:
         if len(parts) == 1:
             return parts[0]
-        return LowRankRows(torch.cat([p.up for p in parts], dim=1), torch.cat([p.down for p in parts], dim=0))
+        up = torch.cat([p.up for p in parts], dim=1)
+        col = 0
+        for p in parts:
+            up[:, col:col + p.up.shape[1]].mul_(p.alpha)
+            col += p.up.shape[1]
+        return LowRankRows(up, torch.cat([p.down for p in parts], dim=0))
 
     def rows(self, out: torch.Tensor, r0: int, r1: int, scratch, accumulate: bool) -> None:
-        if accumulate:
-            out.addmm_(self.up[r0:r1], self.down)
-        else:
-            torch.mm(self.up[r0:r1], self.down, out=out)
+        torch.addmm(out, self.up[r0:r1], self.down, beta=1 if accumulate else 0, alpha=self.alpha, out=out)
 
     def add_to(self, weight: torch.Tensor, scratch, block_elements: int) -> None:
-        weight.addmm_(self.up, self.down)  # one GEMM over the layer: MKL blocks it better than we would
+        weight.addmm_(self.up, self.down, alpha=self.alpha)  # one GEMM over the layer: MKL blocks it better
