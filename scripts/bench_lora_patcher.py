@@ -360,9 +360,10 @@ def bench_floor(layers, nets, repeats, clock, device) -> dict:
     times: dict[str, list] = {op: [] for op in ops}
     for _ in range(repeats):
         for op, fn in ops.items():
-            floors.chunk = chunks[op]
             if op == "remove":
+                floors.chunk = chunks["apply 1"]
                 floors.apply_lora(one)
+            floors.chunk = chunks[op]
             times[op].append(clock(fn)[0])
             floors.remove()
     res = {op: statistics.median(v) for op, v in times.items()}
