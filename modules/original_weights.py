@@ -4,11 +4,15 @@ The Lora patcher restores a layer from here instead of keeping a copy of it. Byt
 is the one the model was loaded from: each read checks the file's identity and change times (device, inode,
 size, mtime, ctime; ctime cannot be set back by tools that preserve mtime, such as `rsync --inplace -t`) before
 and after reading, and returns None otherwise, so the patcher uses its residual or clone path instead. Reads are
-plain pread()s, never a memory map: a file truncated meanwhile gives a short read, not SIGBUS.
+plain pread()s, never a memory map: a file truncated meanwhile gives a short read, not SIGBUS. Large reads are
+split over the torch threads (one kernel copy per thread: a single pread() reaches ~80 % of a threaded memcpy).
+`open_rows` hands out row blocks of one parameter, so the patcher can rebuild a merge from the original in one pass.
 """
 from __future__ import annotations
 
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -39,6 +43,26 @@ def changed_files(stamps: dict[str, FileStamp]) -> list[str]:
 
 
 _BLOCK_BYTES = 1 << 20
+_PARALLEL_BYTES = 8 << 20  # below this one pread() is as fast as several
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _pread_parallel(fd: int, buffer: torch.Tensor, offset: int, filename: str) -> None:
+    """pread_into split into one contiguous part per torch thread (a uint8 buffer)."""
+    global _pool
+    parts = min(torch.get_num_threads(), 8)
+    if parts < 2 or buffer.numel() < _PARALLEL_BYTES:
+        mapped_memory.pread_into(fd, buffer, offset, filename)
+        return
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(8, thread_name_prefix="original-weights")
+    step = -(-buffer.numel() // parts)
+    futures = [_pool.submit(mapped_memory.pread_into, fd, buffer[i:i + step], offset + i, filename)
+               for i in range(0, buffer.numel(), step)]
+    for f in futures:
+        f.result()
 
 
 def _read_cast(fd: int, flat: torch.Tensor, dtype: torch.dtype, offset: int, nbytes: int, filename: str) -> None:
@@ -51,6 +75,11 @@ def _read_cast(fd: int, flat: torch.Tensor, dtype: torch.dtype, offset: int, nby
         mapped_memory.pread_into(fd, buffer[:n * size], offset + done * size, filename)
         flat[done:done + n].copy_(buffer[:n * size].view(dtype))
         done += n
+
+
+def _as_stored(ref: sd_models_ldm.LdmRef | None) -> bool:
+    """Whether the parameter's bytes lie in the file as loaded (whole, or a block of rows), not reshaped."""
+    return ref is None or ref.transform in ("", "rows")
 
 
 class OriginalWeights:
@@ -101,7 +130,7 @@ class OriginalWeights:
         if entry is None or out.dtype != self.dtypes.get((component, name), out.dtype):
             return False
         filename, key, ref = entry
-        direct = (ref is None or ref.transform == "rows") and out.device.type == "cpu" and out.is_contiguous()
+        direct = _as_stored(ref) and out.device.type == "cpu" and out.is_contiguous()
         if not direct:
             t = self.read(component, name)
             if t is None or t.shape != out.shape:
@@ -118,7 +147,7 @@ class OriginalWeights:
                     return False
                 if dtype == out.dtype:
                     if nbytes:
-                        mapped_memory.pread_into(f.fileno(), out.view(torch.uint8).view(-1), offset, filename)
+                        _pread_parallel(f.fileno(), out.view(torch.uint8).view(-1), offset, filename)
                 else:  # converted on load: cast block by block through a cache-sized buffer
                     _read_cast(f.fileno(), out.view(-1), dtype, offset, nbytes, filename)
                 if _stamp(os.fstat(f.fileno())) != self.stamps[filename]:
@@ -127,13 +156,38 @@ class OriginalWeights:
             return False
         return True
 
+    def open_rows(self, component: str, name: str, like: torch.Tensor) -> RowReader | None:
+        """A reader of row blocks of the parameter as loaded (`like`: a CPU tensor of its shape and dtype), or
+        None when it cannot give rows straight from the file (unknown, changed, reshaped on load, other device).
+        Close it (or use it as a context manager) to learn whether the file stayed unchanged."""
+        entry = self.refs.get((component, name))
+        if entry is None or like.dtype != self.dtypes.get((component, name), like.dtype) or \
+                like.device.type != "cpu" or like.dim() < 1:
+            return None
+        filename, key, ref = entry
+        if not _as_stored(ref):
+            return None
+        try:
+            f = open(filename, "rb", buffering=0)
+        except OSError:
+            return None
+        try:
+            located = self._locate(f, filename, key, ref)
+        except (ValueError, KeyError):
+            located = None
+        if located is None or list(located[1]) != list(like.shape):
+            f.close()
+            return None
+        dtype, _, offset, nbytes = located
+        return RowReader(f, filename, self.stamps[filename], dtype, offset, nbytes // max(like.shape[0], 1))
+
     def sample(self, component: str, name: str, step: int) -> torch.Tensor | None:
         """Elements 0, step, 2·step, ... of the flattened parameter as loaded, read one by one (a few pages)."""
         entry = self.refs.get((component, name))
         if entry is None:
             return None
         filename, key, ref = entry
-        if ref is not None and ref.transform != "rows":  # reshaped on read: take it whole
+        if not _as_stored(ref):  # reshaped on read: take it whole
             t = self.read(component, name)
             return None if t is None else t.reshape(-1)[::step]
         try:
@@ -186,3 +240,35 @@ class OriginalWeights:
             if _stamp(os.fstat(f.fileno())) != self.stamps[filename]:  # written while we read: the bytes may be mixed
                 return None
         return buffer.view(dtype).view(shape)
+
+
+class RowReader:
+    """Row blocks of one parameter, read straight from its checkpoint file into the caller's tensor (cast when
+    the model was loaded in another dtype). `close()` says whether the file was the loaded one throughout."""
+
+    def __init__(self, f, filename: str, stamp: FileStamp, dtype: torch.dtype, offset: int, row_bytes: int):
+        self._f, self.filename, self._stamp = f, filename, stamp
+        self.dtype, self._offset, self._row_bytes = dtype, offset, row_bytes
+
+    def read(self, r0: int, r1: int, out: torch.Tensor) -> None:
+        """Rows r0:r1 into `out` (contiguous, on the CPU); raises OSError on a short read."""
+        offset, nbytes = self._offset + r0 * self._row_bytes, (r1 - r0) * self._row_bytes
+        if out.dtype == self.dtype:
+            mapped_memory.pread_into(self._f.fileno(), out.view(torch.uint8).view(-1), offset, self.filename)
+        else:
+            _read_cast(self._f.fileno(), out.view(-1), self.dtype, offset, nbytes, self.filename)
+
+    def close(self) -> bool:
+        """Closes the file; True when it is still the one the model was loaded from."""
+        if self._f.closed:
+            return False
+        try:
+            return _stamp(os.fstat(self._f.fileno())) == self._stamp
+        finally:
+            self._f.close()
+
+    def __enter__(self) -> RowReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
