@@ -12,6 +12,7 @@ The same inputs and shapes always give the same blocks and the same bits (the re
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import lora_plan
 import lyco_helpers
@@ -23,8 +24,19 @@ CPU_CHUNK = 1 << 18  # elements per block on CPU: the temporaries stay in cache
 ACCELERATOR_CHUNK = 1 << 24  # bounds the scratch memory on a GPU
 
 
+# fill(r0, r1, rows): writes the original of rows r0:r1 into `rows` (the weight's own rows, about to be merged)
+RowFill = Callable[[int, int, torch.Tensor], None]
+
+
 def chunk_elements(device: torch.device) -> int:
     return CPU_CHUNK if device.type == "cpu" else ACCELERATOR_CHUNK
+
+
+def row_blocks(rows: int, cols: int, block: int):
+    """(r0, r1) of blocks of whole rows with about `block` elements each."""
+    step = max(1, block // cols)
+    for r0 in range(0, rows, step):
+        yield r0, min(rows, r0 + step)
 
 
 def delta_depends_on_weight(module) -> bool:
@@ -57,16 +69,25 @@ class LayerDelta:
         terms = self.terms
         return terms[0] if len(terms) == 1 and self.full is None else None
 
-    def merge(self, out: torch.Tensor, original: torch.Tensor, scratch) -> None:
+    def merge(self, out: torch.Tensor, original: torch.Tensor, scratch, fill: RowFill | None = None) -> None:
         """out = cast(original + Σ ΔW) with each term added straight into the result (no ΔW buffer): fp32 in place
         (one fused op per term where the type has one), 16-bit through a cache-sized fp32 block. `out` may be
-        `original`; both contiguous."""
+        `original`; both contiguous. With `fill` (out is original), each block of rows first gets its original
+        from fill(r0, r1, rows) and is merged while it is in cache: one pass over the weight."""
         rows = out.shape[0] if out.dim() else 1
         cols = max(1, out.numel() // max(rows, 1))
         out2, orig2 = out.view(rows, cols), original.reshape(rows, cols)
         terms = self.terms
         full = self.full.reshape(rows, cols) if self.full is not None else None
         block = chunk_elements(out.device)
+        if out.dtype == torch.float32 and fill is not None:
+            for r0, r1 in row_blocks(rows, cols, block):
+                fill(r0, r1, out2[r0:r1])
+                for term in terms:
+                    term.rows(out2[r0:r1], r0, r1, scratch, accumulate=True)
+                if full is not None:
+                    out2[r0:r1].add_(full[r0:r1])
+            return
         if out.dtype == torch.float32:
             if out2.data_ptr() != orig2.data_ptr():
                 out2.copy_(orig2)
@@ -75,23 +96,25 @@ class LayerDelta:
             if full is not None:
                 out2.add_(full)
             return
-        for r0, r1, s in self.summed_rows(out, original, scratch, block):
+        for r0, r1, s in self.summed_rows(out, original, scratch, block, fill):
             out2[r0:r1].copy_(s)
 
     @property
     def terms(self) -> list:
         return ([self.lowrank] if self.lowrank is not None else []) + self.parts
 
-    def summed_rows(self, out: torch.Tensor, original: torch.Tensor, scratch, block: int):
+    def summed_rows(self, out: torch.Tensor, original: torch.Tensor, scratch, block: int,
+                    fill: RowFill | None = None):
         """(r0, r1, fp32 rows r0:r1 of original + Σ ΔW) in cache-sized blocks of `out`'s 2-D view; each block is
-        one scratch buffer, valid until the next is asked for (the caller stores it into `out` its own way)."""
+        one scratch buffer, valid until the next is asked for (the caller stores it into `out` its own way).
+        `fill(r0, r1, rows)` first writes the block's original into those rows of `original` (see merge)."""
         rows = out.shape[0] if out.dim() else 1
         cols = max(1, out.numel() // max(rows, 1))
         orig2 = original.reshape(rows, cols)
         full = self.full.reshape(rows, cols) if self.full is not None else None
-        step = max(1, block // cols)
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
+        for r0, r1 in row_blocks(rows, cols, block):
+            if fill is not None:
+                fill(r0, r1, orig2[r0:r1])
             s = scratch.get("merge", torch.float32, (r1 - r0) * cols).view(r1 - r0, cols)
             s.copy_(orig2[r0:r1])
             for term in self.terms:

@@ -150,6 +150,14 @@ class Patcher:
             self.restore(module)  # the fp8 strategy changed: start again from the fp8 parameter
             rec, weight = None, getattr(module, weight_attr(module))
         self._settle_dtype_change(job, module, rec)
+        rows = METHODS[SOURCE].rows_for_rewrite(job, rec, weight, contributions) \
+            if rec is not None and rec.how == SOURCE else None
+        if rows is not None:  # the weight holds the old merge; its original is read row block by row block
+            try:
+                self._bring_from_rows(job, name, module, contributions, key, rec, weight, rows)
+            finally:
+                rows.close()
+            return
         original, in_place, read = self._original(job, module, rec, weight)
         delta = compute_delta(name, module, original, contributions, lora_weight_writer.original_bias(module, rec))
         if not delta.has_weight and delta.bias is None:  # every network failed on this layer
@@ -181,6 +189,28 @@ class Patcher:
             new_rec = RestoreRecord(None, tuple(c.held() for c in delta.used), bias=bias_backup)
         if read is not None:
             release(rec.source, read)
+        self._finish(module, weight, delta, new_rec, key)
+
+    def _bring_from_rows(self, job: PatchJob, name: str, module, contributions: list, key: tuple,
+                         rec: RestoreRecord, weight: torch.Tensor, rows) -> None:
+        """A source-held layer rewritten in one pass: Σ ΔW does not read the weight (lora_restore_methods'
+        rows_for_rewrite), so it is computed over the old merge and each block is merged from the source's rows."""
+        delta = compute_delta(name, module, weight.detach(), contributions,
+                              lora_weight_writer.original_bias(module, rec))
+        if not delta.has_weight and delta.bias is None:  # every network failed on this layer
+            self.restore(module)
+            module.network_current_names = key
+            return
+        if not delta.has_weight:  # only a bias delta: the weight takes its original
+            self._restore_weight(job, module, rec)
+            new_rec = RestoreRecord(None, tuple(delta.used), bias=rec.bias)
+        else:
+            new_rec = RestoreRecord(SOURCE, tuple(delta.used), source=rec.source, param=rec.param, bias=rec.bias)
+            METHODS[SOURCE].rewrite(job, module, weight, delta, new_rec, rows)
+        self._finish(module, weight, delta, new_rec, key)
+
+    def _finish(self, module, weight: torch.Tensor, delta, new_rec: RestoreRecord, key: tuple) -> None:
+        """The bias and the layer's new record, after its weight was written."""
         lora_weight_writer.write_bias(module, weight, delta.bias, new_rec)
         new_rec.dtype = getattr(module, weight_attr(module)).dtype
         module.network_backup = new_rec

@@ -14,6 +14,7 @@ original for a rewrite, and restores. Methods keep no state: everything is in th
 from __future__ import annotations
 
 import lora_delta
+import lora_fp8
 import lora_layer_state
 import lora_residual
 import lora_restore_guard
@@ -90,6 +91,30 @@ class SourceRestore(RestoreMethod):
                 w.copy_(t)
 
         lora_weight_writer.write_fused(job, weight, original, delta, put_back, rec.fp8)
+
+    def rows_for_rewrite(self, job, rec: RestoreRecord, weight: torch.Tensor, contributions):
+        """A row reader of the layer's original when the rewrite can merge straight from the source in one pass
+        (no weight-sized read first): the record's source is this job's and valid, the weight is not fp8, and no
+        delta reads the weight (it holds the old merge while Σ ΔW is computed). None: the two-pass way."""
+        if rec.source is None or rec.source is not job.sources.source or not job.sources.is_valid(rec.source) or \
+                rec.fp8 is not None or lora_fp8.is_fp8(weight.dtype) or \
+                any(lora_delta.delta_depends_on_weight(c.module) for c in contributions):
+            return None
+        return lora_weight_source.open_rows(rec.source, rec.param, weight)
+
+    def rewrite(self, job, module, weight: torch.Tensor, delta: lora_delta.LayerDelta, rec: RestoreRecord,
+                reader) -> None:
+        """weight = cast(original + Σ ΔW) in one pass: each block of rows gets its original from the source and
+        is merged while in cache. A file that changed meanwhile leaves a merge of mixed bytes: reported."""
+        def put_back(w):
+            if lora_weight_source.read_into(rec.source, rec.param, w) != DONE:
+                job.log.inexact(module, "the checkpoint file could not be re-read after a failed write")
+
+        job.stats["source_reads"] += 1
+        job.stats["source_rows"] += 1
+        lora_weight_writer.write_rows(job, weight, delta, rec, reader.read, put_back)
+        if not reader.close():
+            job.log.inexact(module, "the checkpoint file changed while it was read")
 
     def original_for_rewrite(self, job, module, rec, weight):
         if not job.sources.is_valid(rec.source):

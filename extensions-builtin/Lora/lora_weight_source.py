@@ -1,5 +1,6 @@
 """The host's original weights (`sd_model.original_weights`) as the patcher reads them: the seam's protocol, where a
-layer's parameter is in it, a sampled bitwise check that it holds a layer's values, and reads (whole, in place).
+layer's parameter is in it, a sampled bitwise check that it holds a layer's values, and reads (whole, in place, or
+row blocks).
 
 A source is optional (A1111 has none) and may go stale (the checkpoint file changed on disk): every read is
 checked (dtype, shape) and a failed read is None, never an exception.
@@ -136,3 +137,16 @@ def read_into(source, param: tuple[str, str], weight: torch.Tensor) -> str | Non
     except Exception as e:
         logger.warning("Lora: reading %s/%s from the original weights failed part-way: %s", *param, e)
         return PART_WRITTEN
+
+
+def open_rows(source, param: tuple[str, str], weight: torch.Tensor):
+    """The source's row-block reader for `param` (`open_rows(component, name, like)`: `.read(r0, r1, out)` and
+    `.close()` -> whether the file stayed unchanged), or None when the source has none or cannot read this one."""
+    open_fn = getattr(source, "open_rows", None)
+    if not callable(open_fn) or not weight.is_contiguous():
+        return None
+    try:
+        return open_fn(*param, weight.detach())
+    except Exception as e:
+        logger.debug("Lora: cannot read rows of %s/%s from the original weights: %s", *param, e)
+        return None

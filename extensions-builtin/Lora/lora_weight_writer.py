@@ -2,6 +2,7 @@
 
 - fused: each term of Σ ΔW is added straight into the weight (fp32 in place, 16-bit through one cache-sized fp32
   block, no ΔW buffer); a single plain LoRA on an fp32 weight whose original is elsewhere is one addmm into it.
+- rows: as fused, over a weight that holds an old merge, each block's original read in just before it is merged.
 - residual: Σ ΔW block by block, the rounding residual's misses recorded as it goes (lora_residual).
 A write that fails part-way puts the part already written back before the error goes on. Only the restore
 methods (lora_restore_methods) and the patcher call this; nothing else writes weights.
@@ -59,6 +60,19 @@ def write_fused(job, weight: torch.Tensor, original: torch.Tensor, delta: lora_d
         else:
             put_back(weight)
         raise
+
+
+def write_rows(job, weight: torch.Tensor, delta: lora_delta.LayerDelta, rec: RestoreRecord,
+               fill: lora_delta.RowFill, put_back: Callable[[torch.Tensor], None]) -> None:
+    """weight = cast(original + Σ ΔW) where each block of rows first gets its original from fill(r0, r1, rows):
+    one pass over a weight that holds an old merge (the source's rewrite). On failure `put_back(weight)`."""
+    job.stats[rec.how] += 1
+    with no_grad_for(weight):
+        try:
+            delta.merge(weight, weight, job.scratch(weight.device), fill)
+        except BaseException:
+            put_back(weight)
+            raise
 
 
 def write_residual(job, weight: torch.Tensor, original: torch.Tensor, delta: lora_delta.LayerDelta
