@@ -218,6 +218,12 @@ def test_multipliers_changed_between_steps_are_applied(tiny_ldm_pair, write_lora
     torch.testing.assert_close(layer.weight.double(), original, rtol=0, atol=0)
     # the prompt is encoded already: between steps the text encoder is left as it was (A1111 does the same)
     assert torch.equal(te_layer.weight, te_before)
+    # LBW's start=: the weights it zeroed come back to what the text encoder still holds; the UNet follows
+    networks.loaded_networks[0].unet_multiplier = 0.25
+    networks.loaded_networks[0].te_multiplier = 1.0
+    hook_calls[0](unet, ())
+    torch.testing.assert_close(layer.weight.double() - original, _plain_delta(path, key, 0.25), rtol=1e-5,
+                               atol=1e-6)
     networks.load_networks([], sd_model=ldm)
     assert torch.equal(layer.weight.double(), original)
 

@@ -311,7 +311,10 @@ def apply_changed_multipliers(sd_model=None, unet_only: bool = False) -> int:
     if not loaded_networks and not _applied_state[1] and not _applied_unet_state[1]:
         return 0
     wanted = _wanted_state()
-    if wanted == _applied_state or (unet_only and wanted == _applied_unet_state):
+    # the UNet may hold a newer state than the text encoders (unet_only applies between steps): a full apply is
+    # needed unless both hold what is wanted (LBW's start= sets 0, then the tag's weight back: the UNet's wanted
+    # state returns to the text encoders' one)
+    if wanted == _applied_unet_state and (unet_only or wanted == _applied_state):
         return 0
     if sd_model is None:
         sd_model = _applied_model() if _applied_model is not None else None
