@@ -20,7 +20,7 @@ import network_lora
 import torch
 from lora_bypass import module_compute  # re-exported: it lived here before
 
-CPU_CHUNK = 1 << 18  # elements per block on CPU: the temporaries stay in cache
+CPU_CHUNK = 1 << 20  # elements per block on CPU (4 MiB fp32): the calibrated floor's fastest for 16-bit weights
 ACCELERATOR_CHUNK = 1 << 24  # bounds the scratch memory on a GPU
 
 
