@@ -166,3 +166,28 @@ def test_the_extension_names_sd3_layers_as_the_host_loads_them():
 
     assert sd3_layout._SIMPLE.items() <= lora_sd3._SIMPLE.items()
     assert sd3_layout._BLOCK.items() <= lora_sd3._BLOCK.items()
+
+
+def test_a_text_encoder_only_sdxl_lora_applies_to_sd3s_clip_l_and_clip_g(sd3, write_file, tiny_sdxl, write_lora):
+    """kohya SDXL files that train only the text encoders (`lora_te1_` CLIP-L, `lora_te2_` CLIP-G) name layers SD3
+    has under the same names (ComfyUI applies them there too): merged exactly, the coverage line says it was made
+    for SDXL. A file with UNet parts stays refused."""
+    import lora_coverage
+    clip = factors({k: v for k, v in text_linears(sd3).items() if not k.startswith("text_encoder_3.")}, seed=5)
+    assert any(k.startswith("text_encoder_2.") for k in clip)
+    write_file("sdxl_te_only", write_factors(clip, kohya_text_base), metadata={"ss_base_model_version": "sdxl"})
+    want = model_state(sd3)
+    want.update(expected_text(sd3, clip))
+    original = model_state(sd3)
+    assert check(apply(sd3, "sdxl_te_only"), want, original) == len(clip)
+    net = networks.loaded_networks[0]
+    assert net.version_hint == "SDXL" and not net.refused
+    assert lora_coverage.messages(lora_coverage.coverage_of(net, "SD3")) == [
+        f"Lora sdxl_te_only: {len(clip)} of {len(clip)} layers matched; made for SDXL, applied to the text encoders "
+        "the loaded SD3 model shares with it"]
+    assert_restored(sd3, original)
+
+    write_lora("sdxl_full", tiny_sdxl, family="sdxl")  # UNet and text encoders: not for this model
+    networks.load_networks(["sdxl_full"], sd_model=sd3)
+    net = networks.loaded_networks[0]
+    assert not net.modules and net.refused == "it looks like an SDXL LoRA, the loaded model is SD3"

@@ -3,6 +3,7 @@ why, as data and as the plain lines the job's comments (infotext and UI warnings
 
     Lora x: 0 of 722 layers matched; it looks like an SDXL LoRA, the loaded model is SD1
     Lora y: 264 of 266 layers matched; 4 keys unmatched: lora_unet_foo_* (4)
+    Lora z: 96 of 96 layers matched; made for SDXL, applied to the text encoders the loaded SD3 model shares with it
 """
 from __future__ import annotations
 
@@ -87,6 +88,9 @@ def messages(cov: Coverage) -> list[str]:
     if cov.file_layers == 0:
         return [] if cov.bundle_embeddings else [f"Lora {cov.name}: the file names no layers"]
     lines = []
+    if cov.matched and cov.other_family:  # applied where the families share layers (an SDXL text-encoder Lora on SD3)
+        lines.append(f"{head}; made for {cov.hint}, applied to the text encoders the loaded {cov.family} model "
+                     "shares with it")
     if cov.matched == 0:
         text = f"{head}; is it made for another model family?"
         if cov.unmatched:

@@ -256,11 +256,13 @@ def parse_state_dict(state_dict: Mapping[str, torch.Tensor], key_map: KeyMap,
     """Splits a Lora file for the model behind key_map: canonical layers and parts, unmatched keys, bundled
     embeddings, the file's model family from its keys and shapes. A file that clearly belongs to another
     family than the model's is refused whole (every key unmatched): applying the layers whose names happen to
-    fit would change the model without doing what the file was made for."""
+    fit would change the model without doing what the file was made for. Text-encoder-only files of a family
+    whose text encoders the model has too (SDXL's CLIP-L and CLIP-G in SD3) are applied."""
     parsed = ParsedFile(tensors=dict(state_dict))
     parsed.bundle_embeddings, parsed.bad_bundle_keys = parse_bundle_embeddings(state_dict)
     parsed.version_hint = lora_files.version_hint_from_keys(state_dict)
-    if not fits_family(parsed.version_hint, key_map.family):
+    if not fits_family(parsed.version_hint, key_map.family) and \
+            not shares_text_encoders(state_dict, parsed.version_hint, key_map.family):
         parsed.refused = f"it looks like {article(parsed.version_hint)} {parsed.version_hint} LoRA, the loaded " \
                          f"model is {key_map.family}"
         parsed.unmatched = [k for k in state_dict if not k.startswith(BUNDLE_PREFIX)]
@@ -312,6 +314,18 @@ _FITS = {"Flux": {"Chroma"}, "Chroma": {"Flux"}, "DiT": {"Flux", "Chroma", "SD3"
 def fits_family(hint: str | None, family: str | None) -> bool:
     """Whether a file whose keys look like `hint` may be applied to a model of `family` (unknown either way: yes)."""
     return not hint or not family or hint == family or family in _FITS.get(hint, ())
+
+
+# Text encoders a loaded family shares with a file's family, with the key prefixes that name them: SD3 has SDXL's
+# CLIP-L and CLIP-G under the same layer names, so a file that trains only those fits (ComfyUI applies them too).
+_SHARED_TEXT_ENCODERS = {("SDXL", "SD3"): ("lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.")}
+
+
+def shares_text_encoders(keys: Iterable[str], hint: str | None, family: str | None) -> bool:
+    """Whether a `hint` file names only text-encoder layers that a model of `family` has as well."""
+    prefixes = _SHARED_TEXT_ENCODERS.get((hint, family))
+    names = [k for k in keys if not k.startswith(BUNDLE_PREFIX)]
+    return prefixes is not None and bool(names) and all(k.startswith(prefixes) for k in names)
 
 
 def article(family: str) -> str:
