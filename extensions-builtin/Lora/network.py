@@ -150,8 +150,11 @@ class ModuleDict(dict):
         try:
             return dict.__getitem__(self, key)
         except KeyError:
-            canonical = next((c for c, a in self.a1111_names.items() if a == key and dict.__contains__(self, c)), None)
-            if canonical is None:
+            names = self.a1111_names
+            if getattr(self, "_by_a1111", (None,))[0] is not names:  # built once per name table
+                self._by_a1111 = (names, {a: c for c, a in names.items()})
+            canonical = self._by_a1111[1].get(key)
+            if canonical is None or not dict.__contains__(self, canonical):
                 raise
             return dict.__getitem__(self, canonical)
 
