@@ -12,11 +12,12 @@ leave out by default), loads them with the extension's own loader, and times, me
 through the patcher with the host's original-weights source (a safetensors file of the touched weights read
 through the host's `OriginalWeights`, as `sd_model.original_weights` offers it) and without one (rounding
 residual), each divided by the floor of that operation measured in the same run (scripts/bench_lora_floors.py:
-`W.view(out, -1).addmm_(up, down)` with fp32 accumulation for 16-bit in cache-sized blocks, from the in-memory
-original for switch/multiplier; restore: one copy of the original bytes). Neither side reads Lora files or plans.
-The per-layer cost is extrapolated to the full model by touched bytes (each op is memory-bound: time ∝ bytes):
-FLUX.1 19 double + 38 single blocks, SD3.5 Large 38 joint blocks. Memory held for restore is shown as % of the
-touched weights.
+`W.view(out, -1).addmm_(up, down)` with fp32 accumulation for 16-bit in blocks of rows, the block size calibrated
+per operation; from the in-memory original for switch/multiplier; restore: one copy of the original bytes). Each
+repeat runs ours and the floor back to back; ratios are medians of the per-repeat ratios. Neither side reads Lora
+files or plans. The per-layer cost is extrapolated to the full model by touched bytes (each op is memory-bound:
+time ∝ bytes): FLUX.1 19 double + 38 single blocks, SD3.5 Large 38 joint blocks. Memory held for restore is shown
+as % of the touched weights.
 
   flock /tmp/bench.lock nice -n 15 venv/bin/python scripts/bench_lora_dit.py [--models flux,sd35] [--ranks 16,32]
       [--repeats 5] [--flux-blocks 2,3] [--sd35-blocks 3]
@@ -138,22 +139,27 @@ class Ours:
 
 
 class Floor:
-    def __init__(self, layers, nets):
+    """The fused floors (scripts/bench_lora_floors.py), each op's block size calibrated once (not timed)."""
+
+    def __init__(self, layers, nets, clock):
         from scripts.bench_lora_floors import Floors
-        self.floors = Floors(layers, nets, torch.device("cpu"))
-        f = self.floors
+        self.floors = f = Floors(layers, nets, torch.device("cpu"))
         self.one, self.other, self.half = f.lora_factors("A"), f.lora_factors("B"), f.lora_factors("A", 0.7)
+        self.ops = {"apply": lambda: f.apply_lora(self.one),
+                    "multiplier": lambda: f.apply_lora(self.half, from_original=True),
+                    "switch": lambda: f.apply_lora(self.other, from_original=True),
+                    "restore": f.remove}
+        self.chunks = {op: f.calibrate(self.ops[op], clock)[0] for op in ("apply", "switch")}
+        self.chunks["multiplier"], self.chunks["restore"] = self.chunks["switch"], None
 
     def round(self, clock) -> dict:
         f = self.floors
-        ops = {"apply": lambda: f.apply_lora(self.one),
-               "multiplier": lambda: f.apply_lora(self.half, from_original=True),
-               "switch": lambda: f.apply_lora(self.other, from_original=True),
-               "restore": f.remove}
         t = {}
-        for op, fn in ops.items():
+        for op, fn in self.ops.items():
             if op == "restore":
+                f.chunk = self.chunks["apply"]
                 f.apply_lora(self.one)
+            f.chunk = self.chunks[op]
             t[op] = clock(fn)[0]
             f.remove()
         return t
@@ -165,13 +171,14 @@ def bench(layers, module_paths, nets, source, repeats, clock) -> dict:
     import lora_patcher
     sides = {"source": Ours(layers, module_paths, nets, (lora_patcher.SOURCE, lora_patcher.CLONE), source),
              "residual": Ours(layers, module_paths, nets, (lora_patcher.RESIDUAL, lora_patcher.CLONE), None)}
-    floor = Floor(layers, nets)
+    floor = Floor(layers, nets, clock)
     rounds: dict[str, list[dict]] = {"source": [], "residual": [], "floor": []}
     for _ in range(repeats):
         for how, side in sides.items():
             rounds[how].append(side.round(clock))
         rounds["floor"].append(floor.round(clock))
-    res = {"floor": {op: statistics.median(r[op] for r in rounds["floor"]) for op in rounds["floor"][0]}}
+    res = {"floor": {op: statistics.median(r[op] for r in rounds["floor"]) for op in rounds["floor"][0]},
+           "floor chunks": {op: chunk_name(c) for op, c in floor.chunks.items() if op != "restore"}}
     for how, side in sides.items():
         res[how] = {op: statistics.median(r[op] for r in rounds[how]) for op in OPS}
         res[how]["ratio"] = {op: statistics.median(r[op] / f[op] for r, f in zip(rounds[how], rounds["floor"],
@@ -191,6 +198,7 @@ def run(family: str, double: int, single: int, rank: int, repeats: int, strength
 
 
 def run_in(work: str, family: str, double: int, single: int, rank: int, repeats: int, strength: float) -> dict:
+    import lora_delta
     import lora_layers
     import lora_loader
     import network
@@ -216,6 +224,7 @@ def run_in(work: str, family: str, double: int, single: int, rank: int, repeats:
     clock = Clock(torch.device("cpu"))
     layers = {n: layer_map.layers[n] for n in layer_map.layers}
     res.update(bench(layers, layer_map.module_paths, nets, source, repeats, clock))
+    res["patcher chunk"] = lora_delta.CPU_CHUNK
     res["exact"] = weights_checksum(model) == checksum
     res["full touched"] = full_touched(family, model.transformer, chosen, double, single)
     return res
@@ -232,6 +241,11 @@ def full_touched(family: str, transformer, chosen: dict, double: int, single: in
 
 def fmt_s(x: float) -> str:
     return f"{x * 1000:.1f} ms" if x < 10 else f"{x:.1f} s"
+
+
+def chunk_name(chunk) -> str:
+    from scripts.bench_lora_floors import chunk_name as name
+    return name(chunk)
 
 
 def table(r: dict) -> str:
@@ -260,6 +274,8 @@ def table(r: dict) -> str:
     held = [f"{how} {r[how]['held'] / 2 ** 20:.1f} MiB = {100 * r[how]['held'] / r['touched']:.2f} %"
             for how in ("source", "residual")]
     lines.append(f"held for restore after apply: {'; '.join(held)} of the touched weights (goal <= 5 %)")
+    lines.append(f"floor block sizes (calibrated): {r['floor chunks']}; the patcher's: "
+                 f"{chunk_name(r['patcher chunk'])} elements")
     lines.append(f"restore bit-exact after every run: {r['exact']}; patcher stats "
                  f"source {r['source']['stats']}, residual {r['residual']['stats']}")
     return "\n".join(lines)
