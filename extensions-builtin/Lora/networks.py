@@ -75,10 +75,9 @@ def assign_network_names_to_compvis_modules(sd_model) -> None:
     """on_model_loaded callback (A1111 name): names the model's layers and builds its key map."""
     layer_map = lora_layers.assign_network_names_to_compvis_modules(sd_model)
     if layer_map is not None:
-        _watch_unet(layer_map.components.get("unet"))
         for name, component in layer_map.components.items():
-            if name.startswith("text_encoder"):
-                _watch_text_encoder(component)
+            if name == "unet" or name.startswith("text_encoder"):
+                _watch(component, _before_unet if name == "unet" else _before_text_encoder)
 
 
 def load_network(name: str, network_on_disk: NetworkOnDisk, sd_model=None) -> Network:
@@ -346,20 +345,13 @@ def _before_text_encoder(module, args) -> None:
     apply_changed_multipliers()
 
 
-def _watch_text_encoder(text_encoder) -> None:
-    """Checks for changes before each text encoder call: LoRA Block Weight scales the loaded modules' tensors after
-    activation and before the prompt is encoded (A1111 merges in the layers' forwards, so the encoder sees them)."""
-    if isinstance(text_encoder, torch.nn.Module) and not getattr(text_encoder, "_lora_watched", False):
-        text_encoder.register_forward_pre_hook(_before_text_encoder)
-        text_encoder._lora_watched = True
-
-
-def _watch_unet(unet) -> None:
-    """Checks for changed multipliers before each UNet call, after every cfg_denoiser callback of the step has run
-    (A1111 would see them in the layers' forwards of that same call)."""
-    if isinstance(unet, torch.nn.Module) and not getattr(unet, "_lora_watched", False):
-        unet.register_forward_pre_hook(_before_unet)
-        unet._lora_watched = True
+def _watch(component, before) -> None:
+    """Checks for changes before each call of the component (once per component): the UNet after every cfg_denoiser
+    callback of the step has run, a text encoder after LoRA Block Weight scaled the loaded modules' tensors (A1111
+    would see both in the layers' forwards of that same call)."""
+    if isinstance(component, torch.nn.Module) and not getattr(component, "_lora_watched", False):
+        component.register_forward_pre_hook(before)
+        component._lora_watched = True
 
 
 def network_forward(org_module: torch.nn.Module, input, original_forward):
