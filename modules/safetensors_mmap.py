@@ -20,7 +20,7 @@ _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14; 
 
 # base address -> (weakref to the mmap, length): lets release_pages() find the map a tensor lives in
 _maps: dict[int, tuple[weakref.ref, int]] = {}
-_maps_lock = threading.Lock()
+_maps_lock = threading.RLock()  # re-entrant: a map's finalizer (_forget_map) may run from GC while it is held
 _prefetchers: dict[int, "_Prefetcher"] = {}  # base address -> the thread reading that file ahead
 
 
@@ -180,7 +180,7 @@ def wait_for_prefetch(tensors, timeout: float | None = None) -> int:
     waited on. A loader calls it before reading the tensors in its own order: a page fault on a page not yet
     read reads a few KiB at a time, which on a cold cache is many times slower than the file read in order."""
     with _maps_lock:
-        pending = {b: (p, _maps[b][1]) for b, p in _prefetchers.items() if not p.finished and b in _maps}
+        pending = {b: (p, _maps[b][1]) for b, p in list(_prefetchers.items()) if not p.finished and b in _maps}
     if not pending:
         return 0
     needed: dict[int, int] = {}
@@ -209,7 +209,7 @@ def release_pages(tensor: torch.Tensor) -> bool:
     start = tensor.untyped_storage().data_ptr()
     end = start + tensor.untyped_storage().nbytes()
     with _maps_lock:
-        found = [(b, ref, n) for b, (ref, n) in _maps.items() if b <= start and end <= b + n]
+        found = [(b, ref, n) for b, (ref, n) in list(_maps.items()) if b <= start and end <= b + n]
     if not found:
         return False
     base, ref, _ = found[0]
