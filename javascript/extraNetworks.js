@@ -187,7 +187,7 @@
             if (!rule || rule.show_all || !family || family === "Unknown") return true;
             const version = item.sd || "Unknown";
             if (version === "Unknown") return !(rule.hide_unknown_for || []).includes(family);
-            return version === family;
+            return version === family || (item.sd_also || []).includes(family);
         }
 
         applyCardStyle() {

@@ -170,6 +170,7 @@ def card_from_item(page: ExtraNetworksPage, item: dict, index: int) -> dict | No
         "activation": str(user_metadata.get("activation text") or ""),
         "negative": _compact_parts(negative_parts),
         "sd": str(item.get("sd_version") or ""),
+        "sd_also": [str(f) for f in item.get("sd_also") or []],
         "error": str(error) if error else "",
     }
     card.update({k: v for k, v in optional.items() if v and v != name})

@@ -185,7 +185,9 @@ def test_card_versions_and_the_filter_tell_flux_chroma_and_sd3(lora_dir, monkeyp
     """Cards from keys, shapes and metadata: an sd-scripts Chroma file (Flux's block names, no modulation) is Chroma by
     its `ss_model_type`, a Flux file with modulation layers stays Flux whatever the metadata says, SD3 Medium (kohya)
     and SD3.5 Large (diffusers PEFT, 2432 wide joint attention, no metadata) are both SD3, and an SD3.5 Medium PEFT
-    file is SD3 by its MMDiT-X attention. The filter shows a card only on a model of its own family."""
+    file is SD3 by its MMDiT-X attention. The filter shows a card only on a model of its own family, except that an SDXL
+    file training only CLIP-L/CLIP-G (which SD3 has under the same names) shows on SD3 too, unless the user set its
+    version to another family in the editor (saving the editor with the file's own version changes nothing)."""
     import network
     import ui_extra_networks_lora
 
@@ -205,15 +207,25 @@ def test_card_versions_and_the_filter_tell_flux_chroma_and_sd3(lora_dir, monkeyp
         "sd35_medium": ({peft + "add_k_proj.lora_A.weight": torch.zeros(2, 64),
                          "transformer.transformer_blocks.0.attn2.to_q.lora_A.weight": torch.zeros(2, 64)}, {}, "SD3"),
         "dit": ({peft + "add_q_proj.lora_A.weight": torch.zeros(2, 3072)}, {}, "Unknown"),
+        "sdxl_te": ({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(2, 768),
+                     "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(2, 1280)},
+                    {}, "SDXL"),
+        "sdxl_te_user": ({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 1280)},
+                         {}, "SDXL"),
     }
     for name, (tensors, metadata, _) in files.items():
         safetensors.torch.save_file(tensors, str(lora_dir / f"card_{name}.safetensors"),
                                     metadata={**metadata, "ss_network_module": "networks.lora"})
     networks.list_available_networks()
+    (lora_dir / "card_sdxl_te_user.json").write_text('{"sd version": "SD1"}')
+    (lora_dir / "card_sdxl_te.json").write_text('{"sd version": "SDXL", "description": "saved as it was"}')
     versions = {name: network.SdVersion(networks.available_networks[f"card_{name}"].sd_version).name for name in files}
     assert versions == {name: family for name, (_, _, family) in files.items()}
-    page = object.__new__(ui_extra_networks_lora.ExtraNetworksPageLora)
-    for family in ("Flux", "Chroma", "SD3"):
+    page = ui_extra_networks_lora.ExtraNetworksPageLora()
+    items = {name: page.create_item(f"card_{name}", enable_filter=False) for name in files}
+    assert {name: item["sd_also"] for name, item in items.items() if item["sd_also"]} == {"sdxl_te": ["SD3"]}
+    for family in ("Flux", "Chroma", "SD3", "SDXL", "SD1"):
         monkeypatch.setattr(ui_extra_networks_lora, "_model_family", lambda f=family: f)
-        shown = {name for name, version in versions.items() if not page._filtered_out(version)}
-        assert shown == {name for name, version in versions.items() if version in (family, "Unknown")}, family
+        shown = {name for name in files if page.create_item(f"card_{name}") is not None}
+        expected = {name for name, item in items.items() if item["sd_version"] in (family, "Unknown")}
+        assert shown == expected | ({"sdxl_te"} if family == "SD3" else set()), family

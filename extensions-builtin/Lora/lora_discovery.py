@@ -77,6 +77,7 @@ def read_facts(filename: str, stat: os.stat_result | None = None) -> network.Fil
         try:
             info = lora_identity.cached_header_info(filename)
             facts.metadata, facts.version_hint = info.get("metadata") or {}, info.get("version_hint")
+            facts.also_fits = tuple(info.get("also_fits") or ())
         except Exception as e:
             facts.read_error = str(e)
     else:  # a pickle that needs more than tensors is named on its card at scan time, not when first used

@@ -226,11 +226,32 @@ def file_family(tensors: dict, metadata: dict) -> str | None:
     return hint
 
 
+# Text-encoder layers two families share: a file that names only these fits both (SDXL's CLIP-L and CLIP-G are
+# SD3's first two text encoders, same widths, same layer names).
+SHARED_TEXT_ENCODERS = {("SDXL", "SD3"): ("lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.")}
+
+
+def shares_text_encoders(keys, hint: str | None, family: str | None) -> bool:
+    """Whether a `hint` file names only text-encoder layers that a model of `family` has as well."""
+    prefixes = SHARED_TEXT_ENCODERS.get((hint, family))
+    names = [k for k in keys if not k.startswith("bundle_emb.")]
+    return prefixes is not None and bool(names) and all(k.startswith(prefixes) for k in names)
+
+
+def also_fits(keys, hint: str | None) -> list[str]:
+    """The other families a `hint` file applies to in full (its card is shown for them too)."""
+    keys = list(keys)
+    return [family for (made_for, family) in SHARED_TEXT_ENCODERS
+            if made_for == hint and shares_text_encoders(keys, hint, family)]
+
+
 def header_info(filename: str) -> dict:
-    """{"metadata": decoded metadata, "version_hint": family or None} of a safetensors file."""
+    """{"metadata": decoded metadata, "version_hint": family or None, "also_fits": [other families]} of a
+    safetensors file."""
     raw, tensors = read_safetensors_header(filename)
     metadata = read_metadata(filename) if raw else {}
-    return {"metadata": metadata, "version_hint": file_family(tensors, metadata)}
+    hint = file_family(tensors, metadata)
+    return {"metadata": metadata, "version_hint": hint, "also_fits": also_fits(tensors, hint)}
 
 
 def embedded_hash(metadata: dict) -> str | None:

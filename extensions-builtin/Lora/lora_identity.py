@@ -10,7 +10,7 @@ import lora_files
 
 from modules import cache, hashes
 
-HEADER_SUBSECTION = "lora-header-2"  # bump when lora_files.header_info changes what it returns
+HEADER_SUBSECTION = "lora-header-3"  # bump when lora_files.header_info changes what it returns
 PICKLE_SUBSECTION = "lora-pickle-1"  # bump when lora_files.pickle_problem changes what it returns
 
 
@@ -19,7 +19,7 @@ def cache_title(filename: str) -> str:
 
 
 def cached_header_info(filename: str) -> dict:
-    """{"metadata", "version_hint"} of a safetensors file, read once per (path, size, mtime)."""
+    """{"metadata", "version_hint", "also_fits"} of a safetensors file, read once per (path, size, mtime)."""
     return cache.cached_data_for_file(HEADER_SUBSECTION, cache_title(filename), filename,
                                       lambda: lora_files.header_info(filename)) or {}
 

@@ -318,14 +318,7 @@ def fits_family(hint: str | None, family: str | None) -> bool:
 
 # Text encoders a loaded family shares with a file's family, with the key prefixes that name them: SD3 has SDXL's
 # CLIP-L and CLIP-G under the same layer names, so a file that trains only those fits (ComfyUI applies them too).
-_SHARED_TEXT_ENCODERS = {("SDXL", "SD3"): ("lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.")}
-
-
-def shares_text_encoders(keys: Iterable[str], hint: str | None, family: str | None) -> bool:
-    """Whether a `hint` file names only text-encoder layers that a model of `family` has as well."""
-    prefixes = _SHARED_TEXT_ENCODERS.get((hint, family))
-    names = [k for k in keys if not k.startswith(BUNDLE_PREFIX)]
-    return prefixes is not None and bool(names) and all(k.startswith(prefixes) for k in names)
+shares_text_encoders = lora_files.shares_text_encoders
 
 
 def article(family: str) -> str:

@@ -32,6 +32,7 @@ class FileFacts:
     mtime_ns: int
     metadata: dict = field(default_factory=dict)
     version_hint: str | None = None
+    also_fits: tuple[str, ...] = ()  # other families the file applies to in full (SDXL text encoders on SD3)
     read_error: str | None = None
     hash: str | None = None  # known without reading tensors (cached, or a plausible embedded one)
 
@@ -93,6 +94,7 @@ class NetworkOnDisk:
         metadata = facts.metadata or {}
         self.metadata = dict(sorted(metadata.items(), key=lambda x: metadata_tags_order.get(x[0], 999)))
         self.version_hint = facts.version_hint
+        self.also_fits = facts.also_fits
         alias = self.metadata.get("ss_output_name")
         self.alias = alias if isinstance(alias, str) and alias.strip() else self.stem
 

@@ -56,6 +56,13 @@ def _version_name(value) -> str:
     return name if name in _versions else "Unknown"
 
 
+def _user_version(item: dict, user_metadata: dict) -> None:
+    """The version the user set in the editor wins over the file's (and then no other family is claimed)."""
+    sd_version = user_metadata.get("sd version")
+    if sd_version in _versions and sd_version != item.get("sd_version"):
+        item["sd_version"], item["sd_also"] = sd_version, []
+
+
 def _format_weight(value) -> str | None:
     """A preferred weight as prompt text; None when it is unset or 0 (then the default multiplier applies)."""
     try:
@@ -157,7 +164,7 @@ class ExtraNetworksPageLora(ui_extra_networks.ExtraNetworksPage):
         if lora_on_disk is None:
             return None
         item = self._cached_item(lora_on_disk)
-        if enable_filter and self._filtered_out(item["sd_version"]):
+        if enable_filter and self._filtered_out(item["sd_version"], item.get("sd_also") or ()):
             return None
         return item
 
@@ -217,6 +224,7 @@ class ExtraNetworksPageLora(ui_extra_networks.ExtraNetworksPage):
             "metadata": metadata,
             "sort_keys": self.get_sort_keys(lora_on_disk.filename),
             "sd_version": _version_name(getattr(lora_on_disk, "sd_version", None)),
+            "sd_also": [f for f in getattr(lora_on_disk, "also_fits", ()) if f in _versions],
             "error": _load_error(lora_on_disk),
         }
         self.read_user_metadata(item)
@@ -230,8 +238,7 @@ class ExtraNetworksPageLora(ui_extra_networks.ExtraNetworksPage):
             item["error"] = f"{item['error']}; {problem}" if item.get("error") else problem
             item["prompt"], item["prompt_parts"] = quote_js(""), []
             item["negative_prompt"], item["negative_prompt_parts"] = quote_js(""), []
-            if user_metadata.get("sd version") in _versions:
-                item["sd_version"] = user_metadata["sd version"]
+            _user_version(item, user_metadata)
             return item
         alias = tag_name
         # A1111's JS expressions (other code may read them) and the same thing as parts, which the card
@@ -249,13 +256,12 @@ class ExtraNetworksPageLora(ui_extra_networks.ExtraNetworksPage):
         item["negative_prompt"] = quote_js(f"({negative_prompt}:1)") if negative_prompt else quote_js("")
         item["negative_prompt_parts"] = [{"text": f"({negative_prompt}:1)"}] if negative_prompt else []
 
-        sd_version = user_metadata.get("sd version")
-        if sd_version in _versions:
-            item["sd_version"] = sd_version
+        _user_version(item, user_metadata)
         return item
 
-    def _filtered_out(self, sd_version: str) -> bool:
-        """A1111's rule: hide LoRAs made for another model family unless `lora_show_all`."""
+    def _filtered_out(self, sd_version: str, also: tuple | list = ()) -> bool:
+        """A1111's rule: hide LoRAs made for another model family unless `lora_show_all`; a file that also fits
+        the loaded family in full (`also`: an SDXL text-encoder Lora on SD3) is shown."""
         if getattr(shared.opts, "lora_show_all", False):
             return False
         family = _model_family()
@@ -263,7 +269,7 @@ class ExtraNetworksPageLora(ui_extra_networks.ExtraNetworksPage):
             return False
         if sd_version == "Unknown":
             return family in (getattr(shared.opts, "lora_hide_unknown_for_versions", None) or [])
-        return sd_version != family
+        return sd_version != family and family not in also
 
     def version_filter(self) -> dict:
         # The same rule as _filtered_out, applied in the browser: a checkpoint switch re-filters at once (13A-11).
