@@ -218,3 +218,35 @@ def test_a_layer_is_sampled_once_and_again_after_a_foreign_write(tiny_ldm_pair, 
     assert len(sampled) == layers + 1 and patcher.stats["residual"] == 1  # sampled again, the file no longer holds it
     networks.load_networks([], sd_model=ldm)
     assert_bitwise(ldm, changed)
+
+
+@pytest.mark.parametrize("file_dtype,live_dtype", [(torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                   (torch.float16, torch.float8_e4m3fn)])
+def test_a_large_parameter_is_read_in_parts_by_several_threads(tmp_path, monkeypatch, file_dtype, live_dtype):
+    """A parameter of PARALLEL_BYTES or more is split over the torch threads (each its own pread and cast into its
+    part of the weight): the result is the file's tensor cast as A1111 casts it, bit for bit; a file truncated
+    meanwhile makes the read fail instead of raising."""
+    path = str(tmp_path / "big.safetensors")
+    big = torch.randn(700, 1500).to(file_dtype)  # 2.1 MB in 16 bits
+    save_file({"w": big, "small": torch.randn(4, 4).to(file_dtype)}, path)
+    with open(path, "rb") as f:
+        index = lcs.lora_files.read_safetensors_index(f, path)
+    source = lcs.CheckpointSource(path, lcs.file_stamp(path), index, {k: k for k in index}, {"m": ""},
+                                  {("m", "w"): live_dtype}, no_half=False)
+    threads = set()
+    real_pread = lcs._pread
+    monkeypatch.setattr(lcs, "_pread", lambda *a: threads.add(lcs.threading.get_ident()) or real_pread(*a))
+    monkeypatch.setattr(lcs, "BLOCK_BYTES", 1 << 16)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        out = torch.full(big.shape, 7.0).to(live_dtype)
+        assert source.read_into("m", "w", out)
+        expected = big.to(torch.float16).to(live_dtype) if live_dtype == torch.float8_e4m3fn else big.to(live_dtype)
+        assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))
+        assert len(threads) == 3
+        os.truncate(path, os.path.getsize(path) // 2)
+        source.stamp = lcs.file_stamp(path)  # as if the shorter file were trusted: the short read must not raise
+        assert source.read_into("m", "w", out) is False
+    finally:
+        torch.set_num_threads(previous)
