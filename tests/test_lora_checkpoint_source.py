@@ -225,7 +225,8 @@ def test_a_layer_is_sampled_once_and_again_after_a_foreign_write(tiny_ldm_pair, 
 def test_a_large_parameter_is_read_in_parts_by_several_threads(tmp_path, monkeypatch, file_dtype, live_dtype):
     """A parameter of PARALLEL_BYTES or more is split over the torch threads (each its own pread and cast into its
     part of the weight): the result is the file's tensor cast as A1111 casts it, bit for bit; a file truncated
-    meanwhile makes the read fail instead of raising."""
+    meanwhile makes the read fail instead of raising. (The pread path: where no read lease can be had.)"""
+    monkeypatch.setattr(lcs.lora_leased_map, "available", lambda: False)
     path = str(tmp_path / "big.safetensors")
     big = torch.randn(700, 1500).to(file_dtype)  # 2.1 MB in 16 bits
     save_file({"w": big, "small": torch.randn(4, 4).to(file_dtype)}, path)
@@ -250,3 +251,46 @@ def test_a_large_parameter_is_read_in_parts_by_several_threads(tmp_path, monkeyp
         assert source.read_into("m", "w", out) is False
     finally:
         torch.set_num_threads(previous)
+
+
+def test_reads_go_through_a_leased_map_that_makes_a_truncation_wait(tmp_path):
+    """Where a read lease can be had (Linux, our file, nobody writing it), the source reads through a map of the
+    checkpoint: the same bits as the file's tensor cast once; while a read holds the lease, another process's
+    truncate waits until it ends (a truncated map would raise SIGBUS); a file someone has open for writing is read
+    with pread instead; after the file changed, nothing is read from the map."""
+    import subprocess
+    import sys
+    import time
+
+    import lora_leased_map
+    assert lora_leased_map.available()  # Linux: the CI machine has leases
+    path = str(tmp_path / "m.safetensors")
+    big = torch.randn(300, 500).half()
+    save_file({"w": big}, path)
+    with open(path, "rb") as f:
+        index = lcs.lora_files.read_safetensors_index(f, path)
+    source = lcs.CheckpointSource(path, lcs.file_stamp(path), index, {k: k for k in index}, {"m": ""},
+                                  {("m", "w"): torch.float32}, no_half=True)
+    out = torch.zeros(big.shape)
+    assert source.read_into("m", "w", out) and torch.equal(out, big.float())
+    assert source._map is not None
+    leased = source._map
+    with leased.reading(lambda st: lcs._stamp(st) == source.stamp) as data:
+        assert data is not None and data.numel() == os.path.getsize(path)
+        child = subprocess.Popen([sys.executable, "-c", f"import os; os.truncate({path!r}, 8)"])
+        time.sleep(0.5)
+        assert child.poll() is None  # waits for the lease
+        assert torch.equal(data[-4:], torch.frombuffer(bytearray(open(path, "rb").read()[-4:]), dtype=torch.uint8))
+    assert child.wait(timeout=60) == 0 and os.path.getsize(path) == 8
+    with leased.reading(lambda st: True) as data:
+        assert data is None  # the size changed: no read from the map
+    assert source.read_into("m", "w", torch.zeros(big.shape)) is False
+
+    save_file({"w": big}, path)
+    source = lcs.CheckpointSource(path, lcs.file_stamp(path), index, {k: k for k in index}, {"m": ""},
+                                  {("m", "w"): torch.float32}, no_half=True)
+    with open(path, "r+b"):  # a writer: no lease is granted, the read goes through pread
+        out = torch.zeros(big.shape)
+        assert source.read_into("m", "w", out) and torch.equal(out, big.float())
+        with source._map.reading(lambda st: True) as data:
+            assert data is None

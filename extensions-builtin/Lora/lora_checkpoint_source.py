@@ -17,9 +17,11 @@ the file's identity (device, inode, size, mtime, ctime) before and after every r
 read of it in this process saw the identity it has now, or, when A1111 never read it through that function, when
 it was last changed before this process started. The `checkpoints_loaded` cache (a state dict read earlier)
 and UI model merges (new files; or a loaded file overwritten, which changes its identity) are covered by that
-rule. Every read checks the identity again before and after (pread, never a memory map: a truncated file gives
-a short read, not SIGBUS); the patcher also compares sampled elements with the live layer before trusting a
-parameter, and falls back to its residual or clone path when anything does not match.
+rule. Reads go through a map of the file kept for the source's life, each under a read lease that makes any
+truncate or write wait until it ends (lora_leased_map: a truncated map would raise SIGBUS), with the identity
+checked once the lease is held; where no lease can be had, through pread, with the identity checked before and
+after (a truncated file gives a short read). The patcher also compares sampled elements with the live layer
+before trusting a parameter, and falls back to its residual or clone path when anything does not match.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import lora_files
+import lora_leased_map
 import torch
 
 try:  # both hosts have them; a bare process (a tool, a test without a host) may not
@@ -160,6 +163,9 @@ class CheckpointSource:
         self.prefixes = prefixes
         self.dtypes = dtypes
         self.no_half = no_half
+        self._map: lora_leased_map.LeasedMap | None = None
+        self._map_tried = False
+        self._map_lock = threading.Lock()
 
     # --- the seam ---------------------------------------------------------------------------------------------
     def valid(self) -> bool:
@@ -229,6 +235,13 @@ class CheckpointSource:
 
     def _read(self, entry, out: torch.Tensor) -> bool:
         file_dtype, shape, offset, nbytes, live, chain = entry
+        if len(chain) == 1 and out.device.type == "cpu" and out.is_contiguous():
+            leased = self._leased_map()
+            if leased is not None:
+                with leased.reading(lambda st: _stamp(st) == self.stamp) as data:
+                    if data is not None:  # nobody can write or truncate the file until this block ends
+                        out.view(-1).copy_(data[offset:offset + nbytes].view(file_dtype))
+                        return True
         try:
             with open(self.filename, "rb", buffering=0) as f:
                 fd = f.fileno()
@@ -243,6 +256,19 @@ class CheckpointSource:
         except OSError as e:
             logger.debug("Lora: cannot re-read %s from %s: %s", entry, self.filename, e)
             return False
+
+    def _leased_map(self) -> lora_leased_map.LeasedMap | None:
+        """The checkpoint mapped for reads under a lease (lora_leased_map), made on first use; None where that cannot
+        be had (then reads use pread)."""
+        with self._map_lock:
+            if not self._map_tried:
+                self._map_tried = True
+                if lora_leased_map.available():
+                    try:
+                        self._map = lora_leased_map.LeasedMap(self.filename)
+                    except (OSError, ValueError) as e:
+                        logger.debug("Lora: %s is re-read with pread: %s", self.filename, e)
+            return self._map
 
     def _read_cast(self, fd: int, out: torch.Tensor, file_dtype, offset: int, nbytes: int, chain) -> None:
         """Block by block: pread into a cache-sized buffer, cast into `out` (no weight-sized temporary); a large
