@@ -4,8 +4,11 @@ The Lora patcher restores a layer from here instead of keeping a copy of it. Byt
 is the one the model was loaded from: each read checks the file's identity and change times (device, inode,
 size, mtime, ctime; ctime cannot be set back by tools that preserve mtime, such as `rsync --inplace -t`) before
 and after reading, and returns None otherwise, so the patcher uses its residual or clone path instead. Reads are
-plain pread()s, never a memory map: a file truncated meanwhile gives a short read, not SIGBUS. Large reads are
-split over the torch threads (one kernel copy per thread: a single pread() reaches ~80 % of a threaded memcpy).
+through a read-only map of each file kept for the source's life, each read under a read lease that makes any
+truncate or write of the file wait until the read ends (modules/leased_map: a truncated map would raise SIGBUS);
+where no lease can be had (another OS, a file open for writing, not ours), plain pread()s, where a truncated file
+gives a short read. Large preads are split over the torch threads (one kernel copy per thread: a single pread()
+reaches ~80 % of a threaded memcpy).
 `open_rows` hands out row blocks of one parameter, so the patcher can rebuild a merge from the original in one pass.
 """
 from __future__ import annotations
@@ -16,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from modules import mapped_memory, safetensors_mmap, sd_models_ldm
+from modules import leased_map, mapped_memory, safetensors_mmap, sd_models_ldm
 
 FileStamp = tuple[int, int, int, int, int]
 
@@ -98,6 +101,8 @@ class OriginalWeights:
             if filename not in self.stamps:
                 self.stamps[filename] = (stamps or {}).get(filename) or file_stamp(filename)
         self._index: dict[str, dict] = {}  # file -> its header index, parsed once (~6 ms for SD1.5)
+        self._maps: dict[str, leased_map.LeasedMap | None] = {}  # file -> its map (None: pread only)
+        self._maps_lock = threading.Lock()
 
     def valid(self) -> bool:
         return not changed_files(self.stamps)
@@ -137,6 +142,20 @@ class OriginalWeights:
                 return False
             out.copy_(t)
             return True
+        leased = self._leased(filename)
+        if leased is not None:
+            with leased.reading(lambda st: _stamp(st) == self.stamps[filename]) as data:
+                if data is not None:  # nobody can write or truncate the file until this block ends
+                    try:
+                        dtype, shape, offset, nbytes = self._where(None, filename, key, ref)
+                    except (OSError, ValueError, KeyError):
+                        return False
+                    if list(shape) != list(out.shape):
+                        return False
+                    out.view(-1).copy_(data[offset:offset + nbytes].view(dtype))
+                    if _stamp(leased.fstat()) != self.stamps[filename]:
+                        raise OSError(f"{filename} changed while it was read")
+                    return True
         try:
             with open(filename, "rb", buffering=0) as f:
                 located = self._locate(f, filename, key, ref)
@@ -167,6 +186,9 @@ class OriginalWeights:
         filename, key, ref = entry
         if not _as_stored(ref):
             return None
+        mapped = self._mapped_rows(filename, key, ref, like)
+        if mapped is not None:
+            return mapped
         try:
             f = open(filename, "rb", buffering=0)
         except OSError:
@@ -211,13 +233,52 @@ class OriginalWeights:
         t = raw.view(dtype)
         return t.to(dtype_loaded) if dtype_loaded is not None else t
 
+    def _leased(self, filename: str) -> leased_map.LeasedMap | None:
+        """The file's map for reads under a lease (made on first use); None where none can be had."""
+        with self._maps_lock:
+            if filename not in self._maps:
+                leased = None
+                if leased_map.available():
+                    try:
+                        leased = leased_map.LeasedMap(filename)
+                    except (OSError, ValueError):
+                        leased = None
+                self._maps[filename] = leased
+            return self._maps[filename]
+
+    def _mapped_rows(self, filename: str, key: str, ref, like: torch.Tensor) -> MappedRowReader | None:
+        """A row reader over the file's map holding its lease until closed, or None (no map, no lease, changed)."""
+        leased = self._leased(filename)
+        if leased is None:
+            return None
+        reading = leased.reading(lambda st: _stamp(st) == self.stamps[filename])
+        data = reading.__enter__()
+        try:
+            located = self._where(None, filename, key, ref) if data is not None else None
+        except (OSError, ValueError, KeyError):
+            located = None
+        if located is None or list(located[1]) != list(like.shape):
+            reading.__exit__(None, None, None)
+            return None
+        dtype, _, offset, nbytes = located
+        return MappedRowReader(reading, data, leased, self.stamps[filename], dtype, offset,
+                               nbytes // max(like.shape[0], 1))
+
     def _locate(self, f, filename: str, key: str, ref):
         """(dtype, shape, offset, byte count) of the parameter in the open file, None when the file changed."""
         if _stamp(os.fstat(f.fileno())) != self.stamps[filename]:
             return None
+        return self._where(f, filename, key, ref)
+
+    def _where(self, f, filename: str, key: str, ref):
+        """(dtype, shape, offset, byte count) of the parameter (`f`: the open file, None to open it for the index)."""
         index = self._index.get(filename)
         if index is None:
-            index = self._index[filename] = safetensors_mmap.read_index(f, filename)
+            if f is None:
+                with open(filename, "rb") as g:
+                    index = self._index[filename] = safetensors_mmap.read_index(g, filename)
+            else:
+                index = self._index[filename] = safetensors_mmap.read_index(f, filename)
         dtype, shape, offset, nbytes = index[key]
         if ref is not None and ref.transform == "rows" and shape:
             # one of `parts` equal row blocks (OpenCLIP's fused q/k/v): only those rows
@@ -268,6 +329,41 @@ class RowReader:
             self._f.close()
 
     def __enter__(self) -> RowReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class MappedRowReader:
+    """RowReader over a leased map (modules/leased_map): rows are copied (and cast) from the mapped file; the lease
+    is held until close(), so the file cannot change meanwhile."""
+
+    def __init__(self, reading, data: torch.Tensor, leased, stamp: FileStamp, dtype: torch.dtype, offset: int,
+                 row_bytes: int):
+        self._reading, self._data, self._leased, self._stamp = reading, data, leased, stamp
+        self.dtype, self._offset, self._row_bytes = dtype, offset, row_bytes
+
+    def read(self, r0: int, r1: int, out: torch.Tensor) -> None:
+        if self._data is None:
+            raise OSError("row reader used after close")
+        lo, hi = self._offset + r0 * self._row_bytes, self._offset + r1 * self._row_bytes
+        out.view(-1).copy_(self._data[lo:hi].view(self.dtype))
+
+    def close(self) -> bool:
+        """Releases the lease; True when the file is still the one the model was loaded from (the lease kept its
+        contents; its times can still be changed)."""
+        if self._data is None:
+            return False
+        self._data = None
+        try:
+            return _stamp(self._leased.fstat()) == self._stamp
+        except OSError:
+            return False
+        finally:
+            self._reading.__exit__(None, None, None)
+
+    def __enter__(self) -> MappedRowReader:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -54,6 +54,7 @@ class Side:
         self.bed, self.which, self.out, self.repeats = bed, which, out, repeats
         self.times: dict[str, list[float]] = {k: [] for k in TIMED}
         self.rss: dict[str, int] = {}
+        self.rss_private: dict[str, int] = {}  # RssAnon: what is not mapped file pages (ours maps the checkpoint)
         self.restore_diffs: dict[str, int] = {}
         self.hashes: dict[str, str] = {}
         self.images: dict[str, bytes] = {}
@@ -62,7 +63,7 @@ class Side:
         self.browser: list = []  # (check, ok, detail) of the headless-Chromium pass
         self.server = None
 
-    SAVED = ("times", "rss", "restore_diffs", "hashes", "loaded_digests", "names", "browser")
+    SAVED = ("times", "rss", "rss_private", "restore_diffs", "hashes", "loaded_digests", "names", "browser")
 
     def save(self) -> None:
         """The side's results, so a later failure (or --reuse) does not cost this run."""
@@ -79,7 +80,8 @@ class Side:
         with open(self.saved_path(), encoding="utf8") as f:
             data = json.load(f)
         for k in self.SAVED:
-            setattr(self, k, data[k])
+            if k in data:  # a file from before a field was added keeps that field's default
+                setattr(self, k, data[k])
         self.images = {k: base64.b64decode(v) for k, v in data["images"].items()}
         return True
 
@@ -109,11 +111,17 @@ class Side:
                 raise SystemExit(f"{self.which}: A1111 loaded {info['networks_module']}, not the expected Lora")
             self.server.options(lora_functional=False, lora_in_memory_limit=0)
             self.job("")
-            self.rss["no Lora"] = self.server.info()["rss"]
+            self.note_rss("no Lora")
             checks(self)
         finally:
             self.server.stop()
         self.save()
+
+    def note_rss(self, key: str) -> None:
+        info = self.server.info()
+        self.rss[key] = max(self.rss.get(key, 0), info["rss"])
+        if "rss_anon" in info:
+            self.rss_private[key] = max(self.rss_private.get(key, 0), info["rss_anon"])
 
     # --- the checks, in order -----------------------------------------------------------------------------------
     def timings(self) -> None:
@@ -135,7 +143,7 @@ class Side:
                 base.append(again)
                 self.times[op].append(max(0.0, seconds - again))
                 if op in ("apply 1 LoRA", "apply 3 stacked", "remove all"):
-                    self.rss[op] = max(self.rss.get(op, 0), self.server.info()["rss"])
+                    self.note_rss(op)
         self.times["(a job that changes nothing)"] = base
 
     def weights(self, originals: dict) -> None:
@@ -205,6 +213,11 @@ def all_checks(side: Side, base_title: str) -> None:
     side.checkpoint_switch(originals, base_title)
 
 
+def _gib(side: Side, key: str) -> str:
+    total, private = side.rss.get(key, 0), getattr(side, "rss_private", {}).get(key)
+    return f"{total / 2**30:.2f} GiB" + (f" ({private / 2**30:.2f})" if private else "")
+
+
 def _fmt_times(values: list[float]) -> str:
     return f"{min(values):.2f} / {statistics.median(values):.2f}" if values else "-"
 
@@ -224,7 +237,8 @@ def table(builtin: Side, ours: Side, browser: list[tuple[str, bool, str]], third
     for key in ["no Lora", "apply 1 LoRA", "apply 3 stacked", "remove all"]:
         b, o = builtin.rss.get(key), ours.rss.get(key)
         if b and o:
-            rows.append(f"| server RSS after {key} | {b / 2**30:.2f} GiB | {o / 2**30:.2f} GiB | |")
+            rows.append(f"| server RSS after {key} (of it private: not mapped file pages) | {_gib(builtin, key)} | "
+                        f"{_gib(ours, key)} | |")
     for set_name in [*SETS, "in_memory_limit", "merged_model"]:
         if not (os.path.exists(builtin.path(set_name)) and os.path.exists(ours.path(set_name))):
             continue

@@ -19,10 +19,12 @@ from fastapi import HTTPException, Request
 from modules import extras, script_callbacks, sd_models, shared
 
 
-def _rss() -> int:
+def _rss(field: str = "VmRSS") -> int:
+    """A resident-memory figure of /proc/self/status in bytes: VmRSS (all), RssAnon (private memory), RssFile
+    (pages of mapped files, shared with the page cache and dropped under memory pressure)."""
     with open("/proc/self/status", encoding="ascii") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -36,7 +38,7 @@ def info(request: Request) -> dict:
     _loopback(request)
     networks = sys.modules.get("networks")
     model = shared.sd_model
-    return {"pid": os.getpid(), "rss": _rss(),
+    return {"pid": os.getpid(), "rss": _rss(), "rss_anon": _rss("RssAnon"), "rss_file": _rss("RssFile"),
             "checkpoint": getattr(getattr(model, "sd_checkpoint_info", None), "title", None),
             "networks_module": getattr(networks, "__file__", None),
             "loaded": [{"name": getattr(n, "name", "?"), "te": float(getattr(n, "te_multiplier", 0)),

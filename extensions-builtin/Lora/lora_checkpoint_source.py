@@ -241,7 +241,7 @@ class CheckpointSource:
                 with leased.reading(lambda st: _stamp(st) == self.stamp) as data:
                     if data is not None:  # nobody can write or truncate the file until this block ends
                         out.view(-1).copy_(data[offset:offset + nbytes].view(file_dtype))
-                        return True
+                        return _stamp(leased.fstat()) == self.stamp  # touched meanwhile: not trusted
         try:
             with open(self.filename, "rb", buffering=0) as f:
                 fd = f.fileno()

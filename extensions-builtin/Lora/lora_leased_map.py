@@ -77,6 +77,10 @@ class LeasedMap:
         finally:
             self._release()
 
+    def fstat(self) -> os.stat_result:
+        """The mapped file's status now (its times can change under a lease: `utime` needs no write access)."""
+        return os.fstat(self._fd)
+
     def _acquire(self) -> bool:
         with self._lock:
             if self._readers == 0:
