@@ -224,6 +224,10 @@ def test_card_versions_and_the_filter_tell_flux_chroma_and_sd3(lora_dir, monkeyp
     page = ui_extra_networks_lora.ExtraNetworksPageLora()
     items = {name: page.create_item(f"card_{name}", enable_filter=False) for name in files}
     assert {name: item["sd_also"] for name, item in items.items() if item["sd_also"]} == {"sdxl_te": ["SD3"]}
+    from modules import extra_networks_cards  # what the browser's filter reads (javascript/extraNetworks.js)
+    cards = {name: extra_networks_cards.card_from_item(page, item, 0) for name, item in items.items()}
+    assert (cards["sdxl_te"]["sd"], cards["sdxl_te"]["sd_also"]) == ("SDXL", ["SD3"])
+    assert "sd_also" not in cards["sdxl_te_user"] and cards["sdxl_te_user"]["sd"] == "SD1"
     for family in ("Flux", "Chroma", "SD3", "SDXL", "SD1"):
         monkeypatch.setattr(ui_extra_networks_lora, "_model_family", lambda f=family: f)
         shown = {name for name in files if page.create_item(f"card_{name}") is not None}
