@@ -234,9 +234,12 @@ def test_a_large_parameter_is_read_in_parts_by_several_threads(tmp_path, monkeyp
         index = lcs.lora_files.read_safetensors_index(f, path)
     source = lcs.CheckpointSource(path, lcs.file_stamp(path), index, {k: k for k in index}, {"m": ""},
                                   {("m", "w"): live_dtype}, no_half=False)
+    import threading
+
+    import lora_parallel_reads
     threads = set()
-    real_pread = lcs._pread
-    monkeypatch.setattr(lcs, "_pread", lambda *a: threads.add(lcs.threading.get_ident()) or real_pread(*a))
+    real_pread = lora_parallel_reads.pread
+    monkeypatch.setattr(lora_parallel_reads, "pread", lambda *a: threads.add(threading.get_ident()) or real_pread(*a))
     monkeypatch.setattr(lcs, "BLOCK_BYTES", 1 << 16)
     previous = torch.get_num_threads()
     torch.set_num_threads(3)

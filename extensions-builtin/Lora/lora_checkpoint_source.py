@@ -29,10 +29,10 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import lora_files
 import lora_leased_map
+import lora_parallel_reads
 import torch
 
 try:  # both hosts have them; a bare process (a tool, a test without a host) may not
@@ -44,7 +44,6 @@ logger = logging.getLogger("lora")
 
 FileStamp = tuple[int, int, int, int, int]
 BLOCK_BYTES = 1 << 20  # pread block for casting reads: stays in cache between the read and the cast
-PARALLEL_BYTES = 2 << 20  # a parameter this large in the file is read by every torch thread, a part each
 _FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 
 _lock = threading.Lock()
@@ -249,7 +248,8 @@ class CheckpointSource:
                     return False
                 if file_dtype == live and out.device.type == "cpu" and out.is_contiguous():
                     flat = out.view(torch.uint8).view(-1)  # straight into place
-                    _in_parts(nbytes, lambda lo, hi: _pread(fd, flat[lo:hi], offset + lo, self.filename))
+                    lora_parallel_reads.in_parts(
+                        nbytes, lambda lo, hi: lora_parallel_reads.pread(fd, flat[lo:hi], offset + lo, self.filename))
                 else:
                     self._read_cast(fd, out, file_dtype, offset, nbytes, chain)
                 return _stamp(os.fstat(fd)) == self.stamp  # written while we read: the bytes may be mixed
@@ -277,73 +277,28 @@ class CheckpointSource:
         size = file_dtype.itemsize
         if not out.is_contiguous():  # a strided weight: whole tensor through a temporary
             tmp = torch.empty(nbytes, dtype=torch.uint8)
-            _pread(fd, tmp, offset, self.filename)
+            lora_parallel_reads.pread(fd, tmp, offset, self.filename)
             out.copy_(_cast(tmp.view(file_dtype), chain).view(out.shape))
             return
         flat, head = out.view(-1), chain[:-1]
 
         def part(lo: int, hi: int) -> None:
             per_block = max(1, BLOCK_BYTES // size)
-            scratch = _scratch(per_block * size)
+            scratch = lora_parallel_reads.scratch(per_block * size)
             while lo < hi:
                 n = min(per_block, hi - lo)
                 raw = scratch[:n * size]
-                _pread(fd, raw, offset + lo * size, self.filename)
+                lora_parallel_reads.pread(fd, raw, offset + lo * size, self.filename)
                 flat[lo:lo + n].copy_(_cast(raw.view(file_dtype), head) if head else raw.view(file_dtype))
                 lo += n
 
-        _in_parts(nbytes // size, part, nbytes)
-
-
-_local = threading.local()
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _scratch(nbytes: int) -> torch.Tensor:
-    """This thread's read buffer (one per thread: parts of a read run side by side)."""
-    buf = getattr(_local, "scratch", None)
-    if buf is None or buf.numel() < nbytes:
-        buf = _local.scratch = torch.empty(nbytes, dtype=torch.uint8)
-    return buf
-
-
-def _in_parts(total: int, work, nbytes: int | None = None) -> None:
-    """work(lo, hi) over [0, total) split into one contiguous part per torch thread when the read is at least
-    PARALLEL_BYTES (`nbytes`, default `total`); every part has finished when this returns or raises."""
-    global _pool
-    parts = min(torch.get_num_threads(), 8) if (total if nbytes is None else nbytes) >= PARALLEL_BYTES else 1
-    if parts < 2:
-        work(0, total)
-        return
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(7, thread_name_prefix="lora-checkpoint-read")
-    step = -(-total // parts)
-    futures = [_pool.submit(work, lo, min(total, lo + step)) for lo in range(step, total, step)]
-    try:
-        work(0, min(step, total))
-    finally:
-        errors = [f.exception() for f in futures]  # waits for each: none still writes into `out` afterwards
-    for e in errors:
-        if e is not None:
-            raise e
+        lora_parallel_reads.in_parts(nbytes // size, part, nbytes)
 
 
 def _cast(t: torch.Tensor, chain) -> torch.Tensor:
     for dtype in chain:
         t = t.to(dtype)
     return t
-
-
-def _pread(fd: int, buffer: torch.Tensor, offset: int, path: str) -> None:
-    view = memoryview(buffer.numpy()).cast("B")
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise OSError(f"{path}: ended at byte {offset + done} (truncated?)")
-        done += n
 
 
 # --- finding the model's parts in the file ----------------------------------------------------------------------
