@@ -12,7 +12,10 @@ for the patcher with the host's original-weights source (a checkpoint of the tou
 host's own `OriginalWeights` as `sd_model.original_weights` offers it) and without it (rounding residual), as
 ratios to the floor of the same operation, measured in the same run (scripts/bench_lora_floors.py: the cheapest
 in-place loop with fp32 factors and, where needed, the originals ready in memory, at the block size that was
-fastest for that operation in a calibration run). Neither side reads files or plans. Ours and diffusers are
+fastest for that operation in a calibration run). With the source, ours and the floor are timed in pairs, each repeat
+both back to back, and each ratio is the median of the per-repeat ratios (scripts/bench_lora_paired.py: this
+machine's speed drifts more than the goals' margins between two separate series). Neither side reads files or
+plans. Ours and diffusers are
 compared both ways: both excluding file reading and parsing (ours: the write; diffusers: fuse_lora / unfuse_lora
 with the adapters already loaded) and both including it (ours plus the read+parse time of the op's files and the
 plan; diffusers: load_lora_weights + fuse_lora, unfuse + unload). Every (model, dtype) runs in its own
@@ -44,6 +47,8 @@ for _p in (ROOT, LORA_DIR):
 for _k, _v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
                ("DIFFUSERS_VERBOSITY", "error"), ("GRADIO_ANALYTICS_ENABLED", "False")):
     os.environ.setdefault(_k, _v)
+
+from scripts import bench_lora_paired  # noqa: E402  (after the path set-up above)
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -276,100 +281,7 @@ def checkpoint_source(folder: str, model, layer_names):
 
 
 # --- the contenders ----------------------------------------------------------------------------------------------
-OPS = ("apply 1", "apply 3", "loha", "lokr", "switch", "multiplier", "same set", "remove")
-
-
-def bench_patcher(model, layers, paths, nets, strategy, source, repeats, clock, device) -> dict:
-    import lora_patcher
-    import lora_plan
-    prefer = {"source": (lora_patcher.SOURCE, lora_patcher.CLONE),
-              "residual": (lora_patcher.RESIDUAL, lora_patcher.CLONE)}[strategy]
-    patcher = lora_patcher.Patcher(prefer=prefer)
-    a, b, c, h, k = (nets[n] for n in "ABCHK")
-
-    def plan(*networks, m: float = 1.0):
-        for n in networks:
-            n.te_multiplier = n.unet_multiplier = m
-        return lora_plan.build_plan(layers, list(networks))
-
-    plans: dict[str, list] = {op: [] for op in OPS}
-
-    def planned(op, *networks, m: float = 1.0):
-        """The plan for `op`, its building timed apart from the writing (the "incl. read+parse" columns add it)."""
-        t, p = clock(plan, *networks, m=m)
-        plans[op].append(t)
-        return p
-
-    def sync(p):
-        return patcher.sync(layers, p, source, paths)
-
-    times: dict[str, list] = {op: [] for op in OPS}
-    held = {}
-    for _ in range(repeats):
-        trim()
-        before = device_memory(device)
-        t, n = clock(sync, planned("apply 1", a))
-        times["apply 1"].append(t)
-        assert n == len(plan(a)), (n, len(plan(a)))
-        trim()
-        held.setdefault("held 1 (accounted)", []).append(patcher.held_bytes(layers))
-        held.setdefault("held 1 (memory growth)", []).append(device_memory(device) - before)
-        t, n = clock(sync, planned("same set", a))
-        assert n == 0
-        times["same set"].append(t)
-        times["multiplier"].append(clock(sync, planned("multiplier", a, m=0.7))[0])
-        sync(plan(a))
-        times["switch"].append(clock(sync, planned("switch", b))[0])
-        sync(plan(a))
-        times["remove"].append(clock(sync, planned("remove"))[0])
-        trim()
-        before = device_memory(device)
-        times["apply 3"].append(clock(sync, planned("apply 3", a, b, c))[0])
-        trim()
-        held.setdefault("held 3 (accounted)", []).append(patcher.held_bytes(layers))
-        held.setdefault("held 3 (memory growth)", []).append(device_memory(device) - before)
-        sync({})
-        for op, net in (("loha", h), ("lokr", k)):
-            times[op].append(clock(sync, planned(op, net))[0])
-            sync({})
-    res = {k: statistics.median(v) for k, v in times.items()}
-    res["plan"] = {k: statistics.median(v) for k, v in plans.items()}
-    res.update({k: statistics.median(v) for k, v in held.items()})
-    res["stats"] = dict(patcher.stats)
-    return res
-
-
-def bench_floor(layers, nets, repeats, clock, device) -> dict:
-    """Each operation's floor (scripts/bench_lora_floors.py), timed the same way, with the block size that was
-    fastest for it in a calibration run (multiplier uses switch's: the same loop on the same shapes); the
-    weights are put back from the floor's in-memory originals after each (not timed)."""
-    from scripts.bench_lora_floors import Floors, chunk_name
-    floors = Floors(layers, nets, device)
-    one, three, loha, lokr = (floors.lora_factors("A"), floors.lora_factors("ABC"), floors.loha_factors("H"),
-                              floors.lokr_factors("K"))
-    switch, multiplier = floors.lora_factors("B"), floors.lora_factors("A", 0.7)
-    ops = {"apply 1": lambda: floors.apply_lora(one), "apply 3": lambda: floors.apply_lora(three),
-           "loha": lambda: floors.apply_loha(loha), "lokr": lambda: floors.apply_lokr(lokr),
-           "switch": lambda: floors.apply_lora(switch, from_original=True),
-           "multiplier": lambda: floors.apply_lora(multiplier, from_original=True),
-           "remove": lambda: floors.remove(one)}
-    chunks, calibration = {}, {}
-    for op in ("apply 1", "apply 3", "loha", "lokr", "switch"):
-        chunks[op], calibration[op] = floors.calibrate(ops[op], clock)
-    chunks["multiplier"], chunks["remove"] = chunks["switch"], None
-    times: dict[str, list] = {op: [] for op in ops}
-    for _ in range(repeats):
-        for op, fn in ops.items():
-            if op == "remove":
-                floors.chunk = chunks["apply 1"]
-                floors.apply_lora(one)
-            floors.chunk = chunks[op]
-            times[op].append(clock(fn)[0])
-            floors.remove()
-    res = {op: statistics.median(v) for op, v in times.items()}
-    res["blocks"] = {op: chunk_name(c) for op, c in chunks.items() if op != "remove"}
-    res["calibration"] = calibration  # {op: {block size: best of 2}}
-    return res
+OPS = bench_lora_paired.OPS  # ours and each op's floor are timed in pairs (scripts/bench_lora_paired.py)
 
 
 def bench_diffusers(model, family, paths, repeats, clock, device) -> dict:
@@ -501,16 +413,26 @@ def run_child(args) -> dict:
     result["load"] = load_times  # read + parse of each file (what ours excludes and diffusers includes)
 
     result["ours"] = {}
-    for strategy in ("source", "residual") if source is not None else ("residual",):
-        t = time.perf_counter()
-        result["ours"][strategy] = bench_patcher(model, layers, layer_map.module_paths, nets, strategy, source,
-                                                 args.repeats, clock, device)
-        print(f"  ours ({strategy}): {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
-        result["ours"][strategy]["exact"] = weights_checksum(model) == checksum
+    strategies = ("source", "residual") if source is not None else ("residual",)
+    ours = {st: bench_lora_paired.Ours(layers, layer_map.module_paths, nets, st, source, clock, trim,
+                                       lambda: device_memory(device)) for st in strategies}
     t = time.perf_counter()
-    result["floor"] = bench_floor(layers, nets, args.repeats, clock, device)
-    print(f"  floor: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+    floor = bench_lora_paired.Floor(layers, nets, device, clock)
+    print(f"  floor calibration: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+    for i, strategy in enumerate(strategies):
+        t = time.perf_counter()
+        if i == 0:  # the first strategy is timed in pairs with the floor
+            ratios = bench_lora_paired.run_pairs(ours[strategy], floor, args.repeats)
+            result["ours"][strategy] = ours[strategy].result(ratios)
+        else:
+            bench_lora_paired.run_alone(ours[strategy], args.repeats)
+            result["ours"][strategy] = ours[strategy].result()
+        print(f"  ours ({strategy}{', paired with the floor' if i == 0 else ''}): {time.perf_counter() - t:.0f} s",
+              file=sys.stderr, flush=True)
+        result["ours"][strategy]["exact"] = weights_checksum(model) == checksum
+    result["floor"] = floor.result()
     result["floor"]["exact"] = weights_checksum(model) == checksum
+    del floor, ours
     del nets
     trim()
     if not args.no_diffusers:
@@ -536,13 +458,15 @@ def fmt_s(x) -> str:
     return "-" if x is None else (f"{x * 1000:.0f} ms" if x < 10 else f"{x:.1f} s")
 
 
-def fmt_ratio(a, b, goal=None) -> str:
+def fmt_ratio(a, b, goal=None, paired=None) -> str:
+    """a / b, or `paired` (the median of per-repeat ratios) when the two were timed in pairs."""
     if a is None or not b:
         return "-"
-    text = f"{a / b:.2f}x"
-    if goal is not None and a / b > goal:
+    ratio = a / b if paired is None else paired
+    text = f"{ratio:.2f}x"
+    if goal is not None and ratio > goal:
         return f"{text} (MISSED, goal {goal:g}x)"
-    if goal is not None and a / b < BELOW_FLOOR:
+    if goal is not None and ratio < BELOW_FLOOR:
         return f"{text} (under the floor: not a floor)"
     return text
 
@@ -577,7 +501,8 @@ def table(results: list[dict]) -> str:
             f = floor.get(op)
             row = [op, "-" if f is None else fmt_s(f) + (f" ({blocks[op]})" if op in blocks else "")]
             row += [fmt_s(ours[s]) for s in strategies]
-            row += [fmt_ratio(ours[s], f, GOAL.get(op)) for s in strategies]
+            row += [fmt_ratio(ours[s], f, GOAL.get(op), r["ours"][s].get("paired ratio", {}).get(op))
+                    for s in strategies]
             d_excl = diff["excl"].get(op) if diff else None
             d_incl = diff.get(op) if diff else None
             row += [fmt_s(d_excl)] + [fmt_ratio(ours[s], d_excl) for s in strategies]
@@ -643,7 +568,8 @@ def main() -> None:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)
     print(f"rank {args.rank} kohya LoRAs (LoHa rank {args.rank // 2}, LoKr w2 rank {args.rank}), ΔW rms = "
-          f"{args.strength:g} × W rms each; median of {args.repeats}; floor = the cheapest in-place loop for that "
+          f"{args.strength:g} × W rms each; median of {args.repeats} (with the source, each ratio is the median of "
+          "per-repeat ratios of ours and the floor timed back to back); floor = the cheapest in-place loop for that "
           "op with factors (and originals) ready in memory (scripts/bench_lora_floors.py), at the block size of "
           "rows that was fastest for it in this run; ours and the floor exclude reading files and planning. "
           "Against diffusers both ways: both excl. (ours: the patcher's write; diffusers: fuse_lora/unfuse_lora with "

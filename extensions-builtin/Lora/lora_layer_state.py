@@ -29,6 +29,32 @@ def bias_attr(module: torch.nn.Module) -> str:
     return "in_proj_bias" if isinstance(module, torch.nn.MultiheadAttention) else "bias"
 
 
+def weight_of(module: torch.nn.Module) -> torch.Tensor | None:
+    """The layer's weight; a registered parameter is taken from `_parameters` directly (nn.Module.__getattr__ is on
+    every layer's path of every job, several times)."""
+    name = weight_attr(module)
+    param = module.__dict__.get("_parameters", {}).get(name)
+    return param if param is not None else getattr(module, name, None)
+
+
+def bias_of(module: torch.nn.Module) -> torch.Tensor | None:
+    name = bias_attr(module)
+    params = module.__dict__.get("_parameters", {})
+    if name in params:
+        return params[name]
+    return getattr(module, name, None)
+
+
+def _put(module: torch.nn.Module, name: str, value) -> None:
+    """Sets one of our bookkeeping attributes (plain values: for them nn.Module.__setattr__ ends in the instance
+    dict too, after checks that cost more than the rest of a small layer's bookkeeping)."""
+    module.__dict__[name] = value
+
+
+def _get(module: torch.nn.Module, name: str, default=None):
+    return module.__dict__.get(name, default)
+
+
 def no_grad_for(t: torch.Tensor):
     return torch.inference_mode() if t.is_inference() else torch.no_grad()
 
@@ -80,47 +106,55 @@ class RestoreRecord:
 
 
 def current_state(module: torch.nn.Module) -> tuple:
-    return getattr(module, "network_current_names", ())
+    return _get(module, "network_current_names", ())
+
+
+def set_state(module: torch.nn.Module, key: tuple) -> None:
+    _put(module, "network_current_names", key)
 
 
 def record(module: torch.nn.Module) -> RestoreRecord | None:
-    rec = getattr(module, "network_backup", None)
+    rec = _get(module, "network_backup")
     return rec if isinstance(rec, RestoreRecord) else None
+
+
+def set_record(module: torch.nn.Module, rec: RestoreRecord | None) -> None:
+    _put(module, "network_backup", rec)
 
 
 def forget(module: torch.nn.Module) -> None:
     """Drops the layer's bookkeeping without touching its weights (they are the new original)."""
-    module.network_backup = None
-    module.network_current_names = ()
-    module.network_written = None
+    _put(module, "network_backup", None)
+    _put(module, "network_current_names", ())
+    _put(module, "network_written", None)
 
 
 def _versions(module: torch.nn.Module) -> tuple:
-    return version(getattr(module, weight_attr(module))), version(getattr(module, bias_attr(module), None))
+    return version(weight_of(module)), version(bias_of(module))
 
 
 def record_written(module: torch.nn.Module) -> None:
-    module.network_written = _versions(module)
+    _put(module, "network_written", _versions(module))
 
 
 def changed_outside(module: torch.nn.Module) -> bool:
     """Whether someone else wrote the layer's weight or bias since our last write."""
     if not current_state(module) or record(module) is None:
         return False
-    written = getattr(module, "network_written", None)
+    written = _get(module, "network_written")
     return written is not None and written != _versions(module)
 
 
 def note_source_checked(module: torch.nn.Module, source, param) -> None:
     """The layer holds exactly what `source` has for `param` (checked, or just restored from it)."""
-    module.network_source_checked = (source, param, version(getattr(module, weight_attr(module))))
+    _put(module, "network_source_checked", (source, param, version(weight_of(module))))
 
 
 def source_still_checked(module: torch.nn.Module, source, param, original: torch.Tensor) -> bool:
     """The layer's weight is the same tensor at the same version as when the source was last seen to hold it."""
-    weight = getattr(module, weight_attr(module))
+    weight = weight_of(module)
     now = version(weight)
-    checked = getattr(module, "network_source_checked", None)
+    checked = _get(module, "network_source_checked")
     return checked is not None and checked[0] is source and checked[1] == param and now[1] is not None and \
         checked[2] == now and original.data_ptr() == weight.data_ptr()
 

@@ -36,7 +36,7 @@ from lora_delta import (  # noqa: F401  (the patcher's public names before lora_
     module_compute,
     plain_lowrank,
 )
-from lora_layer_state import RestoreRecord, no_grad_for, weight_attr
+from lora_layer_state import RestoreRecord, no_grad_for, set_record, set_state, weight_attr, weight_of
 from lora_patch_job import PatchError, PatchJob, PatchLog, ScratchPool, Transaction, full_fp32_matmul
 from lora_restore_methods import (  # noqa: F401  (the patcher's public names before the split)
     ACCELERATOR_ORDER,
@@ -108,20 +108,25 @@ class Patcher:
             self._pool.clear()
         return len(todo)
 
-    def restore(self, module: torch.nn.Module) -> bool:
-        """Puts the layer's original weights back; True when something was written."""
+    def restore(self, module: torch.nn.Module, job: PatchJob | None = None) -> bool:
+        """Puts the layer's original weights back; True when something was written. `job`: the running job's
+        (inside `sync`, whose transaction already holds fp32 matmul and whose source validity is known)."""
         rec = self.record(module)
         if rec is None:
             self.forget(module)
             return False
-        try:
-            with full_fp32_matmul():
-                job = self._job()
-                if not self._settle_dtype_change(job, module, rec):
-                    self._restore_weight(job, module, rec)
-        finally:
-            if not self._in_job:
-                self._pool.clear()
+        if job is not None:
+            if not self._settle_dtype_change(job, module, rec):
+                self._restore_weight(job, module, rec)
+        else:
+            try:
+                with full_fp32_matmul():
+                    job = self._job()
+                    if not self._settle_dtype_change(job, module, rec):
+                        self._restore_weight(job, module, rec)
+            finally:
+                if not self._in_job:
+                    self._pool.clear()
         lora_weight_writer.restore_bias(module, rec)
         self.forget(module)
         self.stats["restores"] += 1
@@ -137,18 +142,18 @@ class Patcher:
 
     # --- one layer ---------------------------------------------------------------------------------------------
     def _bring(self, job: PatchJob, name: str, module: torch.nn.Module, contributions: list, key: tuple):
-        weight = getattr(module, weight_attr(module), None)
+        weight = weight_of(module)
         if not contributions or weight is None:
             if weight is None:
                 for c in contributions:
                     c.network.apply_errors[name] = "the layer has no weight"
-            self.restore(module)
-            module.network_current_names = key
+            self.restore(module, job)
+            set_state(module, key)
             return
         rec = self.record(module)
         if rec is not None and rec.how == lora_fp8.UPCAST and self.fp8_strategy != lora_fp8.UPCAST:
-            self.restore(module)  # the fp8 strategy changed: start again from the fp8 parameter
-            rec, weight = None, getattr(module, weight_attr(module))
+            self.restore(module, job)  # the fp8 strategy changed: start again from the fp8 parameter
+            rec, weight = None, weight_of(module)
         self._settle_dtype_change(job, module, rec)
         rows = METHODS[SOURCE].rows_for_rewrite(job, rec, weight, contributions) \
             if rec is not None and rec.how == SOURCE else None
@@ -161,8 +166,8 @@ class Patcher:
         original, in_place, read = self._original(job, module, rec, weight)
         delta = compute_delta(name, module, original, contributions, lora_weight_writer.original_bias(module, rec))
         if not delta.has_weight and delta.bias is None:  # every network failed on this layer
-            self.restore(module)
-            module.network_current_names = key
+            self.restore(module, job)
+            set_state(module, key)
             return
 
         bias_backup = rec.bias if rec is not None else None
@@ -198,8 +203,8 @@ class Patcher:
         delta = compute_delta(name, module, weight.detach(), contributions,
                               lora_weight_writer.original_bias(module, rec))
         if not delta.has_weight and delta.bias is None:  # every network failed on this layer
-            self.restore(module)
-            module.network_current_names = key
+            self.restore(module, job)
+            set_state(module, key)
             return
         if not delta.has_weight:  # only a bias delta: the weight takes its original
             self._restore_weight(job, module, rec)
@@ -212,9 +217,9 @@ class Patcher:
     def _finish(self, module, weight: torch.Tensor, delta, new_rec: RestoreRecord, key: tuple) -> None:
         """The bias and the layer's new record, after its weight was written."""
         lora_weight_writer.write_bias(module, weight, delta.bias, new_rec)
-        new_rec.dtype = getattr(module, weight_attr(module)).dtype
-        module.network_backup = new_rec
-        module.network_current_names = key
+        new_rec.dtype = weight_of(module).dtype
+        set_record(module, new_rec)
+        set_state(module, key)
         lora_layer_state.record_written(module)
         self.stats["writes"] += 1
 
@@ -238,7 +243,7 @@ class Patcher:
         """The model was cast (e.g. `.to(torch.float64)`) while the layer was patched: its record is in the old
         dtype, so the original comes back in that dtype and is then cast. Exact when the cast widened (the patched
         values survived it) or when the source or a clone holds the original. Returns True when it ran."""
-        weight = getattr(module, weight_attr(module), None)
+        weight = weight_of(module)
         if rec is None or rec.how in (None, lora_fp8.UPCAST) or rec.dtype is None or weight is None or \
                 weight.dtype == rec.dtype:
             return False
@@ -257,7 +262,7 @@ class Patcher:
     @staticmethod
     def _restore_weight(job: PatchJob, module, rec: RestoreRecord, weight: torch.Tensor | None = None) -> None:
         """Writes the layer's original weight into `weight` (default: the layer's own) by the record's method."""
-        weight = getattr(module, weight_attr(module)) if weight is None else weight
+        weight = weight_of(module) if weight is None else weight
         if rec.how is None:
             return
         if rec.how == lora_fp8.UPCAST:  # the fp8 parameter was never written

@@ -8,7 +8,6 @@ extension assigned to a module a new factors version, so either re-applies.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -29,7 +28,7 @@ class Contribution:
     def held(self) -> Contribution:
         """This contribution with a shallow copy of its module, for a restore record: the tensors the merge used
         stay with it when another extension assigns new ones to the module (NetworkModule.__setattr__)."""
-        return dataclasses.replace(self, module=copy.copy(self.module))
+        return Contribution(self.network, copy.copy(self.module), self.multiplier, self.dyn_dim)
 
 
 def multiplier_for(net: network.Network, layer_name: str) -> float:

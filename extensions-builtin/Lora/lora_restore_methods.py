@@ -21,7 +21,7 @@ import lora_restore_guard
 import lora_weight_source
 import lora_weight_writer
 import torch
-from lora_layer_state import RestoreRecord, weight_attr
+from lora_layer_state import RestoreRecord
 from lora_weight_source import DONE, PART_WRITTEN
 
 SOURCE, RESIDUAL, CLONE = "source", "residual", "clone"
@@ -73,7 +73,7 @@ class SourceRestore(RestoreMethod):
             return True
         if not lora_weight_source.source_matches(source, param, original):
             return False
-        if original.data_ptr() == getattr(module, weight_attr(module)).data_ptr():
+        if original.data_ptr() == lora_layer_state.weight_of(module).data_ptr():
             lora_layer_state.note_source_checked(module, source, param)
         return True
 
@@ -142,7 +142,7 @@ class SourceRestore(RestoreMethod):
             else None
         if done == DONE:
             job.stats["source_reads"] += 1
-            if weight is getattr(module, weight_attr(module)):
+            if weight is lora_layer_state.weight_of(module):
                 lora_layer_state.note_source_checked(module, rec.source, rec.param)
             return
         if done == PART_WRITTEN:  # the layer holds a mix now; the residual cannot undo that

@@ -16,7 +16,7 @@ import lora_fp8
 import lora_residual
 import network_lora
 import torch
-from lora_layer_state import BiasBackup, RestoreRecord, bias_attr, no_grad_for
+from lora_layer_state import BiasBackup, RestoreRecord, bias_attr, bias_of, no_grad_for
 
 
 def write(job, weight: torch.Tensor, original: torch.Tensor, delta: lora_delta.LayerDelta, rec: RestoreRecord,
@@ -114,14 +114,14 @@ def _undo_prefix(weight, done: int, encoder, original, delta, scratch) -> None:
 def original_bias(module, rec: RestoreRecord | None) -> torch.Tensor | None:
     if rec is not None and rec.bias is not None:
         return rec.bias.original
-    bias = getattr(module, bias_attr(module), None)
+    bias = bias_of(module)
     return None if bias is None else bias.detach()
 
 
 def write_bias(module, weight: torch.Tensor, delta_bias: torch.Tensor | None, rec: RestoreRecord) -> None:
     """bias = original bias + Σ Δbias (a layer without a bias gets one); the original is kept in `rec.bias`."""
     name = bias_attr(module)
-    bias = getattr(module, name, None)
+    bias = bias_of(module)
     if delta_bias is None:
         if rec.bias is not None:  # the previous state changed the bias, this one does not
             restore_bias(module, rec)

@@ -190,8 +190,15 @@ class RowDelta:
             weight[r0:r1].add_(d)
 
 
+_OWN_MATH: dict[tuple, bool] = {}
+
+
 def own_math(module, cls, *names: str) -> bool:
     """Whether `module` computes its delta with `cls`'s own methods: a subclass that overrides one of `names` (or
     compute / finalize_updown) may compute something else, so it keeps the generic path."""
-    kind = type(module)
-    return all(getattr(kind, n, None) is getattr(cls, n, None) for n in (*names, "compute", "finalize_updown"))
+    key = (type(module), cls, names)
+    own = _OWN_MATH.get(key)
+    if own is None:  # a class's methods do not change after import: asked once per (type, names)
+        own = _OWN_MATH[key] = all(getattr(key[0], n, None) is getattr(cls, n, None)
+                                   for n in (*names, "compute", "finalize_updown"))
+    return own

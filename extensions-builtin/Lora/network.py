@@ -268,6 +268,13 @@ class NetworkModule:
                     net.factors_version = getattr(net, "factors_version", 0) + 1
         object.__setattr__(self, name, value)
 
+    def __copy__(self) -> NetworkModule:
+        """A shallow copy (each restore record holds one): the same attributes, without copy's generic protocol,
+        which costs more than the rest of a small layer's record."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
     def __init__(self, net: Network, weights: NetworkWeights):
         self.network = net
         self.network_key = weights.network_key
