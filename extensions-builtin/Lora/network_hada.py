@@ -140,7 +140,9 @@ class HadaRows(lyco_helpers.RowDelta):
 
     def add_to(self, weight: torch.Tensor, scratch, block_elements: int) -> None:
         rows, cols = weight.shape
-        step = max(1, block_elements // max(cols, 1))
+        # two block-sized temporaries next to the weight's rows: half the block keeps the bytes in cache about the
+        # same as a one-term delta's (SD1.5 fp32 on 2 cores: 2^19 elements ~10 % faster than 2^20)
+        step = max(1, (block_elements // 2) // max(cols, 1))
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             n = (r1 - r0) * cols
