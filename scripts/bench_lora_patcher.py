@@ -28,11 +28,13 @@ GPU:   python scripts/bench_lora_patcher.py --device cuda --models sdxl --dtype 
 from __future__ import annotations
 
 import argparse
+import atexit
 import ctypes
 import gc
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -366,6 +368,7 @@ def bench_diffusers(model, family, paths, repeats, clock, device) -> dict:
 def run_child(args) -> dict:
     argv, sys.argv = sys.argv, sys.argv[:1]  # the host's flag parser must not see ours
     work = tempfile.mkdtemp(prefix="bench-lora-")
+    atexit.register(shutil.rmtree, work, True)  # its checkpoint and Loras are GiBs
     os.environ.setdefault("SD_WEBUI_DATA_DIR", work)
     import torch
     torch.manual_seed(0)
