@@ -25,13 +25,14 @@ class Ours:
     """The patcher with one restore strategy ("source": the host's original weights, "residual": none)."""
 
     def __init__(self, layers: dict, module_paths: dict, nets: dict, strategy: str, source, clock,
-                 trim: Callable[[], None], memory: Callable[[], int]):
+                 trim: Callable[[], None], memory: Callable[[], int], paired: bool = True):
         import lora_patcher
         prefer = {"source": (lora_patcher.SOURCE, lora_patcher.CLONE),
                   "residual": (lora_patcher.RESIDUAL, lora_patcher.CLONE)}[strategy]
         self.patcher = lora_patcher.Patcher(prefer=prefer)
         self.layers, self.module_paths, self.nets, self.source = layers, module_paths, nets, source
         self.clock, self.trim, self.memory = clock, trim, memory
+        self.paired = paired  # another side writes the weights between our runs
         self.times: dict[str, list] = {op: [] for op in OPS}
         self.plans: dict[str, list] = {op: [] for op in OPS}
         self.held: dict[str, list] = {}
@@ -53,8 +54,9 @@ class Ours:
         """Sets up (untimed), times `op`, puts the original weights back (untimed); returns the time."""
         self.sync({})
         if op in FROM_ORIGINAL:
-            self.sync(self._plan("A"))  # known state after the floor's writes (see the module's docstring)
-            self.sync({})
+            if self.paired:  # known state after the floor's writes (see the module's docstring)
+                self.sync(self._plan("A"))
+                self.sync({})
         else:
             self.sync(self._plan("A"))
         measure = op in ("apply 1", "apply 3")

@@ -418,7 +418,8 @@ def run_child(args) -> dict:
     result["ours"] = {}
     strategies = ("source", "residual") if source is not None else ("residual",)
     ours = {st: bench_lora_paired.Ours(layers, layer_map.module_paths, nets, st, source, clock, trim,
-                                       lambda: device_memory(device)) for st in strategies}
+                                       lambda: device_memory(device), paired=i == 0)
+            for i, st in enumerate(strategies)}
     t = time.perf_counter()
     floor = bench_lora_paired.Floor(layers, nets, device, clock)
     print(f"  floor calibration: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
@@ -428,7 +429,7 @@ def run_child(args) -> dict:
             ratios = bench_lora_paired.run_pairs(ours[strategy], floor, args.repeats)
             result["ours"][strategy] = ours[strategy].result(ratios)
         else:
-            bench_lora_paired.run_alone(ours[strategy], args.repeats)
+            bench_lora_paired.run_alone(ours[strategy], args.residual_repeats or args.repeats)
             result["ours"][strategy] = ours[strategy].result()
         print(f"  ours ({strategy}{', paired with the floor' if i == 0 else ''}): {time.perf_counter() - t:.0f} s",
               file=sys.stderr, flush=True)
@@ -536,6 +537,8 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="one dtype (overrides --dtypes)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--residual-repeats", type=int, default=0,
+                        help="repeats of the path without a source when a source is benchmarked too (0: --repeats)")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--strength", type=float, default=0.03, help="ΔW rms / W rms of each LoRA")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -555,7 +558,8 @@ def main() -> None:
     for model, dtype in jobs:
         cmd = [sys.executable, os.path.abspath(__file__), "--child-model", model, "--child-dtype", dtype,
                "--device", args.device, "--repeats", str(args.repeats), "--rank", str(args.rank),
-               "--strength", str(args.strength), "--threads", str(args.threads)] + \
+               "--strength", str(args.strength), "--threads", str(args.threads),
+               "--residual-repeats", str(args.residual_repeats)] + \
             (["--no-diffusers"] if args.no_diffusers else [])
         print(f"running {model} {dtype} on {args.device} ...", file=sys.stderr, flush=True)
         t = time.perf_counter()
