@@ -175,6 +175,41 @@ class OriginalWeights:
             return False
         return True
 
+    def read_many_into(self, items: list[tuple[str, str, torch.Tensor]]) -> list[bool | None]:
+        """read_into for many parameters (component, name, out), each file's under one lease and one change check
+        (a job's restores: the per-read lease and file checks cost more than a small layer's copy). For each: True
+        written from the unchanged file; False nothing written (read it with read_into); None written while the
+        file changed (`out` may hold mixed bytes)."""
+        done: list[bool | None] = [False] * len(items)
+        by_file: dict[str, list[int]] = {}
+        for i, (component, name, out) in enumerate(items):
+            entry = self.refs.get((component, name))
+            if entry is not None and out.dtype == self.dtypes.get((component, name), out.dtype) and \
+                    _as_stored(entry[2]) and out.device.type == "cpu" and out.is_contiguous():
+                by_file.setdefault(entry[0], []).append(i)
+        for filename, indices in by_file.items():
+            leased = self._leased(filename)
+            if leased is None:
+                continue
+            stamp = self.stamps[filename]
+            with leased.reading(lambda st, stamp=stamp: _stamp(st) == stamp) as data:
+                if data is None:
+                    continue
+                written = []
+                for i in indices:
+                    component, name, out = items[i]
+                    try:
+                        dtype, shape, offset, nbytes = self._where(None, filename, *self.refs[(component, name)][1:])
+                    except (OSError, ValueError, KeyError):
+                        continue
+                    if list(shape) == list(out.shape):
+                        out.view(-1).copy_(data[offset:offset + nbytes].view(dtype))
+                        written.append(i)
+                unchanged = _stamp(leased.fstat()) == stamp
+                for i in written:
+                    done[i] = True if unchanged else None
+        return done
+
     def open_rows(self, component: str, name: str, like: torch.Tensor) -> RowReader | None:
         """A reader of row blocks of the parameter as loaded (`like`: a CPU tensor of its shape and dtype), or
         None when it cannot give rows straight from the file (unknown, changed, reshaped on load, other device).

@@ -82,7 +82,11 @@ def test_a1111_model_restores_from_its_checkpoint(tiny_ldm_pair, write_lora, pat
 
     networks.load_networks([f"{family}_src"], [0.5], [0.25], [None], sd_model=ldm)  # re-read, then re-merged
     assert patcher.stats["source_reads"] >= len(net.modules) - fused
+    source, calls = ldm.original_weights, []
+    read_into = source.read_into
+    source.read_into = lambda *a: calls.append(a[:2]) or read_into(*a)
     networks.load_networks([], sd_model=ldm)
+    assert calls == []  # removal reads every layer in one batch (read_many_into), not one read_into per layer
     assert_bitwise(ldm, original)
     assert patcher.stats["inexact"] == 0 and patcher.stats["restore_fallbacks"] == 0
 

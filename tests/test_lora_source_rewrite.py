@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from modules import leased_map
 from modules.original_weights import OriginalWeights
 
 RANK, ALPHA = 4, 2.0  # the test Loras' rank and alpha: scale alpha/rank = 0.5
@@ -114,3 +115,47 @@ def test_a_file_that_changes_while_its_rows_are_read_is_reported(tiny_sd1, write
     report = networks.load_networks(["a"], [0.5], sd_model=model)
     assert patcher.stats["inexact"] > 0
     assert any("changed while it was read" in n for n in report.notes)
+
+
+def test_removal_restores_every_layer_from_the_source_in_one_batch_under_one_lease(tiny_sd1, write_lora, patcher,
+                                                                                  tmp_path, monkeypatch):
+    model = tiny_sd1
+    source = host_source(model, tmp_path)
+    model.original_weights = source
+    original = weights(model)
+    write_lora("a", model, seed=1, rank=RANK, alpha=ALPHA)
+    report = networks.load_networks(["a"], [1.0], sd_model=model)
+    written = report.layers_written
+    files = {source.refs[p][0] for p in source.refs}
+    leases, reads_before = [], patcher.stats["source_reads"]
+    acquire = leased_map.LeasedMap._acquire
+    monkeypatch.setattr(leased_map.LeasedMap, "_acquire", lambda self: leases.append(self.filename) or acquire(self))
+    monkeypatch.setattr(source, "read_into", lambda *a: pytest.fail(f"read one by one: {a[:2]}"))
+    report = networks.load_networks([], sd_model=model)
+    assert not report.notes and patcher.stats["inexact"] == 0
+    assert patcher.stats["source_reads"] - reads_before == written > 10
+    assert 1 <= len(leases) <= len(files)  # one lease per file read, not one per layer
+    for name, w in weights(model).items():
+        assert same_bits(w, original[name]), name
+
+
+def test_a_file_that_changes_while_a_batch_restore_reads_it_is_reported(tiny_sd1, write_lora, patcher, tmp_path):
+    model = tiny_sd1
+    source = host_source(model, tmp_path)
+    model.original_weights = source
+    write_lora("a", model, seed=1, rank=RANK, alpha=ALPHA)
+    networks.load_networks(["a"], [1.0], sd_model=model)
+    leased = source._leased
+
+    def leased_then_touched(filename):  # another program touches the checkpoint while the batch reads it
+        m = leased(filename)
+        fstat = m.fstat
+        m.fstat = lambda: (os.utime(filename, ns=(1, 1)), fstat())[1]
+        return m
+
+    source._leased = leased_then_touched
+    report = networks.load_networks([], sd_model=model)
+    assert patcher.stats["inexact"] > 0
+    assert any("changed while it was read" in n for n in report.notes)
+    assert all(not lora_patcher.Patcher.current_state(m) and lora_patcher.Patcher.record(m) is None
+               for m in lora_layers.get_layer_map(model).layers.values())

@@ -56,6 +56,27 @@ def test_reads_and_rows_come_from_the_leased_map_and_a_truncate_waits(tmp_path):
     assert source.read_into("c", "same", out) is False and source.open_rows("c", "same", out) is None
 
 
+def test_many_reads_share_one_lease_and_say_which_were_written(tmp_path, monkeypatch):
+    path = str(tmp_path / "m.safetensors")
+    same, cast = torch.randn(64, 48).bfloat16(), torch.randn(40, 30).half()
+    source = _source(path, {"same": same, "cast": cast}, {"same": torch.bfloat16, "cast": torch.float32})
+    leases = []
+    acquire = leased_map.LeasedMap._acquire
+    monkeypatch.setattr(leased_map.LeasedMap, "_acquire", lambda self: leases.append(1) or acquire(self))
+    out, out32, wrong, unknown = torch.zeros(64, 48, dtype=torch.bfloat16), torch.zeros(40, 30), torch.zeros(3), \
+        torch.zeros(2)
+    done = source.read_many_into([("c", "same", out), ("c", "cast", out32), ("c", "same", wrong),
+                                  ("c", "nope", unknown)])
+    assert done == [True, True, False, False] and len(leases) == 1
+    assert torch.equal(out.view(torch.int16), same.view(torch.int16)) and torch.equal(out32, cast.float())
+    assert not wrong.any() and not unknown.any()  # nothing written where nothing was read
+
+    leased = source._maps[path]
+    fstat = leased.fstat
+    monkeypatch.setattr(leased, "fstat", lambda: (os.utime(path, ns=(1, 1)), fstat())[1])  # touched meanwhile
+    assert source.read_many_into([("c", "same", out), ("c", "nope", unknown)]) == [None, False]
+
+
 def test_a_file_touched_while_rows_are_read_is_not_trusted(tmp_path):
     path = str(tmp_path / "m.safetensors")
     w = torch.randn(16, 16)

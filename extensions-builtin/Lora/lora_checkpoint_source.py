@@ -192,6 +192,31 @@ class CheckpointSource:
             return False
         return self._read(entry, out)
 
+    def read_many_into(self, items: list[tuple[str, str, torch.Tensor]]) -> list[bool | None]:
+        """read_into for many parameters (component, name, out) under one lease and one change check where the map
+        can serve them (no cast chain, CPU, contiguous). For each: True written from the unchanged file; False
+        nothing written (read it with read_into); None written while the file changed (possibly mixed bytes)."""
+        done: list[bool | None] = [False] * len(items)
+        leased = self._leased_map()
+        if leased is None:
+            return done
+        with leased.reading(lambda st: _stamp(st) == self.stamp) as data:
+            if data is None:
+                return done
+            written = []
+            for i, (component, name, out) in enumerate(items):
+                entry = self._entry(component, name)
+                if entry is None or tuple(out.shape) != entry[1] or out.dtype != entry[4] or len(entry[5]) != 1 or \
+                        out.device.type != "cpu" or not out.is_contiguous():
+                    continue
+                file_dtype, _, offset, nbytes = entry[:4]
+                out.view(-1).copy_(data[offset:offset + nbytes].view(file_dtype))
+                written.append(i)
+            unchanged = _stamp(leased.fstat()) == self.stamp
+            for i in written:
+                done[i] = True if unchanged else None
+        return done
+
     def sample(self, component: str, name: str, step: int) -> torch.Tensor | None:
         """Elements 0, step, 2·step, ... of the flattened parameter as loaded (a few small reads)."""
         entry = self._entry(component, name)

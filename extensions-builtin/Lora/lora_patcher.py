@@ -26,6 +26,7 @@ import lora_fp8
 import lora_layer_state
 import lora_plan
 import lora_restore_methods
+import lora_weight_source
 import lora_weight_writer
 import torch
 from lora_delta import (  # noqa: F401  (the patcher's public names before lora_delta existed)
@@ -100,13 +101,47 @@ class Patcher:
         self._in_job = True
         try:
             with Transaction(lambda: self._roll_back(layers)) as transaction:
-                for name, module, contributions, key in todo:
+                for name, module, contributions, key in self._restore_from_source(job, todo):
                     transaction.at = name
                     self._bring(job, name, module, contributions, key)
         finally:
             self._in_job = False
             self._pool.clear()
         return len(todo)
+
+    def _restore_from_source(self, job: PatchJob, todo: list[tuple]) -> list[tuple]:
+        """Layers going back to their original that the source holds, restored in one batch (one lease and one file
+        check per file, not per layer: removing Loras is a copy per layer, so the per-read work counted); returns
+        the rest of `todo` (and any layer the batch did not restore) for the one-by-one path."""
+        batch, rest = [], []
+        for item in todo:
+            module, contributions = item[1], item[2]
+            rec = self.record(module)
+            weight = weight_of(module)
+            if contributions or rec is None or rec.how != SOURCE or weight is None or rec.dtype != weight.dtype or \
+                    rec.source is not job.sources.source or not job.sources.is_valid(rec.source):
+                rest.append(item)
+            else:
+                batch.append((item, rec, weight))
+        if len(batch) < 2:
+            return todo
+        done = lora_weight_source.read_many_into(job.sources.source, [(rec.param, w) for _, rec, w in batch])
+        if done is None:
+            return todo
+        for how, ((name, module, _, key), rec, _) in zip(done, batch, strict=True):
+            if how == lora_weight_source.NOT_READ:
+                rest.append((name, module, (), key))
+                continue
+            if how == lora_weight_source.DONE:
+                lora_layer_state.note_source_checked(module, rec.source, rec.param)
+                self.stats["source_reads"] += 1
+            else:  # as one layer's read that stopped part-way: the layer holds a mix, the residual cannot undo it
+                job.log.inexact(module, "the checkpoint file changed while it was read")
+            lora_weight_writer.restore_bias(module, rec)
+            self.forget(module)
+            set_state(module, key)
+            self.stats["restores"] += 1
+        return rest
 
     def restore(self, module: torch.nn.Module, job: PatchJob | None = None) -> bool:
         """Puts the layer's original weights back; True when something was written. `job`: the running job's

@@ -139,6 +139,26 @@ def read_into(source, param: tuple[str, str], weight: torch.Tensor) -> str | Non
         return PART_WRITTEN
 
 
+def read_many_into(source, reads: list[tuple[tuple[str, str], torch.Tensor]]) -> list[str] | None:
+    """read_into for many layers at once where the source can (`read_many_into([(component, name, out)])`: each
+    file's reads under one lease and one change check): DONE, NOT_READ or PART_WRITTEN for each; None when the
+    source has no such door or failed (then read each on its own: that rewrites every weight the batch touched)."""
+    read_many = getattr(source, "read_many_into", None)
+    if not callable(read_many) or not reads:
+        return None
+    outs = [w.detach() for _, w in reads]
+    mode = torch.inference_mode() if any(w.is_inference() for w in outs) else torch.no_grad()
+    try:
+        with mode:
+            done = read_many([(*param, out) for (param, _), out in zip(reads, outs, strict=True)])
+    except Exception as e:
+        logger.warning("Lora: reading original weights in one batch failed; reading them one by one: %s", e)
+        return None
+    if len(done) != len(reads):
+        return None
+    return [DONE if d is True else NOT_READ if d is False else PART_WRITTEN for d in done]
+
+
 def open_rows(source, param: tuple[str, str], weight: torch.Tensor):
     """The source's row-block reader for `param` (`open_rows(component, name, like)`: `.read(r0, r1, out)` and
     `.close()` -> whether the file stayed unchanged), or None when the source has none or cannot read this one."""
