@@ -69,11 +69,14 @@ class LayerDelta:
         terms = self.terms
         return terms[0] if len(terms) == 1 and self.full is None else None
 
-    def merge(self, out: torch.Tensor, original: torch.Tensor, scratch, fill: RowFill | None = None) -> None:
+    def merge(self, out: torch.Tensor, original: torch.Tensor, scratch, fill: RowFill | None = None,
+              fill_block: bool = False) -> None:
         """out = cast(original + Σ ΔW) with each term added straight into the result (no ΔW buffer): fp32 in place
         (one fused op per term where the type has one), 16-bit through a cache-sized fp32 block. `out` may be
         `original`; both contiguous. With `fill` (out is original), each block of rows first gets its original
-        from fill(r0, r1, rows) and is merged while it is in cache: one pass over the weight."""
+        from fill(r0, r1, rows) and is merged while it is in cache: one pass over the weight. `fill_block`: a
+        16-bit weight's fill may write straight into the fp32 block (it reads the weight's own dtype, so the cast is
+        exact), saving the copy through the weight's rows."""
         rows = out.shape[0] if out.dim() else 1
         cols = max(1, out.numel() // max(rows, 1))
         out2, orig2 = out.view(rows, cols), original.reshape(rows, cols)
@@ -96,7 +99,7 @@ class LayerDelta:
             if full is not None:
                 out2.add_(full)
             return
-        for r0, r1, s in self.summed_rows(out, original, scratch, block, fill):
+        for r0, r1, s in self.summed_rows(out, original, scratch, block, fill, fill_block):
             out2[r0:r1].copy_(s)
 
     @property
@@ -104,19 +107,23 @@ class LayerDelta:
         return ([self.lowrank] if self.lowrank is not None else []) + self.parts
 
     def summed_rows(self, out: torch.Tensor, original: torch.Tensor, scratch, block: int,
-                    fill: RowFill | None = None):
+                    fill: RowFill | None = None, fill_block: bool = False):
         """(r0, r1, fp32 rows r0:r1 of original + Σ ΔW) in cache-sized blocks of `out`'s 2-D view; each block is
         one scratch buffer, valid until the next is asked for (the caller stores it into `out` its own way).
-        `fill(r0, r1, rows)` first writes the block's original into those rows of `original` (see merge)."""
+        `fill(r0, r1, rows)` first writes the block's original into those rows of `original`, or with `fill_block`
+        into the fp32 block itself (see merge)."""
         rows = out.shape[0] if out.dim() else 1
         cols = max(1, out.numel() // max(rows, 1))
         orig2 = original.reshape(rows, cols)
         full = self.full.reshape(rows, cols) if self.full is not None else None
         for r0, r1 in row_blocks(rows, cols, block):
-            if fill is not None:
-                fill(r0, r1, orig2[r0:r1])
             s = scratch.get("merge", torch.float32, (r1 - r0) * cols).view(r1 - r0, cols)
-            s.copy_(orig2[r0:r1])
+            if fill is not None and fill_block:
+                fill(r0, r1, s)
+            else:
+                if fill is not None:
+                    fill(r0, r1, orig2[r0:r1])
+                s.copy_(orig2[r0:r1])
             for term in self.terms:
                 term.rows(s, r0, r1, scratch, accumulate=True)
             if full is not None:

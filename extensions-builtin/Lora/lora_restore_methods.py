@@ -112,7 +112,8 @@ class SourceRestore(RestoreMethod):
 
         job.stats["source_reads"] += 1
         job.stats["source_rows"] += 1
-        lora_weight_writer.write_rows(job, weight, delta, rec, reader.read, put_back)
+        lora_weight_writer.write_rows(job, weight, delta, rec, reader.read, put_back,
+                                      fill_block=getattr(reader, "dtype", None) == weight.dtype)
         if not reader.close():
             job.log.inexact(module, "the checkpoint file changed while it was read")
 

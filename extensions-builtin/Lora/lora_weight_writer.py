@@ -63,13 +63,15 @@ def write_fused(job, weight: torch.Tensor, original: torch.Tensor, delta: lora_d
 
 
 def write_rows(job, weight: torch.Tensor, delta: lora_delta.LayerDelta, rec: RestoreRecord,
-               fill: lora_delta.RowFill, put_back: Callable[[torch.Tensor], None]) -> None:
+               fill: lora_delta.RowFill, put_back: Callable[[torch.Tensor], None], fill_block: bool = False) -> None:
     """weight = cast(original + Σ ΔW) where each block of rows first gets its original from fill(r0, r1, rows):
-    one pass over a weight that holds an old merge (the source's rewrite). On failure `put_back(weight)`."""
+    one pass over a weight that holds an old merge (the source's rewrite). `fill_block`: fill reads the weight's
+    dtype, so a 16-bit weight's block may take it straight in fp32 (lora_delta.LayerDelta.merge). On failure
+    `put_back(weight)`."""
     job.stats[rec.how] += 1
     with no_grad_for(weight):
         try:
-            delta.merge(weight, weight, job.scratch(weight.device), fill)
+            delta.merge(weight, weight, job.scratch(weight.device), fill, fill_block)
         except BaseException:
             put_back(weight)
             raise
