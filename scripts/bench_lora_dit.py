@@ -14,20 +14,20 @@ through the host's `OriginalWeights`, as `sd_model.original_weights` offers it) 
 residual), each divided by the floor of that operation measured in the same run (scripts/bench_lora_floors.py:
 `W.view(out, -1).addmm_(up, down)` with fp32 accumulation for 16-bit in blocks of rows, the block size calibrated
 per operation; from the in-memory original for switch/multiplier; restore: one copy of the original bytes). Each
-repeat runs ours and the floor back to back; ratios are medians of the per-repeat ratios. Neither side reads Lora
+repeat runs each op on ours and the floor back to back, who goes first alternating (scripts/bench_lora_paired.py);
+ratios are medians of the per-repeat ratios. Neither side reads Lora
 files or plans. The per-layer cost is extrapolated to the full model by touched bytes (each op is memory-bound:
 time ∝ bytes): FLUX.1 19 double + 38 single blocks, SD3.5 Large 38 joint blocks. Memory held for restore is shown
 as % of the touched weights.
 
   flock /tmp/bench.lock nice -n 15 venv/bin/python scripts/bench_lora_dit.py [--models flux,sd35] [--ranks 16,32]
-      [--repeats 5] [--flux-blocks 2,3] [--sd35-blocks 3]
+      [--repeats 5] [--residual-repeats N] [--flux-blocks 2,3] [--sd35-blocks 3]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -107,97 +107,43 @@ def write_lora(path: str, layers: dict, rank: int, seed: int, strength: float) -
     save_file(tensors, path)
 
 
-class Ours:
-    """The patcher with one restore order; round() times each op once."""
-
-    def __init__(self, layers, module_paths, nets, prefer, source):
-        import lora_patcher
-        self.patcher = lora_patcher.Patcher(prefer=prefer)
-        self.layers, self.module_paths, self.nets, self.source = layers, module_paths, nets, source
-        self.held: list[int] = []
-
-    def plan(self, net, m: float = 1.0):
-        import lora_plan
-        net.te_multiplier = net.unet_multiplier = m
-        return lora_plan.build_plan(self.layers, [net])
-
-    def sync(self, plan) -> int:
-        return self.patcher.sync(self.layers, plan, self.source, self.module_paths)
-
-    def round(self, clock) -> dict:
-        a, b = self.nets["A"], self.nets["B"]
-        t = {"apply": clock(self.sync, self.plan(a))[0]}
-        self.held.append(self.patcher.held_bytes(self.layers))
-        t["same set"], n = clock(self.sync, self.plan(a))
-        assert n == 0, n
-        t["multiplier"] = clock(self.sync, self.plan(a, 0.7))[0]
-        self.sync(self.plan(a))
-        t["switch"] = clock(self.sync, self.plan(b))[0]
-        self.sync(self.plan(a))
-        t["restore"] = clock(self.sync, {})[0]
-        return t
+PAIRED = {"apply": "apply 1", "same set": "same set", "multiplier": "multiplier", "switch": "switch",
+          "restore": "remove"}  # this table's names → scripts/bench_lora_paired's
 
 
-class Floor:
-    """The fused floors (scripts/bench_lora_floors.py), each op's block size calibrated once (not timed)."""
-
-    def __init__(self, layers, nets, clock):
-        from scripts.bench_lora_floors import Floors
-        self.floors = f = Floors(layers, nets, torch.device("cpu"))
-        self.one, self.other, self.half = f.lora_factors("A"), f.lora_factors("B"), f.lora_factors("A", 0.7)
-        self.ops = {"apply": lambda: f.apply_lora(self.one),
-                    "multiplier": lambda: f.apply_lora(self.half, from_original=True),
-                    "switch": lambda: f.apply_lora(self.other, from_original=True),
-                    "restore": f.remove}
-        self.chunks = {op: f.calibrate(self.ops[op], clock)[0] for op in ("apply", "switch")}
-        self.chunks["multiplier"], self.chunks["restore"] = self.chunks["switch"], None
-
-    def round(self, clock) -> dict:
-        f = self.floors
-        t = {}
-        for op, fn in self.ops.items():
-            if op == "restore":
-                f.chunk = self.chunks["apply"]
-                f.apply_lora(self.one)
-            f.chunk = self.chunks[op]
-            t[op] = clock(fn)[0]
-            f.remove()
-        return t
-
-
-def bench(layers, module_paths, nets, source, repeats, clock) -> dict:
-    """Each repeat runs ours (source, residual) and the floor back to back, so a busy moment on a shared machine
-    hits both sides of a ratio; ratios are medians of the per-repeat ratios."""
-    import lora_patcher
-    sides = {"source": Ours(layers, module_paths, nets, (lora_patcher.SOURCE, lora_patcher.CLONE), source),
-             "residual": Ours(layers, module_paths, nets, (lora_patcher.RESIDUAL, lora_patcher.CLONE), None)}
-    floor = Floor(layers, nets, clock)
-    rounds: dict[str, list[dict]] = {"source": [], "residual": [], "floor": []}
-    for _ in range(repeats):
-        for how, side in sides.items():
-            rounds[how].append(side.round(clock))
-        rounds["floor"].append(floor.round(clock))
-    res = {"floor": {op: statistics.median(r[op] for r in rounds["floor"]) for op in rounds["floor"][0]},
-           "floor chunks": {op: chunk_name(c) for op, c in floor.chunks.items() if op != "restore"}}
-    for how, side in sides.items():
-        res[how] = {op: statistics.median(r[op] for r in rounds[how]) for op in OPS}
-        res[how]["ratio"] = {op: statistics.median(r[op] / f[op] for r, f in zip(rounds[how], rounds["floor"],
-                                                                                   strict=True))
-                             for op in res["floor"]}
-        res[how]["held"] = statistics.median(side.held)
-        res[how]["stats"] = dict(side.patcher.stats)
+def bench(layers, module_paths, nets, source, repeats, clock, residual_repeats: int | None = None) -> dict:
+    """Ours (source, then residual) and the floor timed in pairs, op by op (scripts/bench_lora_paired.py: each
+    repeat runs an op on both sides back to back, who goes first alternating, so this machine's drift over
+    seconds hits both sides of a ratio); ratios are medians of the per-repeat ratios."""
+    from scripts import bench_lora_paired as paired
+    ops = tuple(PAIRED.values())
+    floor = paired.Floor(layers, nets, torch.device("cpu"), clock, ops=tuple(o for o in ops if o != "same set"))
+    res = {"floor chunks": dict(floor.blocks), "calibration": floor.calibration}
+    for how in ("source", "residual"):
+        side = paired.Ours(layers, module_paths, nets, how, source if how == "source" else None, clock,
+                           trim=lambda: None, memory=lambda: 0)
+        ratios = paired.run_pairs(side, floor, repeats if how == "source" else residual_repeats or repeats, ops=ops)
+        got = side.result(ratios)
+        res[how] = {op: got[PAIRED[op]] for op in OPS}
+        res[how]["ratio"] = {op: got["paired ratio"][PAIRED[op]] for op in OPS if PAIRED[op] in floor.ops}
+        res[how]["held"] = got["held 1 (accounted)"]
+        res[how]["stats"] = got["stats"]
+    got = floor.result()
+    res["floor"] = {op: got[PAIRED[op]] for op in OPS if PAIRED[op] in floor.ops}
     return res
 
 
-def run(family: str, double: int, single: int, rank: int, repeats: int, strength: float) -> dict:
+def run(family: str, double: int, single: int, rank: int, repeats: int, strength: float,
+        residual_repeats: int | None = None) -> dict:
     work = tempfile.mkdtemp(prefix="bench-dit-")
     try:  # the checkpoint of the touched weights is GBs at these widths: never left behind
-        return run_in(work, family, double, single, rank, repeats, strength)
+        return run_in(work, family, double, single, rank, repeats, strength, residual_repeats)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run_in(work: str, family: str, double: int, single: int, rank: int, repeats: int, strength: float) -> dict:
+def run_in(work: str, family: str, double: int, single: int, rank: int, repeats: int, strength: float,
+           residual_repeats: int | None = None) -> dict:
     import lora_delta
     import lora_layers
     import lora_loader
@@ -223,7 +169,7 @@ def run_in(work: str, family: str, double: int, single: int, rank: int, repeats:
            "build s": time.perf_counter() - t0, "threads": torch.get_num_threads()}
     clock = Clock(torch.device("cpu"))
     layers = {n: layer_map.layers[n] for n in layer_map.layers}
-    res.update(bench(layers, layer_map.module_paths, nets, source, repeats, clock))
+    res.update(bench(layers, layer_map.module_paths, nets, source, repeats, clock, residual_repeats))
     res["patcher chunk"] = lora_delta.CPU_CHUNK
     res["exact"] = weights_checksum(model) == checksum
     res["full touched"] = full_touched(family, model.transformer, chosen, double, single)
@@ -276,6 +222,8 @@ def table(r: dict) -> str:
     lines.append(f"held for restore after apply: {'; '.join(held)} of the touched weights (goal <= 5 %)")
     lines.append(f"floor block sizes (calibrated): {r['floor chunks']}; the patcher's: "
                  f"{chunk_name(r['patcher chunk'])} elements")
+    for op, by_size in r["calibration"].items():
+        lines.append(f"  calibration, {op} (best of 2): " + ", ".join(f"{k} {fmt_s(t)}" for k, t in by_size.items()))
     lines.append(f"restore bit-exact after every run: {r['exact']}; patcher stats "
                  f"source {r['source']['stats']}, residual {r['residual']['stats']}")
     return "\n".join(lines)
@@ -286,6 +234,8 @@ def main() -> None:
     parser.add_argument("--models", default="flux,sd35")
     parser.add_argument("--ranks", default="16,32")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--residual-repeats", type=int, default=0,
+                        help="repeats of the residual side (default: --repeats; it is 5-14x slower)")
     parser.add_argument("--strength", type=float, default=0.03, help="ΔW rms / W rms of each Lora")
     parser.add_argument("--flux-blocks", default="2,3", help="double,single blocks built")
     parser.add_argument("--sd35-blocks", default="3", help="joint blocks built")
@@ -300,8 +250,10 @@ def main() -> None:
         double, single = blocks[0], (blocks[1] if len(blocks) > 1 else 0)
         for rank in (int(x) for x in args.ranks.split(",")):
             print(f"running {family} rank {rank} ...", file=sys.stderr, flush=True)
-            print(table(run(family, double, single, rank, args.repeats, args.strength)), flush=True)
-    print(f"\nmedian of {args.repeats}; ΔW rms = {args.strength:g} × W rms; floor = fused in-place addmm_ (fp32 "
+            print(table(run(family, double, single, rank, args.repeats, args.strength, args.residual_repeats)),
+                  flush=True)
+    print(f"\nmedian of {args.repeats} (residual: {args.residual_repeats or args.repeats}); "
+          f"ΔW rms = {args.strength:g} × W rms; floor = fused in-place addmm_ (fp32 "
           "accumulate in cache-sized blocks), from the in-memory original for multiplier/switch, one copy of the "
           "original for restore; full-model column = ours × (full-model touched bytes / touched bytes)")
 

@@ -19,8 +19,8 @@ from typing import Callable
 
 import torch
 
-CHUNK = 1 << 18  # elements per block before calibration (what the patcher uses on CPU)
-CHUNKS = (1 << 16, 1 << 18, 1 << 20, 1 << 22, None)  # None: the whole layer as one block
+CHUNK = 1 << 21  # elements per block before calibration (what the patcher uses on CPU)
+CHUNKS = (1 << 16, 1 << 18, 1 << 20, 1 << 21, 1 << 22, None)  # None: the whole layer as one block
 
 
 def chunk_name(chunk: int | None) -> str:

@@ -93,25 +93,30 @@ class Floor:
     """Each operation's floor (scripts/bench_lora_floors.py) at the block size that was fastest for it in a
     calibration run (multiplier uses switch's: the same loop on the same shapes)."""
 
-    def __init__(self, layers: dict, nets: dict, device, clock):
+    def __init__(self, layers: dict, nets: dict, device, clock, ops: tuple[str, ...] = FLOOR_OPS):
+        """`ops`: the operations to time (a subset of FLOOR_OPS; always with "apply 1", which remove starts from);
+        `nets` needs the Loras those use (A; B for switch; A+B+C, H, K for apply 3, loha, lokr)."""
         from scripts.bench_lora_floors import Floors, chunk_name
         self.floors = f = Floors(layers, nets, device)
-        one = f.lora_factors("A")
-        self.one = one
-        three, loha, lokr = f.lora_factors("ABC"), f.loha_factors("H"), f.lokr_factors("K")
-        switch, multiplier = f.lora_factors("B"), f.lora_factors("A", 0.7)
-        self.ops = {"apply 1": lambda: f.apply_lora(one), "apply 3": lambda: f.apply_lora(three),
-                    "loha": lambda: f.apply_loha(loha), "lokr": lambda: f.apply_lokr(lokr),
-                    "switch": lambda: f.apply_lora(switch, from_original=True),
-                    "multiplier": lambda: f.apply_lora(multiplier, from_original=True),
-                    "remove": lambda: f.remove()}
+        self.one = one = f.lora_factors("A")
+        makers = {"apply 1": lambda: one, "apply 3": lambda: f.lora_factors("ABC"), "loha": lambda: f.loha_factors("H"),
+                  "lokr": lambda: f.lokr_factors("K"), "switch": lambda: f.lora_factors("B"),
+                  "multiplier": lambda: f.lora_factors("A", 0.7), "remove": lambda: None}
+        loops = {"apply 1": f.apply_lora, "apply 3": f.apply_lora, "loha": f.apply_loha, "lokr": f.apply_lokr,
+                 "switch": lambda x: f.apply_lora(x, from_original=True),
+                 "multiplier": lambda x: f.apply_lora(x, from_original=True), "remove": lambda _: f.remove()}
+        self.ops = {op: (lambda loop=loops[op], factors=makers[op](): loop(factors)) for op in ops}
         self.clock = clock
         self.chunks, self.calibration = {}, {}
         for op in ("apply 1", "apply 3", "loha", "lokr", "switch"):
-            self.chunks[op], self.calibration[op] = f.calibrate(self.ops[op], clock)
-        self.chunks["multiplier"], self.chunks["remove"] = self.chunks["switch"], None
+            if op in self.ops:
+                self.chunks[op], self.calibration[op] = f.calibrate(self.ops[op], clock)
+        if "multiplier" in self.ops:  # the same loop on the same shapes as switch
+            self.chunks["multiplier"] = self.chunks["switch"] if "switch" in self.chunks else \
+                f.calibrate(self.ops["multiplier"], clock)[0]
+        self.chunks["remove"] = None
         self.blocks = {op: chunk_name(c) for op, c in self.chunks.items() if op != "remove"}
-        self.times: dict[str, list] = {op: [] for op in FLOOR_OPS}
+        self.times: dict[str, list] = {op: [] for op in ops}
 
     def run(self, op: str) -> float:
         f = self.floors
@@ -131,12 +136,12 @@ class Floor:
         return res
 
 
-def run_pairs(ours: Ours, floor: Floor, repeats: int) -> dict[str, list]:
+def run_pairs(ours: Ours, floor: Floor, repeats: int, ops: tuple[str, ...] = OPS) -> dict[str, list]:
     """`repeats` rounds of every op on both sides back to back (who goes first alternates); {op: [ours / floor]}."""
-    ratios: dict[str, list] = {op: [] for op in FLOOR_OPS}
+    ratios: dict[str, list] = {op: [] for op in ops if op in floor.ops}
     for r in range(repeats):
-        for op in OPS:
-            if op not in FLOOR_OPS:
+        for op in ops:
+            if op not in floor.ops:
                 ours.run(op)
                 continue
             if r % 2 == 0:
@@ -147,7 +152,7 @@ def run_pairs(ours: Ours, floor: Floor, repeats: int) -> dict[str, list]:
     return ratios
 
 
-def run_alone(ours: Ours, repeats: int) -> None:
+def run_alone(ours: Ours, repeats: int, ops: tuple[str, ...] = OPS) -> None:
     for _ in range(repeats):
-        for op in OPS:
+        for op in ops:
             ours.run(op)
