@@ -161,3 +161,34 @@ def test_layer_delta_sums_fused_lowrank_and_generic_terms_in_blocks():
     expected = sum(c.module.compute(w, c.multiplier)[0] for c in contributions)
     got = torch.cat([d for _, _, d in delta.blocks(w.shape, w.device, Scratch())]).reshape(w.shape)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_blocks_shrink_for_loha_temporaries_and_merge_every_block(monkeypatch):
+    """A LoHa term uses two block-sized temporaries next to the merged rows, so its layer's blocks are a third of
+    the device's block: 30 elements → 10 = two 5-wide rows per block. Every block is merged: a bf16 weight ends
+    as the single rounding of W0 + ΔW, and the residual path's blocks cover the weight in the same steps."""
+    monkeypatch.setattr(lora_delta, "CPU_CHUNK", 30)
+    up, down = rnd(12, 2), rnd(2, 5)
+    lora, w = build({"lora_up.weight": up, "lora_down.weight": down}, (12, 5))
+    loha, _ = build({"hada_w1_a": rnd(12, 2), "hada_w1_b": rnd(2, 5), "hada_w2_a": rnd(12, 2),
+                     "hada_w2_b": rnd(2, 5)}, (12, 5))
+
+    class C:
+        def __init__(self, module):
+            self.module, self.multiplier, self.dyn_dim = module, 1.0, None
+            self.network = network.Network("n", None)
+
+    w0 = w.to(torch.bfloat16)
+    only_lora = lora_delta.compute_delta("unet.x", None, w0, [C(lora)])
+    assert lora_delta.block_for(only_lora.terms, w0.device) == 30
+    both = lora_delta.compute_delta("unet.x", None, w0, [C(lora), C(loha)])
+    assert lora_delta.block_for(both.terms, w0.device) == 10
+    assert [(a, b) for a, b, _ in both.blocks(w0.shape, w0.device, Scratch())] == \
+        [(i, i + 10) for i in range(0, 60, 10)]
+    expected = w0.float() + lora.compute(w, 1.0)[0] + loha.compute(w, 1.0)[0]
+    out = w0.clone()
+    both.merge(out, out, Scratch())
+    assert out.dtype == torch.bfloat16
+    # one rounding of the fp32 sum (the sum's order may differ from the reference's in the last fp32 bit)
+    torch.testing.assert_close(out.float(), expected.to(torch.bfloat16).float(), rtol=2 ** -7, atol=1e-6)
+    assert not torch.equal(out, w0)

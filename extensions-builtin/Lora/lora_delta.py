@@ -35,6 +35,12 @@ def chunk_elements(device: torch.device) -> int:
     return CPU_CHUNK if device.type == "cpu" else ACCELERATOR_CHUNK
 
 
+def block_for(terms: list, device: torch.device) -> int:
+    """Elements per block for a merge of `terms`: the device's block, divided among the block-sized buffers the
+    terms use next to the merged rows (lyco_helpers.RowDelta.block_temporaries)."""
+    return chunk_elements(device) // (1 + max((getattr(t, "block_temporaries", 0) for t in terms), default=0))
+
+
 def row_blocks(rows: int, cols: int, block: int):
     """(r0, r1) of blocks of whole rows with about `block` elements each."""
     step = max(1, block // cols)
@@ -85,7 +91,7 @@ class LayerDelta:
         out2, orig2 = out.view(rows, cols), original.reshape(rows, cols)
         terms = self.terms
         full = self.full.reshape(rows, cols) if self.full is not None else None
-        block = chunk_elements(out.device)
+        block = block_for(terms, out.device)
         if out.dtype == torch.float32 and fill is not None:
             for r0, r1 in row_blocks(rows, cols, block):
                 fill(r0, r1, out2[r0:r1])
@@ -98,7 +104,7 @@ class LayerDelta:
             if out2.data_ptr() != orig2.data_ptr():
                 out2.copy_(orig2)
             for term in terms:
-                term.add_to(out2, scratch, block)
+                term.add_to(out2, scratch, chunk_elements(out.device))
             if full is not None:
                 out2.add_(full)
             return
@@ -138,9 +144,9 @@ class LayerDelta:
         numel = shape.numel()
         rows = shape[0] if len(shape) else 1
         cols = max(1, numel // max(rows, 1))
-        step = max(1, chunk_elements(device) // cols)
         full = self.full.reshape(-1) if self.full is not None else None
-        terms = ([self.lowrank] if self.lowrank is not None else []) + self.parts
+        terms = self.terms
+        step = max(1, block_for(terms, device) // cols)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             a, b = r0 * cols, r1 * cols

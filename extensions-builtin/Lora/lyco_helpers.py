@@ -174,6 +174,9 @@ class RowDelta:
     `scratch.get(name, dtype, n)` hands out reusable buffers (the patcher's, cache-sized); a type names its own."""
 
     bias: torch.Tensor | None = None
+    # block-sized fp32 temporaries `rows` uses next to `out`: the patcher shrinks its blocks by (1 + this), so a
+    # block's bytes stay about as cache-sized as a one-buffer merge's
+    block_temporaries = 0
 
     def rows(self, out: torch.Tensor, r0: int, r1: int, scratch, accumulate: bool) -> None:
         """out (r1 − r0, cols) = (or +=, when `accumulate`) ΔW[r0:r1]."""
