@@ -23,6 +23,7 @@ from lora_bypass import module_compute  # re-exported: it lived here before
 # elements per block on CPU (8 MiB fp32): the block, its rows of the weight and the GEMM's inputs stay in a 32 MiB
 # L3 with room to spare; fewer, larger blocks than 2^20 cost fewer thread wake-ups on wide DiT layers (FLUX's
 # 3072x12288 merges 2-5 % faster at 2^21, and 2^20 is up to 1.5x slower in some processes), equal on SD shapes
+# with 2 threads; one SDXL bf16 run on 1 thread was slower than with 2^20 (README: not yet checked further)
 CPU_CHUNK = 1 << 21
 ACCELERATOR_CHUNK = 1 << 24  # bounds the scratch memory on a GPU
 
