@@ -53,6 +53,8 @@ class Side:
     def __init__(self, bed: Bed, which: str, out: str, repeats: int):
         self.bed, self.which, self.out, self.repeats = bed, which, out, repeats
         self.times: dict[str, list[float]] = {k: [] for k in TIMED}
+        self.inner: dict[str, list[float]] = {k: [] for k in TIMED}  # the same, in the Lora's weight code only
+        self.write_floor: dict = {}  # one write of the weights a Lora touches, timed in the same server
         self.rss: dict[str, int] = {}
         self.rss_private: dict[str, int] = {}  # RssAnon: what is not mapped file pages (ours maps the checkpoint)
         self.restore_diffs: dict[str, int] = {}
@@ -63,7 +65,8 @@ class Side:
         self.browser: list = []  # (check, ok, detail) of the headless-Chromium pass
         self.server = None
 
-    SAVED = ("times", "rss", "rss_private", "restore_diffs", "hashes", "loaded_digests", "names", "browser")
+    SAVED = ("times", "inner", "write_floor", "rss", "rss_private", "restore_diffs", "hashes", "loaded_digests",
+             "names", "browser")
 
     def save(self) -> None:
         """The side's results, so a later failure (or --reuse) does not cost this run."""
@@ -95,6 +98,13 @@ class Side:
         seconds, info, image = self.server.txt2img(prompt)
         self.images[key or prompt] = image
         return seconds, info
+
+    def timed_job(self, prompt: str) -> tuple[float, float]:
+        """(the job's seconds through the API, seconds the server spent in the Lora's weight code during it)."""
+        before = self.server.info().get("weight_seconds")
+        seconds = self.job(prompt)[0]
+        after = self.server.info().get("weight_seconds")
+        return seconds, (after - before) if before is not None and after is not None else float("nan")
 
     def diff_count(self, reference: dict) -> int:
         return changed(reference, self.server.snapshot()["digests"])
@@ -136,15 +146,27 @@ class Side:
             print(f"    timing round {r + 1}/{self.repeats}", flush=True)
             self.job("")
             for op, prompt in steps:
-                seconds = self.job(prompt)[0]
+                seconds, inner = self.timed_job(prompt)
                 if op is None:
                     continue
-                again = self.job(prompt)[0]
+                again, inner_again = self.timed_job(prompt)
                 base.append(again)
                 self.times[op].append(max(0.0, seconds - again))
+                self.inner[op].append(inner - inner_again)
                 if op in ("apply 1 LoRA", "apply 3 stacked", "remove all"):
                     self.note_rss(op)
         self.times["(a job that changes nothing)"] = base
+        self.measure_write_floor()
+
+    def measure_write_floor(self) -> None:
+        """A removal's floor in this server: one write of the bytes of the parameters `<lora:a:1>` changes."""
+        self.job("")
+        before = self.server.snapshot()["digests"]
+        self.job("<lora:a:1>")
+        after = self.server.snapshot()["digests"]
+        self.job("")
+        touched = [k for k, v in before.items() if after.get(k) != v]
+        self.write_floor = self.server.post("/lora-check/write-floor", {"names": touched, "repeats": self.repeats})
 
     def weights(self, originals: dict) -> None:
         for set_name, prompt in SETS.items():
@@ -222,6 +244,10 @@ def _fmt_times(values: list[float]) -> str:
     return f"{min(values):.2f} / {statistics.median(values):.2f}" if values else "-"
 
 
+def _fmt_inner(values: list[float]) -> str:
+    return f"{min(values):.3f} / {statistics.median(values):.3f}"
+
+
 def table(builtin: Side, ours: Side, browser: list[tuple[str, bool, str]], third: list[tuple[str, str, str, str]],
           tolerance: float) -> str:
     rows = ["| check | A1111 built-in | ours in A1111 | result |", "|---|---|---|---|"]
@@ -234,6 +260,24 @@ def table(builtin: Side, ours: Side, browser: list[tuple[str, bool, str]], third
             ratio = statistics.median(o) / max(statistics.median(b), 1e-9)
             verdict = f"{ratio:.2f}× the built-in ({'faster' if ratio < 1 else 'SLOWER'})"
         rows.append(f"| {op} (s, min / median of {len(b)}) | {_fmt_times(b)} | {_fmt_times(o)} | {verdict} |")
+    for op in TIMED:  # the server's own clock around the Lora's weight code: no job noise
+        b, o = [v for v in getattr(builtin, "inner", {}).get(op, []) if v == v], \
+            [v for v in getattr(ours, "inner", {}).get(op, []) if v == v]
+        if b and o:
+            ratio = statistics.median(o) / max(statistics.median(b), 1e-9)
+            rows.append(f"| {op}: time in the Lora's weight code inside the server (s, min / median of {len(b)}) | "
+                        f"{_fmt_inner(b)} | {_fmt_inner(o)} | {ratio:.2f}× the built-in "
+                        f"({'faster' if ratio < 1 else 'SLOWER'}) |")
+    b, o = (getattr(side, "write_floor", {}) or {} for side in (builtin, ours))
+    if b.get("seconds") and o.get("seconds"):  # removal against its floor, each in its own server
+        cells = []
+        for side, floor in ((builtin, b), (ours, o)):
+            removal = [v for v in side.inner.get("remove all", []) if v == v]
+            ratio = statistics.median(removal) / statistics.median(floor["seconds"]) if removal else float("nan")
+            cells.append(f"{_fmt_inner(floor['seconds'])}; removal {ratio:.2f}× it")
+        rows.append(f"| one write of the {o['parameters']} weights a Lora touches ({o['bytes'] / 2**30:.2f} GiB, "
+                    f"`p.copy_(copy)`, the floor of a removal; s, min / median of {len(o['seconds'])}) | "
+                    f"{cells[0]} | {cells[1]} | |")
     for key in ["no Lora", "apply 1 LoRA", "apply 3 stacked", "remove all"]:
         b, o = builtin.rss.get(key), ours.rss.get(key)
         if b and o:
