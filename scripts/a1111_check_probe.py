@@ -148,7 +148,6 @@ async def write_floor(request: Request) -> dict:
                 p.copy_(copy)
             seconds.append(time.perf_counter() - started)
     nbytes = sum(p.numel() * p.element_size() for p, _ in pairs)
-    del pairs
     return {"seconds": seconds, "parameters": len(names), "bytes": nbytes}
 
 

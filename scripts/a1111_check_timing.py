@@ -7,7 +7,7 @@ import statistics
 
 
 def _gib(side, key: str) -> str:
-    total, private = side.rss.get(key, 0), getattr(side, "rss_private", {}).get(key)
+    total, private = side.rss.get(key, 0), side.rss_private.get(key)
     return f"{total / 2**30:.2f} GiB" + (f" ({private / 2**30:.2f})" if private else "")
 
 
@@ -32,14 +32,13 @@ def timing_rows(builtin, ours, timed: list[str]) -> list[str]:
             verdict = f"{ratio:.2f}× the built-in ({'faster' if ratio < 1 else 'SLOWER'})"
         rows.append(f"| {op} (s, min / median of {len(b)}) | {_fmt_times(b)} | {_fmt_times(o)} | {verdict} |")
     for op in timed:  # the server's own clock around the Lora's weight code: no job noise
-        b, o = [v for v in getattr(builtin, "inner", {}).get(op, []) if v == v], \
-            [v for v in getattr(ours, "inner", {}).get(op, []) if v == v]
+        b, o = ([v for v in side.inner.get(op, []) if v == v] for side in (builtin, ours))  # NaN: no clock
         if b and o:
             ratio = statistics.median(o) / max(statistics.median(b), 1e-9)
             rows.append(f"| {op}: time in the Lora's weight code inside the server (s, min / median of {len(b)}) | "
                         f"{_fmt_inner(b)} | {_fmt_inner(o)} | {ratio:.2f}× the built-in "
                         f"({'faster' if ratio < 1 else 'SLOWER'}) |")
-    b, o = (getattr(side, "write_floor", {}) or {} for side in (builtin, ours))
+    b, o = builtin.write_floor, ours.write_floor
     if b.get("seconds") and o.get("seconds"):  # removal against its floor, each in its own server
         cells = []
         for side, floor in ((builtin, b), (ours, o)):
