@@ -2,7 +2,8 @@
 same work on the same weights, with everything it needs ready in memory (fp32 factors, and for the operations that
 need the original weights, a copy of them), so nothing is read from a file and nothing is planned.
 
-  apply (LoRA)     W.view(out, -1).addmm_(up·s, down); several LoRAs: one addmm_ of the rank-concatenated factors
+  apply (LoRA)     W.view(out, -1).addmm_(up·s, down); several LoRAs: the cheaper of one addmm_ of the
+                   rank-concatenated factors (concatenated before timing) and one addmm_ per LoRA on each block of rows
   apply (LoHa)     per block of rows: t1 = (s·w1a)[rows] @ w1b, t2 = w2a[rows] @ w2b, W[rows].addcmul_(t1, t2)
   apply (LoKr)     w2 = w2a @ w2b; W.view(a, c, b, d).addcmul_(w2.view(1, c, 1, d), (s·w1).view(a, 1, b, 1))
   switch / multiplier   W = W0 + ΔW from the in-memory original, each block of rows merged while it is in cache
@@ -49,6 +50,14 @@ class Floors:
                 down = mod.down.reshape(mod.down.shape[0], -1).to(w.device, torch.float32)
                 res.setdefault(name, []).append((up, down))
         return {n: (torch.cat([u for u, _ in f], 1), torch.cat([d for _, d in f], 0)) for n, f in res.items()}
+
+    def lora_parts(self, keys: str) -> dict:
+        """{layer: [(up·s, down) of each LoRA]}: the factors as they are, for one GEMM per LoRA per block."""
+        res: dict[str, list] = {}
+        for k in keys:
+            for name, (up, down) in self.lora_factors(k).items():
+                res.setdefault(name, []).append((up, down))
+        return res
 
     def loha_factors(self, key: str) -> dict:
         res = {}
@@ -119,6 +128,22 @@ class Floors:
                     s = self._buffer(0, (r1 - r0) * w2d.shape[1]).view(r1 - r0, -1)
                     s.copy_(base[r0:r1])
                     s.addmm_(up[r0:r1], down)
+                    w2d[r0:r1].copy_(s)
+
+    def apply_lora_parts(self, parts: dict) -> None:
+        """Several LoRAs without concatenating them: each block of rows takes one addmm_ per LoRA while in cache."""
+        with torch.no_grad():
+            for name, factors in parts.items():
+                w = self.weights[name]
+                w2d = w.view(w.shape[0], -1)
+                for r0, r1 in self._blocks(w2d):
+                    if w.dtype == torch.float32:
+                        for up, down in factors:
+                            w2d[r0:r1].addmm_(up[r0:r1], down)
+                        continue
+                    s = self._buffer(0, (r1 - r0) * w2d.shape[1]).view(r1 - r0, -1).copy_(w2d[r0:r1])
+                    for up, down in factors:
+                        s.addmm_(up[r0:r1], down)
                     w2d[r0:r1].copy_(s)
 
     def apply_loha(self, factors: dict) -> None:

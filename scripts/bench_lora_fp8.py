@@ -56,7 +56,7 @@ def layer_outputs(out_f: int, in_f: int, rank: int, strength: float, tokens: int
         inside = torch.randn(tokens, rank, generator=g) @ (down / down.norm(dim=1, keepdim=True))
         x = (x / x.norm(dim=1, keepdim=True) + inside / inside.norm(dim=1, keepdim=True)) * in_f ** 0.5 / 2 ** 0.5
     x = x.to(BF16).float()
-    delta = lora_delta.LayerDelta(lowrank=network_lora.LowRankRows(up, down))
+    delta = lora_delta.LayerDelta(parts=[network_lora.LowRankRows(up, down)])
     scratch = lora_residual.Scratch(torch.device("cpu"), lora_delta.CPU_CHUNK)
     weights = {}
     weights["rtn"] = torch.empty_like(w8)

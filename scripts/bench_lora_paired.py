@@ -111,11 +111,22 @@ class Floor:
         for op in ("apply 1", "apply 3", "loha", "lokr", "switch"):
             if op in self.ops:
                 self.chunks[op], self.calibration[op] = f.calibrate(self.ops[op], clock)
+        self.loop_names = {}
+        if "apply 3" in self.ops:  # several LoRAs: concatenated, or one GEMM each per block, whichever is cheaper
+            parts = f.lora_parts("ABC")
+            per_lora = lambda: f.apply_lora_parts(parts)  # noqa: E731
+            chunk, times = f.calibrate(per_lora, clock)
+            if min(times.values()) < min(self.calibration["apply 3"].values()):
+                self.ops["apply 3"], self.chunks["apply 3"] = per_lora, chunk
+                self.loop_names["apply 3"] = "per LoRA"
+            self.calibration["apply 3"] = {**{f"{k}, concatenated": v for k, v in self.calibration["apply 3"].items()},
+                                           **{f"{k}, per LoRA": v for k, v in times.items()}}
         if "multiplier" in self.ops:  # the same loop on the same shapes as switch
             self.chunks["multiplier"] = self.chunks["switch"] if "switch" in self.chunks else \
                 f.calibrate(self.ops["multiplier"], clock)[0]
         self.chunks["remove"] = None
-        self.blocks = {op: chunk_name(c) for op, c in self.chunks.items() if op != "remove"}
+        self.blocks = {op: chunk_name(c) + (f", {self.loop_names[op]}" if op in self.loop_names else "")
+                       for op, c in self.chunks.items() if op != "remove"}
         self.times: dict[str, list] = {op: [] for op in ops}
 
     def run(self, op: str) -> float:

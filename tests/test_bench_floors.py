@@ -40,12 +40,15 @@ def test_floors_leave_w0_plus_delta_at_every_block_size(dtype):
         w0 = originals[n].float().reshape(s[0], -1)
         expected["apply", n] = w0 + 0.5 * a.up @ a.down.reshape(4, -1)
         expected["switch", n] = w0 + 0.35 * b.up @ b.down.reshape(4, -1)
+        expected["apply 2", n] = expected["apply", n] + 0.5 * b.up @ b.down.reshape(4, -1)
         expected["loha", n] = w0 + 0.5 * (h.w1a @ h.w1b.reshape(3, -1)) * (h.w2a @ h.w2b.reshape(3, -1))
         expected["lokr", n] = w0 + 0.5 * torch.kron(k.w1, k.w2a @ k.w2b)
 
     floors = floors_mod.Floors(layers, nets, torch.device("cpu"))
     ops = {"apply": lambda: floors.apply_lora(floors.lora_factors("A")),
            "switch": lambda: floors.apply_lora(floors.lora_factors("B", 0.7), from_original=True),
+           "apply 2": lambda: floors.apply_lora(floors.lora_factors("AB")),
+           "apply 2 per LoRA": lambda: floors.apply_lora_parts(floors.lora_parts("AB")),
            "loha": lambda: floors.apply_loha(floors.loha_factors("H")),
            "lokr": lambda: floors.apply_lokr(floors.lokr_factors("K"))}
     for chunk in (16, 200, 1000, *floors_mod.CHUNKS):  # smaller than a row, than a LoKr run, several runs, ...
@@ -55,7 +58,7 @@ def test_floors_leave_w0_plus_delta_at_every_block_size(dtype):
                 floors.apply_lora(floors.lora_factors("A"))  # from a patched weight: the original is read
             run()
             for n, s in SHAPES.items():
-                want = expected[op, n].to(dtype).float()
+                want = expected[op.removesuffix(" per LoRA"), n].to(dtype).float()
                 got = layers[n].weight.float().reshape(s[0], -1)
                 # fp32: sums in another order; bf16: one rounding of the fp32 sum (a last-bit tie may differ)
                 torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 2 ** -7, atol=1e-4,

@@ -156,7 +156,8 @@ def test_layer_delta_sums_fused_lowrank_and_generic_terms_in_blocks():
 
     contributions = [C(lora1, 1.0), C(loha, 0.5), C(lora2, -0.3), C(ia3, 0.8)]
     delta = lora_delta.compute_delta("unet.x", None, w, contributions)
-    assert delta.lowrank is not None and delta.lowrank.up.shape[1] == 5 and len(delta.parts) == 1
+    assert [type(t) for t in delta.parts] == [network_lora.LowRankRows, network_hada.HadaRows,
+                                              network_lora.LowRankRows]
     assert delta.full is not None and delta.single is None
     expected = sum(c.module.compute(w, c.multiplier)[0] for c in contributions)
     got = torch.cat([d for _, _, d in delta.blocks(w.shape, w.device, Scratch())]).reshape(w.shape)
@@ -192,3 +193,23 @@ def test_blocks_shrink_for_loha_temporaries_and_merge_every_block(monkeypatch):
     # one rounding of the fp32 sum (the sum's order may differ from the reference's in the last fp32 bit)
     torch.testing.assert_close(out.float(), expected.to(torch.bfloat16).float(), rtol=2 ** -7, atol=1e-6)
     assert not torch.equal(out, w0)
+
+
+def test_fp32_merge_of_several_terms_goes_block_by_block(monkeypatch):
+    """Several fused terms and a whole ΔW on an fp32 weight, merged from an original held elsewhere: each block of
+    rows gets its original, then every term (here 3 blocks of 2 rows). Hand-computed: W0 = 1 everywhere,
+    ΔW1 = 2·[[1, 0], ..] @ [[1, 2]], ΔW2 = (up2 @ down2), full = 0.5."""
+    monkeypatch.setattr(lora_delta, "CPU_CHUNK", 4)
+    a = network_lora.LowRankRows(torch.tensor([[1.0], [0.0], [2.0], [0.0], [1.0], [3.0]]), torch.tensor([[1.0, 2.0]]),
+                                 alpha=2.0)
+    b = network_lora.LowRankRows(torch.tensor([[0.0], [1.0], [0.0], [1.0], [0.0], [1.0]]), torch.tensor([[-1.0, 4.0]]))
+    delta = lora_delta.LayerDelta(parts=[a, b], full=torch.full((6, 2), 0.5))
+    original = torch.ones(6, 2)
+    out = torch.full((6, 2), float("nan"))
+    delta.merge(out, original, Scratch())
+    expected = torch.tensor([[3.5, 5.5], [0.5, 5.5], [5.5, 9.5], [0.5, 5.5], [3.5, 5.5], [6.5, 17.5]])
+    assert torch.equal(out, expected)
+    assert torch.equal(original, torch.ones(6, 2))
+    in_place = torch.ones(6, 2)
+    delta.merge(in_place, in_place, Scratch())
+    assert torch.equal(in_place, expected)

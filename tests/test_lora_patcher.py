@@ -7,10 +7,12 @@ import os
 import random
 
 import lora_functional
+import lora_patch_job
 import lora_patcher
 import lora_plan
 import lora_residual
 import lora_settings  # noqa: F401  (registers the options)
+import lyco_helpers
 import network
 import network_lora
 import networks
@@ -443,8 +445,29 @@ class ExplodingModule(network_lora.NetworkModuleLora):
         raise torch.OutOfMemoryError("test: CUDA out of memory")
 
 
+class ExplodingRows(lyco_helpers.RowDelta):
+    """A fused term that runs out of memory when it is written (in a batch's write phase, not while planning)."""
+
+    def rows(self, out, r0, r1, scratch, accumulate):
+        raise torch.OutOfMemoryError("test: CUDA out of memory")
+
+    def add_to(self, weight, scratch, block_elements):
+        raise torch.OutOfMemoryError("test: CUDA out of memory")
+
+
+class ExplodingWriteModule(network_lora.NetworkModuleLora):
+    def row_delta(self, weight_shape, device, multiplier, dyn_dim=None):
+        return ExplodingRows()
+
+
+@pytest.mark.parametrize("batch", ["each", "whole"])
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_failure_part_way_puts_every_layer_back(tiny_sd1, write_lora, use_patcher, tmp_path, strategy):
+def test_failure_part_way_puts_every_layer_back(tiny_sd1, write_lora, use_patcher, tmp_path, strategy, batch,
+                                                monkeypatch):
+    """A delta that fails while a job is planned: with one write per batch ("each") many layers were written
+    before it; with the whole job in one batch ("whole") none of this job's were, but the previous job's were."""
+    if batch == "each":
+        monkeypatch.setattr(lora_patch_job, "BATCH_BYTES", 0)
     tiny_sd1.original_weights = FileSource(tiny_sd1, tmp_path)
     patcher = use_patcher(STRATEGIES[strategy])
     original = state(tiny_sd1)
@@ -462,7 +485,8 @@ def test_failure_part_way_puts_every_layer_back(tiny_sd1, write_lora, use_patche
     writes = patcher.stats["writes"]
     report = networks.load_networks(["a", "b"], sd_model=tiny_sd1)
     assert report.fatal and "out of memory" in report.fatal
-    assert patcher.stats["writes"] > writes + 10  # it failed part-way, after writing many layers
+    deferred = batch == "whole" and strategy in ("default", "source")  # only source-restored writes wait
+    assert patcher.stats["writes"] == writes if deferred else patcher.stats["writes"] > writes + 10
     assert networks.loaded_networks == []
     assert_bitwise(tiny_sd1, original)
     layers = networks.lora_layers.get_layer_map(tiny_sd1).layers
@@ -470,6 +494,36 @@ def test_failure_part_way_puts_every_layer_back(tiny_sd1, write_lora, use_patche
     b.modules[last] = good
     report = networks.load_networks(["a", "b"], sd_model=tiny_sd1)  # and the next job works
     assert not report.fatal and report.layers_written > 0
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_failure_in_a_batch_write_puts_every_layer_back(tiny_sd1, write_lora, use_patcher, tmp_path, strategy):
+    """The last layer's write fails after the rest of its batch was written (and others were rewritten from the
+    previous job's merge): every layer gets its original back, bit for bit, and the next job works."""
+    tiny_sd1.original_weights = FileSource(tiny_sd1, tmp_path)
+    patcher = use_patcher(STRATEGIES[strategy])
+    original = state(tiny_sd1)
+    write_lora("a", tiny_sd1, seed=1)
+    write_lora("b", tiny_sd1, seed=2)
+    assert not networks.load_networks(["a"], sd_model=tiny_sd1).fatal
+    b = networks.lora_loader.get_network("b", networks.find_network("b"),
+                                         networks.lora_layers.get_layer_map(tiny_sd1))
+    order = list(networks.lora_layers.get_layer_map(tiny_sd1).layers)
+    last = max(b.modules, key=order.index)
+    good = b.modules[last]
+    boom = ExplodingWriteModule.__new__(ExplodingWriteModule)
+    boom.__dict__.update(good.__dict__)
+    b.modules[last] = boom
+    writes = patcher.stats["writes"]
+    report = networks.load_networks(["a", "b"], sd_model=tiny_sd1)
+    assert report.fatal and "out of memory" in report.fatal and last in report.fatal
+    assert patcher.stats["writes"] > writes + 10  # the failure came after the batch's other writes
+    assert networks.loaded_networks == []
+    assert_bitwise(tiny_sd1, original)
+    layers = networks.lora_layers.get_layer_map(tiny_sd1).layers
+    assert all(patcher.current_state(m) == () and patcher.record(m) is None for m in layers.values())
+    b.modules[last] = good
+    assert not networks.load_networks(["a", "b"], sd_model=tiny_sd1).fatal
 
 
 # --- bias deltas and weights changed from outside -----------------------------------------------------------------

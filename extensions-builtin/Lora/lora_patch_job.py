@@ -1,16 +1,25 @@
-"""One patch job: its context (the host's source, chunk buffers, counters and notes) and its transaction.
+"""One patch job: its context (the host's source, chunk buffers, counters and notes), its transaction, and the
+batch of writes it holds back.
 
 A job is all-or-nothing: if computing or writing any layer fails (out of memory, ...), every layer of the model
 gets its original back and PatchError is raised (Transaction).
+
+Writes are batched because streaming a layer's weight through the CPU's caches evicts the interpreter's working
+set: bookkeeping done between two layers' writes runs cold. On SD1.5 (264 LoKr layers, fp32, 1 thread) the
+patcher's per-layer work took ~35 ms of a ~190 ms job when interleaved with the writes and ~20 ms when it ran on
+its own. So the patcher plans a batch of layers (deltas, restore method, record), then writes them back to back.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from typing import Callable
 
 import lora_delta
+import lora_layer_state
 import lora_residual
 import lora_weight_source
 import torch
@@ -18,6 +27,7 @@ import torch
 logger = logging.getLogger("lora")
 
 MAX_NOTES = 50  # notes are taken by each job; bounded if nobody asks
+BATCH_BYTES = 64 << 20  # tensors a batch of deferred writes may hold (WriteBatch)
 
 
 class PatchError(RuntimeError):
@@ -118,3 +128,39 @@ class Transaction:
         self.roll_back()  # e.g. out of memory part-way: the model goes back to its original weights
         raise PatchError(f"applying Lora weights failed at {self.at}: {type(exc).__name__}: {exc}; "
                          f"the model was put back to its original weights") from exc
+
+
+@dataclass(slots=True)
+class DeferredWrite:
+    """A layer's write, planned and held back until its batch runs. Only writes whose layer needs nothing from
+    them to be rolled back are deferred: until the write runs, the layer holds what its current record says (its
+    original, or its old merge under a source record), so a failed job restores it as before."""
+
+    name: str
+    module: torch.nn.Module
+    contributions: list
+    key: tuple  # the layer's state key once written
+    weight: torch.Tensor
+    delta: lora_delta.LayerDelta
+    rec: lora_layer_state.RestoreRecord  # fused: the new record; rows: the layer's source record (old merge)
+    rows: bool  # rewrite each block of rows from the source's rows; else merge over the weight's own original
+
+
+class WriteBatch:
+    """Deferred writes of one job, in model order; full when the tensors they hold (a rebuilt LoKr factor, a
+    generic type's whole ΔW) pass `max_bytes`, which bounds the memory a batch adds."""
+
+    def __init__(self, max_bytes: int | None = None):
+        self.max_bytes = BATCH_BYTES if max_bytes is None else max_bytes
+        self.steps: list[DeferredWrite] = []
+        self.nbytes = 0
+
+    def add(self, step: DeferredWrite) -> bool:
+        """Holds `step`; True when the batch should run now."""
+        self.steps.append(step)
+        self.nbytes += step.delta.nbytes
+        return self.nbytes >= self.max_bytes
+
+    def take(self) -> list[DeferredWrite]:
+        steps, self.steps, self.nbytes = self.steps, [], 0
+        return steps

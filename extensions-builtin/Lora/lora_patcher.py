@@ -7,12 +7,14 @@ or written at all; layers no network targets are never copied.
 
 The parts, one job each:
     lora_layer_state      what a layer holds (its state key and RestoreRecord, on the module) and the plan diff
-    lora_delta            Σ ΔW of one layer (fused per-type terms, plain LoRAs concatenated along the rank)
+    lora_delta            Σ ΔW of one layer (fused per-type terms, summed block by block)
     lora_weight_writer    the merge into the weight and bias, chunked and dtype-aware
     lora_restore_methods  source / residual / clone: how the original comes back, and which one a layer gets
     lora_weight_source    the host's original weights (`sd_model.original_weights`)
-    lora_patch_job        a job's context and its transaction: all-or-nothing, rolled back on any error
-This file runs a job over them (`sync`) and restores single layers (`restore`).
+    lora_patch_job        a job's context, its transaction (all-or-nothing, rolled back on any error) and the
+                          batch of planned writes it runs back to back
+This file runs a job over them (`sync`: each layer is planned, and writes that can wait run in batches, back to
+back) and restores single layers (`restore`).
 
 A job is all-or-nothing: if computing or writing any layer fails (out of memory, ...), every layer of the model
 gets its original back and PatchError is raised. A delta that cannot be computed for one layer (a shape that does
@@ -38,7 +40,16 @@ from lora_delta import (  # noqa: F401  (the patcher's public names before lora_
     plain_lowrank,
 )
 from lora_layer_state import RestoreRecord, no_grad_for, set_record, set_state, weight_attr, weight_of
-from lora_patch_job import PatchError, PatchJob, PatchLog, ScratchPool, Transaction, full_fp32_matmul
+from lora_patch_job import (
+    DeferredWrite,
+    PatchError,
+    PatchJob,
+    PatchLog,
+    ScratchPool,
+    Transaction,
+    WriteBatch,
+    full_fp32_matmul,
+)
 from lora_restore_methods import (  # noqa: F401  (the patcher's public names before the split)
     ACCELERATOR_ORDER,
     CLONE,
@@ -101,9 +112,13 @@ class Patcher:
         self._in_job = True
         try:
             with Transaction(lambda: self._roll_back(layers)) as transaction:
+                batch = WriteBatch()  # writes planned first and run back to back (lora_patch_job: why)
                 for name, module, contributions, key in self._restore_from_source(job, todo):
                     transaction.at = name
-                    self._bring(job, name, module, contributions, key)
+                    step = self._bring(job, name, module, contributions, key, defer=True)
+                    if step is not None and batch.add(step):
+                        self._write_batch(job, batch.take(), transaction)
+                self._write_batch(job, batch.take(), transaction)
         finally:
             self._in_job = False
             self._pool.clear()
@@ -176,7 +191,10 @@ class Patcher:
                 logger.error("Lora: could not restore %s: %s", getattr(module, "network_layer_name", module), e)
 
     # --- one layer ---------------------------------------------------------------------------------------------
-    def _bring(self, job: PatchJob, name: str, module: torch.nn.Module, contributions: list, key: tuple):
+    def _bring(self, job: PatchJob, name: str, module: torch.nn.Module, contributions: list, key: tuple,
+               defer: bool = False, rows: bool = True) -> DeferredWrite | None:
+        """Brings one layer to `key`. With `defer`, a write that can wait (lora_patch_job.DeferredWrite) is
+        returned instead of run; `rows=False` skips the rewrite from the source's rows."""
         weight = weight_of(module)
         if not contributions or weight is None:
             if weight is None:
@@ -184,26 +202,26 @@ class Patcher:
                     c.network.apply_errors[name] = "the layer has no weight"
             self.restore(module, job)
             set_state(module, key)
-            return
+            return None
         rec = self.record(module)
         if rec is not None and rec.how == lora_fp8.UPCAST and self.fp8_strategy != lora_fp8.UPCAST:
             self.restore(module, job)  # the fp8 strategy changed: start again from the fp8 parameter
             rec, weight = None, weight_of(module)
         self._settle_dtype_change(job, module, rec)
-        rows = METHODS[SOURCE].rows_for_rewrite(job, rec, weight, contributions) \
-            if rec is not None and rec.how == SOURCE else None
-        if rows is not None:  # the weight holds the old merge; its original is read row block by row block
-            try:
-                self._bring_from_rows(job, name, module, contributions, key, rec, weight, rows)
-            finally:
-                rows.close()
-            return
+        if rows and rec is not None and rec.how == SOURCE and \
+                METHODS[SOURCE].rewrites_rows(job, rec, weight, contributions):
+            step = self._rows_step(job, name, module, contributions, key, rec, weight)
+            if step is None or defer:
+                return step
+            if self._write(job, step):
+                return None
+            return self._bring(job, name, module, contributions, key, rows=False)
         original, in_place, read = self._original(job, module, rec, weight)
         delta = compute_delta(name, module, original, contributions, lora_weight_writer.original_bias(module, rec))
         if not delta.has_weight and delta.bias is None:  # every network failed on this layer
             self.restore(module, job)
             set_state(module, key)
-            return
+            return None
 
         bias_backup = rec.bias if rec is not None else None
         if delta.has_weight:
@@ -212,6 +230,12 @@ class Patcher:
                 lora_restore_methods.choose(job, name, module, weight, original, delta.used, self.prefer)
             new_rec = RestoreRecord(how, tuple(c.held() for c in delta.used), source=job.sources.source, param=param,
                                     bias=bias_backup)
+            if how == SOURCE and in_place and fp8 is None:  # the weight holds its original; the source restores it
+                step = DeferredWrite(name, module, contributions, key, weight, delta, new_rec, rows=False)
+                if defer:
+                    return step
+                self._write(job, step)
+                return None
             if fp8 is not None:
                 new_rec.fp8 = lora_fp8.Fp8State(fp8, seed=lora_fp8.seed_for(name, delta.used))
             if how == lora_fp8.UPCAST:
@@ -230,24 +254,48 @@ class Patcher:
         if read is not None:
             release(rec.source, read)
         self._finish(module, weight, delta, new_rec, key)
+        return None
 
-    def _bring_from_rows(self, job: PatchJob, name: str, module, contributions: list, key: tuple,
-                         rec: RestoreRecord, weight: torch.Tensor, rows) -> None:
+    def _rows_step(self, job: PatchJob, name: str, module, contributions: list, key: tuple, rec: RestoreRecord,
+                   weight: torch.Tensor) -> DeferredWrite | None:
         """A source-held layer rewritten in one pass: Σ ΔW does not read the weight (lora_restore_methods'
-        rows_for_rewrite), so it is computed over the old merge and each block is merged from the source's rows."""
+        rewrites_rows), so it is computed over the old merge; the write (`_write`) merges each block from the
+        source's rows. None when there is nothing to merge (done here)."""
         delta = compute_delta(name, module, weight.detach(), contributions,
                               lora_weight_writer.original_bias(module, rec))
         if not delta.has_weight and delta.bias is None:  # every network failed on this layer
             self.restore(module, job)
             set_state(module, key)
-            return
+            return None
         if not delta.has_weight:  # only a bias delta: the weight takes its original
             self._restore_weight(job, module, rec)
-            new_rec = RestoreRecord(None, tuple(delta.used), bias=rec.bias)
-        else:
+            self._finish(module, weight, delta, RestoreRecord(None, tuple(delta.used), bias=rec.bias), key)
+            return None
+        return DeferredWrite(name, module, contributions, key, weight, delta, rec, rows=True)
+
+    def _write_batch(self, job: PatchJob, steps: list[DeferredWrite], transaction: Transaction) -> None:
+        for step in steps:
+            transaction.at = step.name
+            if not self._write(job, step):  # the source gave no rows this time: the two-pass way
+                self._bring(job, step.name, step.module, step.contributions, step.key, rows=False)
+
+    def _write(self, job: PatchJob, step: DeferredWrite) -> bool:
+        """Runs a planned write; False (nothing written) when a rows rewrite finds the source has no row reader."""
+        module, weight, delta, rec = step.module, step.weight, step.delta, step.rec
+        if not step.rows:
+            lora_weight_writer.write(job, weight, weight.detach(), delta, rec, METHODS[SOURCE])
+            self._finish(module, weight, delta, rec, step.key)
+            return True
+        reader = lora_weight_source.open_rows(rec.source, rec.param, weight)
+        if reader is None:
+            return False
+        try:
             new_rec = RestoreRecord(SOURCE, tuple(delta.used), source=rec.source, param=rec.param, bias=rec.bias)
-            METHODS[SOURCE].rewrite(job, module, weight, delta, new_rec, rows)
-        self._finish(module, weight, delta, new_rec, key)
+            METHODS[SOURCE].rewrite(job, module, weight, delta, new_rec, reader)
+        finally:
+            reader.close()
+        self._finish(module, weight, delta, new_rec, step.key)
+        return True
 
     def _finish(self, module, weight: torch.Tensor, delta, new_rec: RestoreRecord, key: tuple) -> None:
         """The bias and the layer's new record, after its weight was written."""

@@ -92,15 +92,14 @@ class SourceRestore(RestoreMethod):
 
         lora_weight_writer.write_fused(job, weight, original, delta, put_back, rec.fp8)
 
-    def rows_for_rewrite(self, job, rec: RestoreRecord, weight: torch.Tensor, contributions):
-        """A row reader of the layer's original when the rewrite can merge straight from the source in one pass
-        (no weight-sized read first): the record's source is this job's and valid, the weight is not fp8, and no
-        delta reads the weight (it holds the old merge while Σ ΔW is computed). None: the two-pass way."""
-        if rec.source is None or rec.source is not job.sources.source or not job.sources.is_valid(rec.source) or \
-                rec.fp8 is not None or lora_fp8.is_fp8(weight.dtype) or \
-                any(lora_delta.delta_depends_on_weight(c.module) for c in contributions):
-            return None
-        return lora_weight_source.open_rows(rec.source, rec.param, weight)
+    def rewrites_rows(self, job, rec: RestoreRecord, weight: torch.Tensor, contributions) -> bool:
+        """Whether the rewrite may merge straight from the source's rows in one pass (no weight-sized read first):
+        the record's source is this job's and valid, the weight is not fp8, and no delta reads the weight (it holds
+        the old merge while Σ ΔW is computed). The reader is opened by the write (lora_weight_source.open_rows);
+        when the source has none, the two-pass way."""
+        return rec.source is not None and rec.source is job.sources.source and job.sources.is_valid(rec.source) and \
+            rec.fp8 is None and not lora_fp8.is_fp8(weight.dtype) and weight.is_contiguous() and \
+            not any(lora_delta.delta_depends_on_weight(c.module) for c in contributions)
 
     def rewrite(self, job, module, weight: torch.Tensor, delta: lora_delta.LayerDelta, rec: RestoreRecord,
                 reader) -> None:

@@ -195,22 +195,10 @@ class NetworkModuleLora(network.NetworkModule):
 
 class LowRankRows(lyco_helpers.RowDelta):
     """ΔW = alpha · up @ down (up: out × rank, down: rank × cols, fp32; alpha: multiplier × scale, applied by the
-    GEMM, so the factors are used as loaded, without a scaled copy per job). Several of them on one layer
-    concatenate along the rank (each up scaled by its alpha), so one GEMM sums them."""
+    GEMM, so the factors are used as loaded, without a scaled copy per job)."""
 
     def __init__(self, up: torch.Tensor, down: torch.Tensor, alpha: float = 1.0):
         self.up, self.down, self.alpha = up, down, float(alpha)
-
-    @staticmethod
-    def concat(parts: list[LowRankRows]) -> LowRankRows:
-        if len(parts) == 1:
-            return parts[0]
-        up = torch.cat([p.up for p in parts], dim=1)
-        col = 0
-        for p in parts:
-            up[:, col:col + p.up.shape[1]].mul_(p.alpha)
-            col += p.up.shape[1]
-        return LowRankRows(up, torch.cat([p.down for p in parts], dim=0))
 
     def rows(self, out: torch.Tensor, r0: int, r1: int, scratch, accumulate: bool) -> None:
         torch.addmm(out, self.up[r0:r1], self.down, beta=1 if accumulate else 0, alpha=self.alpha, out=out)
