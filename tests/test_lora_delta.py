@@ -213,3 +213,28 @@ def test_fp32_merge_of_several_terms_goes_block_by_block(monkeypatch):
     in_place = torch.ones(6, 2)
     delta.merge(in_place, in_place, Scratch())
     assert torch.equal(in_place, expected)
+
+
+def test_write_batch_budget_counts_what_the_deltas_made():
+    """A batch of planned writes is full when the tensors its deltas made pass the budget: a whole ΔW (6×2 fp32 =
+    48 bytes) and a LoKr term's scaled W1 and rebuilt W2 count; a LoRA's factors, read in place, do not. A write on
+    another device than the CPU runs at once."""
+    import lora_patch_job
+
+    lokr, w = build({"lokr_w1": rnd(2, 2), "lokr_w2_a": rnd(3, 1), "lokr_w2_b": rnd(1, 1)}, (6, 2))
+    kron = lokr.row_delta(w.shape, w.device, 1.0)
+    assert kron.nbytes == 4 * (4 + 3)
+    lora = network_lora.LowRankRows(rnd(6, 1), rnd(1, 2))
+    assert lora.nbytes == 0
+
+    def step(delta, device="cpu"):
+        weight = torch.empty(6, 2, device="meta") if device == "meta" else w
+        return lora_patch_job.DeferredWrite("x", None, [], (), weight, delta, None, rows=False)
+
+    batch = lora_patch_job.WriteBatch(max_bytes=100)
+    assert not batch.add(step(lora_delta.LayerDelta(parts=[lora])))
+    assert not batch.add(step(lora_delta.LayerDelta(full=torch.zeros(6, 2))))  # 48
+    assert not batch.add(step(lora_delta.LayerDelta(parts=[kron, lora])))  # 76
+    assert batch.add(step(lora_delta.LayerDelta(full=torch.zeros(6, 2))))  # 124: run now
+    assert len(batch.take()) == 4 and batch.nbytes == 0 and batch.steps == []
+    assert batch.add(step(lora_delta.LayerDelta(parts=[lora]), "meta"))

@@ -147,8 +147,9 @@ class DeferredWrite:
 
 
 class WriteBatch:
-    """Deferred writes of one job, in model order; full when the tensors they hold (a rebuilt LoKr factor, a
-    generic type's whole ΔW) pass `max_bytes`, which bounds the memory a batch adds."""
+    """Deferred writes of one job, in model order; full when the tensors they made (a rebuilt LoKr factor, a
+    generic type's whole ΔW) pass `max_bytes`, which bounds the memory a batch adds (on CPU the networks' factors
+    are read in place, fp32 since parsing)."""
 
     def __init__(self, max_bytes: int | None = None):
         self.max_bytes = BATCH_BYTES if max_bytes is None else max_bytes
@@ -156,10 +157,11 @@ class WriteBatch:
         self.nbytes = 0
 
     def add(self, step: DeferredWrite) -> bool:
-        """Holds `step`; True when the batch should run now."""
+        """Holds `step`; True when the batch should run now: over budget, or a write on an accelerator (its kernels
+        run asynchronously anyway, and its factors would be copies held on the device)."""
         self.steps.append(step)
         self.nbytes += step.delta.nbytes
-        return self.nbytes >= self.max_bytes
+        return self.nbytes >= self.max_bytes or step.weight.device.type != "cpu"
 
     def take(self) -> list[DeferredWrite]:
         steps, self.steps, self.nbytes = self.steps, [], 0

@@ -182,11 +182,9 @@ class RowDelta:
         """out (r1 − r0, cols) = (or +=, when `accumulate`) ΔW[r0:r1]."""
         raise NotImplementedError
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the tensors this term holds itself (a rebuilt factor, a scaled copy; the network's own factors
-        count too: an upper bound, for the patcher's batch budget)."""
-        return sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor))
+    # bytes of the tensors this term made for itself (a rebuilt factor, a scaled copy), not the network's factors it
+    # reads: what holding it adds, for the patcher's batch budget (lora_patch_job.WriteBatch)
+    nbytes = 0
 
     def add_to(self, weight: torch.Tensor, scratch, block_elements: int) -> None:
         """weight (2-D fp32 view) += ΔW, block by block (a type may do it in one fused op)."""

@@ -131,6 +131,7 @@ class HadaRows(lyco_helpers.RowDelta):
 
     def __init__(self, w1: _Half, w2: _Half):
         self.w1, self.w2 = w1, w2
+        self.nbytes = 4 * w1.a.numel()  # W1's first factor, scaled per job
 
     def rows(self, out: torch.Tensor, r0: int, r1: int, scratch, accumulate: bool) -> None:
         t2 = self.w2.rows_into(scratch.get("hada_w2", torch.float32, out.numel()).view(out.shape), r0, r1)

@@ -84,6 +84,7 @@ class NetworkModuleRows(network.NetworkModule):
         super().__init__(inner.network, network.NetworkWeights(inner.network_key, target, {}, sd_module))
         self.inner = inner
         self.ranges = tuple(ranges)
+        self.nbytes = getattr(inner, "nbytes", 0)
         self.fused_shape = tuple(fused_shape)
         self.rows_count = sum(r1 - r0 for r0, r1 in self.ranges)
         inner.dora_scale = None  # applied per layer below, on that layer's rows
@@ -145,6 +146,7 @@ class RowsOf(lyco_helpers.RowDelta):
     def __init__(self, inner: lyco_helpers.RowDelta, ranges):
         self.inner = inner
         self.ranges = tuple(ranges)
+        self.nbytes = getattr(inner, "nbytes", 0)
         bias = getattr(inner, "bias", None)
         self.bias = None if bias is None else _take(bias, self.ranges)
 
