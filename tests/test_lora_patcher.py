@@ -485,8 +485,8 @@ def test_failure_part_way_puts_every_layer_back(tiny_sd1, write_lora, use_patche
     writes = patcher.stats["writes"]
     report = networks.load_networks(["a", "b"], sd_model=tiny_sd1)
     assert report.fatal and "out of memory" in report.fatal
-    deferred = batch == "whole" and strategy in ("default", "source")  # only source-restored writes wait
-    assert patcher.stats["writes"] == writes if deferred else patcher.stats["writes"] > writes + 10
+    if batch == "each":
+        assert patcher.stats["writes"] > writes + 10  # it failed part-way, after writing many layers
     assert networks.loaded_networks == []
     assert_bitwise(tiny_sd1, original)
     layers = networks.lora_layers.get_layer_map(tiny_sd1).layers

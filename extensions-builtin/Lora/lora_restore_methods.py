@@ -94,10 +94,12 @@ class SourceRestore(RestoreMethod):
 
     def rewrites_rows(self, job, rec: RestoreRecord, weight: torch.Tensor, contributions) -> bool:
         """Whether the rewrite may merge straight from the source's rows in one pass (no weight-sized read first):
-        the record's source is this job's and valid, the weight is not fp8, and no delta reads the weight (it holds
-        the old merge while Σ ΔW is computed). The reader is opened by the write (lora_weight_source.open_rows);
-        when the source has none, the two-pass way."""
+        the record's source is this job's, valid and has a row reader (A1111's checkpoint source has none), the
+        weight is not fp8, and no delta reads the weight (it holds the old merge while Σ ΔW is computed).
+        The reader is opened by the write (lora_weight_source.open_rows); when it cannot give this layer's rows,
+        the two-pass way."""
         return rec.source is not None and rec.source is job.sources.source and job.sources.is_valid(rec.source) and \
+            callable(getattr(rec.source, "open_rows", None)) and \
             rec.fp8 is None and not lora_fp8.is_fp8(weight.dtype) and weight.is_contiguous() and \
             not any(lora_delta.delta_depends_on_weight(c.module) for c in contributions)
 
