@@ -460,12 +460,32 @@ class ExplodingWriteModule(network_lora.NetworkModuleLora):
         return ExplodingRows()
 
 
+def _explode_last(model, name: str, cls):
+    """Network `name` with the module of the last layer a job writes swapped for a `cls` copy; (network, layer, the
+    good module) to put back."""
+    net = networks.lora_loader.get_network(name, networks.find_network(name), networks.lora_layers.get_layer_map(model))
+    order = list(networks.lora_layers.get_layer_map(model).layers)
+    last = max(net.modules, key=order.index)
+    good = net.modules[last]
+    boom = cls.__new__(cls)
+    boom.__dict__.update(good.__dict__)
+    net.modules[last] = boom
+    return net, last, good
+
+
+def _assert_every_layer_back(model, patcher, original) -> None:
+    assert networks.loaded_networks == []
+    assert_bitwise(model, original)
+    layers = networks.lora_layers.get_layer_map(model).layers
+    assert all(patcher.current_state(m) == () and patcher.record(m) is None for m in layers.values())
+
+
 @pytest.mark.parametrize("batch", ["each", "whole"])
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_failure_part_way_puts_every_layer_back(tiny_sd1, write_lora, use_patcher, tmp_path, strategy, batch,
                                                 monkeypatch):
     """A delta that fails while a job is planned: with one write per batch ("each") many layers were written
-    before it; with the whole job in one batch ("whole") none of this job's were, but the previous job's were."""
+    before it; with the whole job in one batch ("whole") the writes that can wait were not, the others were."""
     if batch == "each":
         monkeypatch.setattr(lora_patch_job, "BATCH_BYTES", 0)
     tiny_sd1.original_weights = FileSource(tiny_sd1, tmp_path)
@@ -474,23 +494,13 @@ def test_failure_part_way_puts_every_layer_back(tiny_sd1, write_lora, use_patche
     write_lora("a", tiny_sd1, seed=1)
     write_lora("b", tiny_sd1, locon=True, seed=2)
     assert not networks.load_networks(["a"], sd_model=tiny_sd1).fatal  # a previous job left layers patched
-    b = networks.lora_loader.get_network("b", networks.find_network("b"),
-                                         networks.lora_layers.get_layer_map(tiny_sd1))
-    order = list(networks.lora_layers.get_layer_map(tiny_sd1).layers)
-    last = max(b.modules, key=order.index)  # the last layer the job writes
-    good = b.modules[last]
-    boom = ExplodingModule.__new__(ExplodingModule)
-    boom.__dict__.update(good.__dict__)
-    b.modules[last] = boom
+    b, last, good = _explode_last(tiny_sd1, "b", ExplodingModule)
     writes = patcher.stats["writes"]
     report = networks.load_networks(["a", "b"], sd_model=tiny_sd1)
     assert report.fatal and "out of memory" in report.fatal
     if batch == "each":
         assert patcher.stats["writes"] > writes + 10  # it failed part-way, after writing many layers
-    assert networks.loaded_networks == []
-    assert_bitwise(tiny_sd1, original)
-    layers = networks.lora_layers.get_layer_map(tiny_sd1).layers
-    assert all(patcher.current_state(m) == () and patcher.record(m) is None for m in layers.values())
+    _assert_every_layer_back(tiny_sd1, patcher, original)
     b.modules[last] = good
     report = networks.load_networks(["a", "b"], sd_model=tiny_sd1)  # and the next job works
     assert not report.fatal and report.layers_written > 0
@@ -506,22 +516,12 @@ def test_failure_in_a_batch_write_puts_every_layer_back(tiny_sd1, write_lora, us
     write_lora("a", tiny_sd1, seed=1)
     write_lora("b", tiny_sd1, seed=2)
     assert not networks.load_networks(["a"], sd_model=tiny_sd1).fatal
-    b = networks.lora_loader.get_network("b", networks.find_network("b"),
-                                         networks.lora_layers.get_layer_map(tiny_sd1))
-    order = list(networks.lora_layers.get_layer_map(tiny_sd1).layers)
-    last = max(b.modules, key=order.index)
-    good = b.modules[last]
-    boom = ExplodingWriteModule.__new__(ExplodingWriteModule)
-    boom.__dict__.update(good.__dict__)
-    b.modules[last] = boom
+    b, last, good = _explode_last(tiny_sd1, "b", ExplodingWriteModule)
     writes = patcher.stats["writes"]
     report = networks.load_networks(["a", "b"], sd_model=tiny_sd1)
     assert report.fatal and "out of memory" in report.fatal and last in report.fatal
     assert patcher.stats["writes"] > writes + 10  # the failure came after the batch's other writes
-    assert networks.loaded_networks == []
-    assert_bitwise(tiny_sd1, original)
-    layers = networks.lora_layers.get_layer_map(tiny_sd1).layers
-    assert all(patcher.current_state(m) == () and patcher.record(m) is None for m in layers.values())
+    _assert_every_layer_back(tiny_sd1, patcher, original)
     b.modules[last] = good
     assert not networks.load_networks(["a", "b"], sd_model=tiny_sd1).fatal
 
