@@ -124,6 +124,34 @@ def test_kron_rows_against_torch_kron_for_every_block():
             torch.testing.assert_close(out, expected[r0:r1], rtol=0, atol=0)
 
 
+def test_row_blocks_keep_runs_whole_or_cut_them_evenly():
+    # 12 rows of 10 columns, runs of 4 rows (a LoKr with c = 4)
+    assert list(lora_delta.row_blocks(12, 10, 100)) == [(0, 10), (10, 12)]
+    assert list(lora_delta.row_blocks(12, 10, 100, run=4)) == [(0, 8), (8, 12)]  # 10 rows → 2 whole runs
+    assert list(lora_delta.row_blocks(12, 10, 30, run=4)) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 12)]
+    assert list(lora_delta.row_blocks(10, 10, 30, run=4)) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 9), (9, 10)]
+    assert list(lora_delta.row_blocks(7, 10, 1000, run=4)) == [(0, 7)]  # the whole layer: one block
+    assert lora_delta.row_run([]) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lokr_merge_in_blocks_that_keep_its_runs(dtype, monkeypatch):
+    w1, w2 = rnd(3, 2), rnd(4, 5)
+    module, _ = build({"lokr_w1": w1, "lokr_w2": w2}, (12, 10))
+    original = rnd(12, 10).to(dtype)
+    expected = (original.float() + 0.5 * torch.kron(w1, w2)).to(dtype)
+    for block in (30, 50, 120):  # runs cut in pieces, two whole runs per block, the whole layer
+        monkeypatch.setattr(lora_delta, "CPU_CHUNK", block)
+        for terms in (1, 2):  # one term (fp32: one fused op), two (summed block by block)
+            delta = lora_delta.LayerDelta()
+            for _ in range(terms):
+                delta.parts.append(module.row_delta(original.shape, original.device, 0.5 / terms))
+            assert delta.parts[0].row_run == 4 and lora_delta.row_run(delta.parts) == 4
+            out = torch.empty_like(original)
+            delta.merge(out, original, Scratch())
+            torch.testing.assert_close(out, expected, rtol=0, atol=1e-6 if dtype == torch.float32 else 0.02)
+
+
 def test_dora_bias_parts_and_changed_math_keep_the_generic_path():
     up, down = rnd(6, 3), rnd(3, 5)
     dora, w = build({"lora_up.weight": up, "lora_down.weight": down, "dora_scale": 1 + rnd(1, 5)}, (6, 5))

@@ -43,9 +43,27 @@ def block_for(terms: list, device: torch.device) -> int:
     return chunk_elements(device) // (1 + max((getattr(t, "block_temporaries", 0) for t in terms), default=0))
 
 
-def row_blocks(rows: int, cols: int, block: int):
-    """(r0, r1) of blocks of whole rows with about `block` elements each."""
+def row_run(terms: list) -> int:
+    """Rows per run the terms share (lyco_helpers.RowDelta.row_run; 1 when they differ): blocks made of whole runs
+    cost each term one op per block."""
+    runs = {getattr(t, "row_run", 1) for t in terms}
+    return runs.pop() if len(runs) == 1 else 1
+
+
+def row_blocks(rows: int, cols: int, block: int, run: int = 1):
+    """(r0, r1) of blocks of whole rows with about `block` elements each; with `run` > 1 no block crosses a
+    boundary between runs of `run` rows: a block holds whole runs, or a run is cut into equal pieces."""
     step = max(1, block // cols)
+    if run > 1 and step < run:
+        pieces = -(-run // step)
+        for run0 in range(0, rows, run):
+            run1 = min(rows, run0 + run)
+            piece = -(-(run1 - run0) // pieces)
+            for r0 in range(run0, run1, piece):
+                yield r0, min(run1, r0 + piece)
+        return
+    if run > 1:
+        step -= step % run
     for r0 in range(0, rows, step):
         yield r0, min(rows, r0 + step)
 
@@ -98,9 +116,9 @@ class LayerDelta:
         out2, orig2 = out.view(rows, cols), original.reshape(rows, cols)
         terms = self.terms
         full = self.full.reshape(rows, cols) if self.full is not None else None
-        block = block_for(terms, out.device)
+        block, run = block_for(terms, out.device), row_run(terms)
         if out.dtype == torch.float32 and fill is not None:
-            for r0, r1 in row_blocks(rows, cols, block):
+            for r0, r1 in row_blocks(rows, cols, block, run):
                 fill(r0, r1, out2[r0:r1])
                 for term in terms:
                     term.rows(out2[r0:r1], r0, r1, scratch, accumulate=True)
@@ -117,7 +135,7 @@ class LayerDelta:
             return
         if out.dtype == torch.float32:  # several terms: each block of rows takes them all while it is in cache
             copy = out2.data_ptr() != orig2.data_ptr()
-            for r0, r1 in row_blocks(rows, cols, block):
+            for r0, r1 in row_blocks(rows, cols, block, run):
                 if copy:
                     out2[r0:r1].copy_(orig2[r0:r1])
                 for term in terms:
@@ -142,7 +160,7 @@ class LayerDelta:
         cols = max(1, out.numel() // max(rows, 1))
         orig2 = original.reshape(rows, cols)
         full = self.full.reshape(rows, cols) if self.full is not None else None
-        for r0, r1 in row_blocks(rows, cols, block):
+        for r0, r1 in row_blocks(rows, cols, block, row_run(self.terms)):
             s = scratch.get("merge", torch.float32, (r1 - r0) * cols).view(r1 - r0, cols)
             if fill is not None and fill_block:
                 fill(r0, r1, s)
@@ -163,9 +181,7 @@ class LayerDelta:
         cols = max(1, numel // max(rows, 1))
         full = self.full.reshape(-1) if self.full is not None else None
         terms = self.terms
-        step = max(1, block_for(terms, device) // cols)
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
+        for r0, r1 in row_blocks(rows, cols, block_for(terms, device), row_run(terms)):
             a, b = r0 * cols, r1 * cols
             if not terms:
                 yield a, b, full[a:b]

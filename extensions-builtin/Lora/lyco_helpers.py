@@ -177,6 +177,9 @@ class RowDelta:
     # block-sized fp32 temporaries `rows` uses next to `out`: the patcher shrinks its blocks by (1 + this), so a
     # block's bytes stay about as cache-sized as a one-buffer merge's
     block_temporaries = 0
+    # rows of ΔW one op writes at once (LoKr: the c rows of kron(W1, W2) per row of W1); the patcher's blocks hold
+    # whole runs, or cut one into equal pieces, so a block is never split into a part-run op
+    row_run = 1
 
     def rows(self, out: torch.Tensor, r0: int, r1: int, scratch, accumulate: bool) -> None:
         """out (r1 − r0, cols) = (or +=, when `accumulate`) ΔW[r0:r1]."""

@@ -186,6 +186,7 @@ class KronRows(lyco_helpers.RowDelta):
     def __init__(self, w1: torch.Tensor, w2: torch.Tensor):
         self.w1, self.w2 = w1, w2
         self.nbytes = 4 * (w1.numel() + w2.numel())  # both made per job (scaled W1, rebuilt W2), fp32
+        self.row_run = w2.shape[0]
 
     def rows(self, out: torch.Tensor, r0: int, r1: int, scratch, accumulate: bool) -> None:
         kron_rows(out, self.w1, self.w2, r0, r1, accumulate)
