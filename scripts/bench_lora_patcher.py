@@ -374,6 +374,7 @@ def run_child(args) -> dict:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
+    import lora_delta
     import lora_layers
     import lora_loader
     import network
@@ -384,7 +385,7 @@ def run_child(args) -> dict:
     dtype = getattr(torch, DTYPES[args.child_dtype])
     clock = Clock(device)
     result = {"model": args.child_model, "dtype": args.child_dtype, "device": args.device,
-              "threads": torch.get_num_threads()}
+              "threads": torch.get_num_threads(), "patcher block": lora_delta.CPU_CHUNK}
 
     t = time.perf_counter()
     family, model = build_model(args.child_model, dtype, device)
@@ -488,7 +489,8 @@ def table(results: list[dict]) -> str:
         touched = r["touched bytes"]
         lines.append(f"\n### {r['model'].upper()} {r['dtype']} on {r['device']} ({r['threads']} threads): "
                      f"{r['targets']} layers, {fmt_bytes(touched)} touched, LoRA file {fmt_bytes(r['lora file bytes'])}"
-                     f", read+parse {fmt_s(r['load']['A'])} per LoRA file, peak RSS {r['peak rss'] / 2 ** 30:.1f} GiB")
+                     f", read+parse {fmt_s(r['load']['A'])} per LoRA file, peak RSS {r['peak rss'] / 2 ** 30:.1f} GiB"
+                     + (f", patcher blocks 2^{r['patcher block'].bit_length() - 1}" if r.get("patcher block") else ""))
         strategies = list(r["ours"])
         floor, diff = r["floor"], r.get("diffusers")
         blocks = floor.get("blocks", {})

@@ -266,3 +266,27 @@ def test_write_batch_budget_counts_what_the_deltas_made():
     assert batch.add(step(lora_delta.LayerDelta(full=torch.zeros(6, 2))))  # 124: run now
     assert len(batch.take()) == 4 and batch.nbytes == 0 and batch.steps == []
     assert batch.add(step(lora_delta.LayerDelta(parts=[lora]), "meta"))
+
+
+def test_cpu_block_is_half_the_cores_l2_cache(tmp_path):
+    """Linux's sysfs lists a core's caches; on one thread the block is half the L2 in fp32 elements, a power of two
+    in 2^16..2^21; on several threads 2^21."""
+    def cache(entry, level, kind, size):
+        folder = tmp_path / entry
+        folder.mkdir()
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (folder / name).write_text(value + "\n")
+
+    cache("index0", "1", "Data", "48K")
+    cache("index1", "1", "Instruction", "32K")
+    cache("index2", "2", "Unified", "2048K")
+    cache("index3", "3", "Unified", "307200K")
+    assert lora_delta.l2_cache_bytes(str(tmp_path)) == 2 * 1024 * 1024
+    assert lora_delta.cpu_block_elements(2 * 1024 * 1024) == 262144  # 1 MiB of fp32
+    assert lora_delta.cpu_block_elements(1280 * 1024) == 131072  # 640 KiB → the power of two below: 512 KiB
+    assert lora_delta.cpu_block_elements(256 * 1024) == 65536  # at least 2^16
+    assert lora_delta.cpu_block_elements(32 * 1024 * 1024) == 2097152  # at most 2^21
+    assert lora_delta.cpu_block_elements(None) == 262144
+    assert lora_delta.cpu_block_elements(2 * 1024 * 1024, threads=2) == 2097152  # several threads: 2^21
+    assert lora_delta.cpu_block_elements(None, threads=16) == 2097152
+    assert lora_delta.l2_cache_bytes(str(tmp_path / "absent")) is None

@@ -12,6 +12,7 @@ The same inputs and shapes always give the same blocks and the same bits (the re
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -21,11 +22,48 @@ import network_lora
 import torch
 from lora_bypass import module_compute  # re-exported: it lived here before
 
-# elements per block on CPU (8 MiB fp32): the block, its rows of the weight and the GEMM's inputs stay in a 32 MiB
-# L3 with room to spare; fewer, larger blocks than 2^20 cost fewer thread wake-ups on wide DiT layers (FLUX's
-# 3072x12288 merges 2-5 % faster at 2^21, and 2^20 is up to 1.5x slower in some processes), equal on SD shapes
-# with 2 threads; one SDXL bf16 run on 1 thread was slower than with 2^20 (README: not yet checked further)
-CPU_CHUNK = 1 << 21
+CACHE_DIR = "/sys/devices/system/cpu/cpu0/cache"  # Linux: the first core's caches, one index* folder per cache
+
+
+def l2_cache_bytes(cache_dir: str = CACHE_DIR) -> int | None:
+    """One core's level-2 cache in bytes, from Linux's sysfs (None where it does not say: other systems)."""
+    try:
+        for entry in sorted(os.listdir(cache_dir)):
+            folder = os.path.join(cache_dir, entry)
+            if not entry.startswith("index") or _read(folder, "level") != "2" or \
+                    _read(folder, "type") not in ("Unified", "Data"):
+                continue
+            size = _read(folder, "size")  # "2048K"
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:].upper(), 1)
+            return int(size.rstrip("KMGkmg")) * scale
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _read(folder: str, name: str) -> str:
+    with open(os.path.join(folder, name)) as f:
+        return f.read().strip()
+
+
+def cpu_block_elements(l2_bytes: int | None, threads: int = 1) -> int:
+    """fp32 elements per merge block on CPU. On one thread: half of the core's L2 cache (a power of two, 2^16–2^21),
+    so the fp32 block, the 16-bit rows it is cast from and back into and the GEMM's inputs stay in L2 while each op
+    passes over them; on several threads 2^21, because each op on a block is split over the threads and pays their
+    wake-up, so fewer, larger blocks win (they stay in the L3). Measured on a 2 MiB-L2 Xeon, paired with the fused
+    floor (2026-12-06): SD1.5 bf16 on 1 thread, median of 8, 2^18 took apply 1 / LoHa / LoKr / switch from 1.14 /
+    1.29 / 1.26 / 1.09x of the floor at 2^21 to 1.10 / 1.08 / 1.14 / 1.02x (2^16: too many ops); FLUX.1 widths on
+    2 threads, median of 6, 2^19 instead of 2^21 took apply / multiplier / switch from 1.04 / 1.02 / 0.96x to
+    1.06 / 1.15 / 1.26x. Where the L2 is unknown: 1 MiB."""
+    if threads > 1:
+        return 1 << 21
+    elements = l2_bytes // 2 // 4 if l2_bytes and l2_bytes > 0 else 1 << 18
+    return 1 << max(16, min(21, elements.bit_length() - 1))
+
+
+# elements per block on CPU, fixed for the process (the residual restore recomputes the same blocks, so the block
+# size must not change between a write and its restore): torch's threads when the extension is imported
+CPU_CHUNK = cpu_block_elements(l2_cache_bytes(), torch.get_num_threads())
 ACCELERATOR_CHUNK = 1 << 24  # bounds the scratch memory on a GPU
 
 
