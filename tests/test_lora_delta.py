@@ -1,4 +1,5 @@
-"""The fused per-type deltas (row_delta: LoRA/LoCon/Tucker, LoHa incl. Tucker, LoKr in all its layouts) give the
+"""The fused per-type deltas (row_delta: LoRA/LoCon/Tucker, LoHa incl. Tucker, LoKr in all its layouts, full, and the
+types that read the original weight: IA3, OFT, GLoRA) give the
 same ΔW as each type's compute() (tested against lycoris-lora in test_lora_lycoris_reference) and as torch.kron /
 the Hadamard product written out here, for any block of rows; and the patcher writes them bit-exact-restorably."""
 import lora_delta
@@ -6,8 +7,10 @@ import lora_loader
 import lyco_helpers
 import network
 import network_hada
+import network_ia3
 import network_lokr
 import network_lora
+import network_oft
 import pytest
 import torch
 
@@ -152,10 +155,10 @@ def test_lokr_merge_in_blocks_that_keep_its_runs(dtype, monkeypatch):
             torch.testing.assert_close(out, expected, rtol=0, atol=1e-6 if dtype == torch.float32 else 0.02)
 
 
-def test_dora_bias_parts_and_changed_math_keep_the_generic_path():
+def test_bias_parts_and_changed_math_keep_the_generic_path():
     up, down = rnd(6, 3), rnd(3, 5)
-    dora, w = build({"lora_up.weight": up, "lora_down.weight": down, "dora_scale": 1 + rnd(1, 5)}, (6, 5))
-    assert dora.row_delta(w.shape, w.device, 1.0) is None and lora_delta.delta_depends_on_weight(dora)
+    biased, w = build({"lora_up.weight": up, "lora_down.weight": down, "bias": rnd(6, 5)}, (6, 5))
+    assert biased.row_delta(w.shape, w.device, 1.0) is None
 
     class Doubled(network_hada.NetworkModuleHada):  # a third-party subclass with its own math
         def calc_delta(self, *args, **kwargs):
@@ -175,14 +178,15 @@ def test_layer_delta_sums_fused_lowrank_and_generic_terms_in_blocks():
     lora2, _ = build({"lora_up.weight": up2, "lora_down.weight": down2}, (6, 5))
     loha, _ = build({"hada_w1_a": rnd(6, 2), "hada_w1_b": rnd(2, 5), "hada_w2_a": rnd(6, 2),
                      "hada_w2_b": rnd(2, 5)}, (6, 5))
-    ia3, _ = build({"weight": rnd(5), "on_input": torch.tensor(True)}, (6, 5))
+    biased, _ = build({"lora_up.weight": rnd(6, 2), "lora_down.weight": rnd(2, 5), "bias": rnd(6, 5)},
+                      (6, 5))  # A1111's weight-shaped `bias` part: generic
 
     class C:  # the contribution fields compute_delta reads
         def __init__(self, module, m):
             self.module, self.multiplier, self.dyn_dim = module, m, None
             self.network = network.Network("n", None)
 
-    contributions = [C(lora1, 1.0), C(loha, 0.5), C(lora2, -0.3), C(ia3, 0.8)]
+    contributions = [C(lora1, 1.0), C(loha, 0.5), C(lora2, -0.3), C(biased, 0.8)]
     delta = lora_delta.compute_delta("unet.x", None, w, contributions)
     assert [type(t) for t in delta.parts] == [network_lora.LowRankRows, network_hada.HadaRows,
                                               network_lora.LowRankRows]
@@ -290,3 +294,84 @@ def test_cpu_block_is_half_the_cores_l2_cache(tmp_path):
     assert lora_delta.cpu_block_elements(2 * 1024 * 1024, threads=2) == 2097152  # several threads: 2^21
     assert lora_delta.cpu_block_elements(None, threads=16) == 2097152
     assert lora_delta.l2_cache_bytes(str(tmp_path / "absent")) is None
+
+
+def test_terms_that_read_the_original_are_fused_and_each_reads_the_original(monkeypatch):
+    """IA3, kohya OFT (its bias turned too) and a LoRA on one 2×3 layer, merged block by block. Worked by hand
+    (the OFT numbers as in test_lora_types' kohya OFT test): W = [[1, 2, 3], [4, 5, 6]], b = [0.5, −1],
+    x = [1, 0, −1] give y = [−1.5, −3] and Wx = [−2, −2]; the OFT alone gives y' = [0.71895141, −3.27614237];
+    IA3 w = [0.5, −1] adds w ⊙ Wx = [−1, 2]; the LoRA up = [1, 2], down = [1, 1, 0] adds [1, 2]. Each term must
+    read the original rows (not the rows another term already changed), and OFT's 2-row block must not be cut
+    although the device block holds 3 elements (one row)."""
+    monkeypatch.setattr(lora_delta, "CPU_CHUNK", 3)
+    layer = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
+        layer.bias.copy_(torch.tensor([0.5, -1.0]))
+
+    def module(key, parts):
+        weights = network.NetworkWeights(network_key=key, sd_key="unet.x", w=parts, sd_module=layer)
+        return lora_loader.build_module(network.Network("t", None), weights)
+
+    oft = module("oft_unet_x", {"oft_blocks": torch.tensor([[[0.0, 0.5], [0.0, 0.0]]]), "alpha": torch.tensor(0.25)})
+    ia3 = module("lora_unet_x", {"weight": torch.tensor([0.5, -1.0])})
+    lora = module("lora_unet_x", {"lora_up.weight": torch.tensor([[1.0], [2.0]]),
+                                  "lora_down.weight": torch.tensor([[1.0, 1.0, 0.0]])})
+
+    class C:
+        def __init__(self, module):
+            self.module, self.multiplier, self.dyn_dim = module, 1.0, None
+            self.network = network.Network("n", None)
+
+    x = torch.tensor([1.0, 0.0, -1.0])
+    want = torch.tensor([0.71895141, -3.27614237]) + torch.tensor([-1.0, 2.0]) + torch.tensor([1.0, 2.0])
+    for dtype in (torch.float32, torch.bfloat16):
+        w0 = layer.weight.detach().to(dtype)
+        delta = lora_delta.compute_delta("unet.x", None, w0, [C(lora), C(ia3), C(oft)], layer.bias.detach())
+        assert [type(t) for t in delta.parts] == [network_ia3.Ia3Rows, network_oft.OftRows, network_lora.LowRankRows]
+        assert delta.full is None
+        out = torch.empty_like(w0)
+        delta.merge(out, w0, Scratch())
+        y = out.float() @ x + layer.bias.detach() + delta.bias
+        torch.testing.assert_close(y, want, rtol=0, atol=1e-6 if dtype == torch.float32 else 0.05)
+        in_place = w0.clone()
+        delta.merge(in_place, in_place, Scratch())
+        assert torch.equal(in_place, out)
+        with pytest.raises(RuntimeError, match="reads the original"):
+            list(delta.blocks(w0.shape, w0.device, Scratch()))
+
+
+@pytest.mark.parametrize("axis,magnitude_shape", [("output", (6, 1)), ("input", (1, 5))])
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
+def test_dora_is_fused_over_each_type_with_its_norms_from_the_whole_original(monkeypatch, axis, magnitude_shape,
+                                                                            kind):
+    """DoRA over a LoRA, LoHa or LoKr, merged in blocks of one row (the norms still come from every row):
+    W' = W + m·(M ⊙ V/‖V‖ − W), V = W + U, the norm written out here per channel of the axis."""
+    monkeypatch.setattr(lora_delta, "CPU_CHUNK", 5)
+    parts = {"lora": {"lora_up.weight": rnd(6, 3), "lora_down.weight": rnd(3, 5)},
+             "loha": {"hada_w1_a": rnd(6, 2), "hada_w1_b": rnd(2, 5), "hada_w2_a": rnd(6, 2),
+                      "hada_w2_b": rnd(2, 5)},
+             "lokr": {"lokr_w1": rnd(2, 1), "lokr_w2": rnd(3, 5)}}[kind]
+    magnitude = 1 + rnd(*magnitude_shape)
+    dora, w = build({**parts, "dora_scale": magnitude, "alpha": torch.tensor(1.0)}, (6, 5))
+    plain, _ = build({**parts, "alpha": torch.tensor(1.0)}, (6, 5))
+    assert lora_delta.delta_depends_on_weight(dora)
+    u = plain.compute(w, 1.0)[0]
+
+    class C:
+        def __init__(self, module, m):
+            self.module, self.multiplier, self.dyn_dim = module, m, None
+            self.network = network.Network("n", None)
+
+    for m in (1.0, 0.6):
+        v = w + u
+        norm = v.norm(dim=1, keepdim=True) if axis == "output" else v.norm(dim=0, keepdim=True)
+        expected = w + m * (magnitude.reshape(norm.shape) * v / norm - w)
+        for dtype in (torch.float32, torch.bfloat16):
+            w0 = w.to(dtype)
+            delta = lora_delta.compute_delta("unet.x", None, w0, [C(dora, m)])
+            assert [type(t) for t in delta.parts] == [lyco_helpers.DoraRows] and delta.full is None
+            out = w0.clone()
+            delta.merge(out, out, Scratch())
+            tol = 1e-5 if dtype == torch.float32 else 0.02
+            torch.testing.assert_close(out.float(), expected.to(dtype).float(), rtol=tol, atol=tol)

@@ -1,17 +1,20 @@
 """Σ ΔW of one layer for the patcher, computed block by block without a weight-sized temporary where the type can.
 
 Each contribution (network × layer) gives its delta one of two ways:
-- fused: the type's `row_delta(weight_shape, device, multiplier, dyn)` (network_lora, network_hada, network_lokr)
-  returns a lyco_helpers.RowDelta that writes any block of rows of ΔW into a cache-sized buffer. Several on one
-  layer are summed block by block while the block is in cache (not concatenated: a per-job copy of every
-  factor cost more than the GEMMs it merged, ~14 % of applying 3 LoRAs on SD1.5);
-- generic: the module's own compute() gives the whole fp32 ΔW (DoRA, OFT, IA3, GLoRA, ..., any subclass that
-  changes the math).
+- fused: the type's `row_delta(weight_shape, device, multiplier, dyn)` (network_lora, network_hada, network_lokr,
+  network_full, and network_ia3 / network_oft / network_glora, whose ΔW reads the original weight) returns a
+  lyco_helpers.RowDelta that writes any block of rows of ΔW into a cache-sized buffer. Several on one layer are
+  summed block by block while the block is in cache (not concatenated: a per-job copy of every factor cost more
+  than the GEMMs it merged, ~14 % of applying 3 LoRAs on SD1.5); the terms that read the original go first and
+  read the block's original rows (a copy when there are two of them), so they are only merged over an original;
+- generic: the module's own compute() gives the whole fp32 ΔW (DoRA, BOFT, a GLoRA with a Tucker `bm` or a wide
+  kernel, ..., any subclass that changes the math).
 No adapter math lives here: both ways are the types' own (network_*.py).
 The same inputs and shapes always give the same blocks and the same bits (the residual restore relies on it).
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -83,15 +86,26 @@ def block_for(terms: list, device: torch.device) -> int:
 
 def row_run(terms: list) -> int:
     """Rows per run the terms share (lyco_helpers.RowDelta.row_run; 1 when they differ): blocks made of whole runs
-    cost each term one op per block."""
+    cost each term one op per block. Terms whose runs must stay whole (`whole_runs`) decide: the least common
+    multiple of their runs."""
+    whole = {t.row_run for t in terms if getattr(t, "whole_runs", False)}
+    if whole:
+        return math.lcm(*whole)
     runs = {getattr(t, "row_run", 1) for t in terms}
     return runs.pop() if len(runs) == 1 else 1
 
 
-def row_blocks(rows: int, cols: int, block: int, run: int = 1):
+def keeps_runs_whole(terms: list) -> bool:
+    return any(getattr(t, "whole_runs", False) for t in terms)
+
+
+def row_blocks(rows: int, cols: int, block: int, run: int = 1, whole: bool = False):
     """(r0, r1) of blocks of whole rows with about `block` elements each; with `run` > 1 no block crosses a
-    boundary between runs of `run` rows: a block holds whole runs, or a run is cut into equal pieces."""
+    boundary between runs of `run` rows: a block holds whole runs, or a run is cut into equal pieces (never with
+    `whole`: then a block holds at least one run, whatever its size)."""
     step = max(1, block // cols)
+    if whole and run > 1:
+        step = max(step, run)
     if run > 1 and step < run:
         pieces = -(-run // step)
         for run0 in range(0, rows, run):
@@ -154,12 +168,13 @@ class LayerDelta:
         out2, orig2 = out.view(rows, cols), original.reshape(rows, cols)
         terms = self.terms
         full = self.full.reshape(rows, cols) if self.full is not None else None
-        block, run = block_for(terms, out.device), row_run(terms)
+        block, run, whole = block_for(terms, out.device), row_run(terms), keeps_runs_whole(terms)
+        if out.dtype == torch.float32:  # (summed_rows prepares the 16-bit way)
+            self.prepare(orig2, scratch, block, fill)
         if out.dtype == torch.float32 and fill is not None:
-            for r0, r1 in row_blocks(rows, cols, block, run):
+            for r0, r1 in row_blocks(rows, cols, block, run, whole):
                 fill(r0, r1, out2[r0:r1])
-                for term in terms:
-                    term.rows(out2[r0:r1], r0, r1, scratch, accumulate=True)
+                self.add_terms(out2[r0:r1], r0, r1, scratch)
                 if full is not None:
                     out2[r0:r1].add_(full[r0:r1])
             return
@@ -173,11 +188,10 @@ class LayerDelta:
             return
         if out.dtype == torch.float32:  # several terms: each block of rows takes them all while it is in cache
             copy = out2.data_ptr() != orig2.data_ptr()
-            for r0, r1 in row_blocks(rows, cols, block, run):
+            for r0, r1 in row_blocks(rows, cols, block, run, whole):
                 if copy:
                     out2[r0:r1].copy_(orig2[r0:r1])
-                for term in terms:
-                    term.rows(out2[r0:r1], r0, r1, scratch, accumulate=True)
+                self.add_terms(out2[r0:r1], r0, r1, scratch)
                 if full is not None:
                     out2[r0:r1].add_(full[r0:r1])
             return
@@ -187,6 +201,32 @@ class LayerDelta:
     @property
     def terms(self) -> list:
         return self.parts
+
+    def prepare(self, original: torch.Tensor, scratch, block: int, fill: RowFill | None = None) -> None:
+        """Lets the terms that need the whole original before the merge (DoRA's norms) read it, block by block."""
+        needs = [t for t in self.parts if getattr(t, "needs_whole_original", False)]
+        if not needs:
+            return
+        if fill is not None:
+            raise RuntimeError("this Lora's delta needs the whole original weight before the merge")
+        rows, cols = original.shape
+        run, whole = row_run(self.parts), keeps_runs_whole(self.parts)
+        for term in needs:
+            term.prepare(original, scratch, row_blocks(rows, cols, block, run, whole))
+
+    def add_terms(self, block: torch.Tensor, r0: int, r1: int, scratch) -> None:
+        """block (fp32 rows r0:r1, holding their original) += Σ ΔW of the terms. The terms that read the original
+        come first (compute_delta puts them there); a second one reads a copy taken before the first added."""
+        original = None
+        for term in self.parts:
+            if not getattr(term, "reads_original", False):
+                term.rows(block, r0, r1, scratch, accumulate=True)
+                continue
+            if original is None:
+                readers = sum(1 for t in self.parts if getattr(t, "reads_original", False))
+                original = block if readers == 1 else \
+                    scratch.get("original", torch.float32, block.numel()).view(block.shape).copy_(block)
+            term.rows(block, r0, r1, scratch, accumulate=True, original=original)
 
     def summed_rows(self, out: torch.Tensor, original: torch.Tensor, scratch, block: int,
                     fill: RowFill | None = None, fill_block: bool = False):
@@ -198,7 +238,8 @@ class LayerDelta:
         cols = max(1, out.numel() // max(rows, 1))
         orig2 = original.reshape(rows, cols)
         full = self.full.reshape(rows, cols) if self.full is not None else None
-        for r0, r1 in row_blocks(rows, cols, block, row_run(self.terms)):
+        self.prepare(orig2, scratch, block, fill)
+        for r0, r1 in row_blocks(rows, cols, block, row_run(self.terms), keeps_runs_whole(self.terms)):
             s = scratch.get("merge", torch.float32, (r1 - r0) * cols).view(r1 - r0, cols)
             if fill is not None and fill_block:
                 fill(r0, r1, s)
@@ -206,8 +247,7 @@ class LayerDelta:
                 if fill is not None:
                     fill(r0, r1, orig2[r0:r1])
                 s.copy_(orig2[r0:r1])
-            for term in self.terms:
-                term.rows(s, r0, r1, scratch, accumulate=True)
+            self.add_terms(s, r0, r1, scratch)
             if full is not None:
                 s.add_(full[r0:r1])
             yield r0, r1, s
@@ -219,7 +259,9 @@ class LayerDelta:
         cols = max(1, numel // max(rows, 1))
         full = self.full.reshape(-1) if self.full is not None else None
         terms = self.terms
-        for r0, r1 in row_blocks(rows, cols, block_for(terms, device), row_run(terms)):
+        if any(getattr(t, "reads_original", False) for t in terms):
+            raise RuntimeError("this Lora's delta reads the original weight; it is merged over it, not on its own")
+        for r0, r1 in row_blocks(rows, cols, block_for(terms, device), row_run(terms), keeps_runs_whole(terms)):
             a, b = r0 * cols, r1 * cols
             if not terms:
                 yield a, b, full[a:b]
@@ -248,7 +290,7 @@ def plain_lowrank(module, dyn_dim: int | None):
 
 def _row_delta(c: lora_plan.Contribution, original: torch.Tensor):
     row_delta = getattr(c.module, "row_delta", None)
-    if not callable(row_delta) or getattr(c.module, "applies_multiplier", False) or original.dim() < 2:
+    if not callable(row_delta) or original.dim() < 2:
         return None
     return row_delta(original.shape, original.device, float(c.multiplier), c.dyn_dim)
 
@@ -263,9 +305,14 @@ def compute_delta(name: str, module: torch.nn.Module, original: torch.Tensor, co
         try:
             fused = _row_delta(c, original)
             if fused is not None:
-                result.parts.append(fused)
-                if fused.bias is not None:
-                    db = fused.bias.to(original.device, torch.float32)
+                if getattr(fused, "reads_original", False):  # first: they read the block before others add
+                    readers = sum(1 for t in result.parts if getattr(t, "reads_original", False))
+                    result.parts.insert(readers, fused)
+                else:
+                    result.parts.append(fused)
+                bias = fused.bias_for(orig_bias) if hasattr(fused, "bias_for") else fused.bias
+                if bias is not None:
+                    db = bias.to(original.device, torch.float32)
                     result.bias = db if result.bias is None else result.bias + db
             else:
                 dw, db = module_compute(c.module, original, c.multiplier, c.dyn_dim, orig_bias)

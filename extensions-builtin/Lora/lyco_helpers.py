@@ -180,24 +180,108 @@ class RowDelta:
     # rows of ΔW one op writes at once (LoKr: the c rows of kron(W1, W2) per row of W1); the patcher's blocks hold
     # whole runs, or cut one into equal pieces, so a block is never split into a part-run op
     row_run = 1
+    # the rows of a run depend on each other (OFT's rotation mixes the rows of its block): a run is never cut
+    whole_runs = False
+    # ΔW reads the original weight (IA3, OFT, GLoRA): `rows` then takes `original=`, the fp32 original of rows
+    # r0:r1, which may be `out` itself before anything was added to it (so compute into a temporary, then add).
+    # Such a term is only merged over its original (never recomputed from a merged weight by a residual restore)
+    reads_original = False
 
     def rows(self, out: torch.Tensor, r0: int, r1: int, scratch, accumulate: bool) -> None:
         """out (r1 − r0, cols) = (or +=, when `accumulate`) ΔW[r0:r1]."""
         raise NotImplementedError
+
+    def bias_for(self, orig_bias: torch.Tensor | None) -> torch.Tensor | None:
+        """Δbias (fp32) for a layer whose original bias is `orig_bias`: `bias`, unless the type's reads the bias."""
+        return self.bias
 
     # bytes of the tensors this term made for itself (a rebuilt factor, a scaled copy), not the network's factors it
     # reads: what holding it adds, for the patcher's batch budget (lora_patch_job.WriteBatch)
     nbytes = 0
 
     def add_to(self, weight: torch.Tensor, scratch, block_elements: int) -> None:
-        """weight (2-D fp32 view) += ΔW, block by block (a type may do it in one fused op)."""
+        """weight (2-D fp32 view) += ΔW, block by block (a type may do it in one fused op). A term that reads the
+        original reads it from the weight's own rows, each block's ΔW made before it is added."""
         rows, cols = weight.shape
-        step = max(1, block_elements // max(cols, 1))
+        step = max(1, block_elements // (1 + self.block_temporaries) // max(cols, 1))
+        if self.whole_runs:
+            step = max(self.row_run, step - step % self.row_run)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
+            if self.reads_original:
+                self.rows(weight[r0:r1], r0, r1, scratch, accumulate=True, original=weight[r0:r1])
+                continue
             d = scratch.get("row_delta", torch.float32, (r1 - r0) * cols).view(r1 - r0, cols)
             self.rows(d, r0, r1, scratch, accumulate=False)
             weight[r0:r1].add_(d)
+
+
+def dora_rows(module, rows: RowDelta | None, weight_shape, multiplier: float) -> RowDelta | None:
+    """A type's fused ΔW (`rows`, made at strength 1 with the scale in it) as DoRA's when the module has a
+    `dora_scale`, at strength m; `rows` as it is otherwise."""
+    if rows is None or getattr(module, "dora_scale", None) is None:
+        return rows
+    axis = dora_axis(module.dora_scale.shape, tuple(weight_shape), module.dora_square_default)
+    return DoraRows(rows, module.dora_scale, axis, tuple(weight_shape), float(multiplier))
+
+
+class DoraRows(RowDelta):
+    """DoRA over another type's fused ΔW U: ΔW = m·(M ⊙ V/‖V‖ − W0) with V = W0 + U, ‖V‖ per channel of `axis`
+    (+ float32 eps, as weight_decompose). The norms need every row of V: `prepare` makes them in one pass over the
+    original before the merge (U computed once there, once more in the merge, as any 16-bit merge must)."""
+
+    reads_original = True
+    needs_whole_original = True
+
+    def __init__(self, inner: RowDelta, magnitude: torch.Tensor, axis: str, weight_shape: tuple, m: float):
+        self.inner, self.axis, self.m = inner, axis, m
+        self.magnitude = magnitude.reshape(-1).to(torch.float32)
+        self.kernel = torch.Size(weight_shape[2:]).numel()
+        self.row_run, self.whole_runs = inner.row_run, inner.whole_runs
+        self.block_temporaries = inner.block_temporaries + 1
+        self.bias = None if inner.bias is None else inner.bias * m
+        self.nbytes = inner.nbytes + 8 * self.magnitude.numel()
+        self.scale: torch.Tensor | None = None
+
+    def prepare(self, original: torch.Tensor, scratch, blocks) -> None:
+        """The channel factors M/‖V‖ from the original (a 2-D fp32-castable view) over `blocks` of rows."""
+        rows, cols = original.shape
+        squares = torch.zeros(cols if self.axis == DORA_INPUT_AXIS else rows, dtype=torch.float32,
+                              device=original.device)
+        for r0, r1 in blocks:
+            v = scratch.get("dora_v", torch.float32, (r1 - r0) * cols).view(r1 - r0, cols).copy_(original[r0:r1])
+            self.inner.rows(v, r0, r1, scratch, accumulate=True)
+            if self.axis == DORA_INPUT_AXIS:
+                squares.add_(v.square_().sum(0))
+            else:
+                squares[r0:r1] = v.square_().sum(1)
+        if self.axis == DORA_INPUT_AXIS and self.kernel > 1:  # an input channel covers its kernel's columns
+            squares = squares.view(-1, self.kernel).sum(1)
+        scale = self.magnitude.to(squares.device) / (squares.sqrt_() + torch.finfo(torch.float32).eps)
+        if self.axis == DORA_INPUT_AXIS and self.kernel > 1:
+            scale = scale.repeat_interleave(self.kernel)
+        self.scale = scale
+
+    def _scale(self, r0: int, r1: int) -> torch.Tensor:
+        if self.scale is None:
+            raise RuntimeError("DoRA's norms were not prepared from the original weight")
+        return self.scale if self.axis == DORA_INPUT_AXIS else self.scale[r0:r1, None]
+
+    def rows(self, out: torch.Tensor, r0: int, r1: int, scratch, accumulate: bool,
+             original: torch.Tensor | None = None) -> None:
+        if accumulate and self.m == 1 and original.data_ptr() == out.data_ptr():  # the rows hold W0: W = V·M/‖V‖
+            self.inner.rows(out, r0, r1, scratch, accumulate=True)
+            out.mul_(self._scale(r0, r1))
+            return
+        v = scratch.get("dora_v", torch.float32, out.numel()).view(out.shape).copy_(original)
+        self.inner.rows(v, r0, r1, scratch, accumulate=True)
+        v.mul_(self._scale(r0, r1)).sub_(original)
+        if self.m != 1:
+            v.mul_(self.m)
+        if accumulate:
+            out.add_(v)
+        else:
+            out.copy_(v)
 
 
 _OWN_MATH: dict[tuple, bool] = {}

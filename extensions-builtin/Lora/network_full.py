@@ -5,6 +5,7 @@ on the layer's device)."""
 from __future__ import annotations
 
 import lora_bypass
+import lyco_helpers
 import network
 import torch
 
@@ -45,8 +46,42 @@ class NetworkModuleFull(network.NetworkModule):
         branch.rebuild = lambda: diff * factor if factor != 1 else diff
         return branch
 
+    def row_delta(self, weight_shape, device, multiplier: float, dyn_dim: int | None = None):
+        """ΔW = c·diff (c = m·s) a block of rows at a time, cast from the file's dtype in cache; None where the
+        generic compute() is needed (DoRA, a delta that must be padded, a subclass's own math)."""
+        weight_shape = torch.Size(weight_shape)
+        if self.dora_scale is not None or self.weight.shape[0] != weight_shape[0] or \
+                self.weight.numel() != weight_shape.numel() or \
+                not lyco_helpers.own_math(self, NetworkModuleFull, "calc_delta", "delta_shape"):
+            return None
+        c = float(self.calc_scale(dyn_dim)) * float(multiplier)
+        bias = None if self.ex_bias is None else self.ex_bias.to(device, torch.float32).reshape(-1) * multiplier
+        return DiffRows(lyco_helpers.flat2d(self.weight.to(device)), c, bias)
+
     def calc_delta(self, orig_weight: torch.Tensor, dyn_dim: int | None = None, multiplier: float = 1.0,
                    orig_bias: torch.Tensor | None = None):
         device = orig_weight.device
         ex_bias = None if self.ex_bias is None else self.ex_bias.to(device, torch.float32).reshape(-1)
         return self.weight.to(device, torch.float32), list(self.weight.shape), ex_bias
+
+
+class DiffRows(lyco_helpers.RowDelta):
+    """ΔW = c · diff (diff in the file's dtype, rows × cols): each block's rows cast and scaled into the merge."""
+
+    block_temporaries = 1  # the block's rows of diff, cast to fp32
+
+    def __init__(self, diff: torch.Tensor, c: float, bias: torch.Tensor | None):
+        self.diff, self.c, self.bias = diff, c, bias
+
+    def rows(self, out: torch.Tensor, r0: int, r1: int, scratch, accumulate: bool) -> None:
+        d = self.diff[r0:r1]
+        if not accumulate:
+            out.copy_(d)
+            if self.c != 1:
+                out.mul_(self.c)
+            return
+        if d.dtype != torch.float32 or self.c != 1:  # cast and scale in a cache-sized temporary, then one add
+            d = scratch.get("diff", torch.float32, out.numel()).view(out.shape).copy_(d)
+            if self.c != 1:
+                d.mul_(self.c)
+        out.add_(d)

@@ -115,6 +115,23 @@ class NetworkModuleGLora(network.NetworkModule):
         if self.dora_scale is not None:
             lyco_helpers.dora_axis(self.dora_scale.shape, weight_shape, self.dora_square_default)
 
+    def row_delta(self, weight_shape, device, multiplier: float, dyn_dim: int | None = None):
+        """ΔW[rows] = c·((W0[rows]·p)·q + u[rows]·d) with low-rank chains only (c = m·s; new layout p, q = a1, a2
+        and u, d = b1, b2; old layout p, q = a2, a1 and u, d = b2, b1), never the in×in product; None where the
+        generic compute() is needed (a kernel wider than 1×1 in the new layout, the Tucker `bm`, DoRA, a subclass)."""
+        weight_shape = tuple(weight_shape)
+        if self.dora_scale is not None or self.bm is not None or \
+                not lyco_helpers.own_math(self, NetworkModuleGLora, "calc_delta", "delta_shape"):
+            return None
+        self.validate(weight_shape)
+        old = self.layout_for(weight_shape)
+        if not old and torch.Size(weight_shape[2:]).numel() != 1:
+            return None
+        a1, a2, b1, b2 = (lyco_helpers.flat2d(t.to(device, torch.float32)) for t in
+                          (self.a1, self.a2, self.b1, self.b2))
+        p, q, u, d = (a2, a1, b2, b1) if old else (a1, a2, b1, b2)
+        return GLoraRows(p, q, u, d, float(self.calc_scale(dyn_dim)) * float(multiplier))
+
     def bypass_weight(self, op: lora_bypass.LayerOp, factor: float, dyn_dim: int | None = None):
         if not op.chainable or op.weight_shape != tuple(op.layer.weight.shape):
             return None
@@ -136,3 +153,20 @@ class NetworkModuleGLora(network.NetworkModule):
             wb = b1 @ b2
         wa = torch.einsum("o i ..., i j -> o j ...", weight, a1 @ a2)
         return wa + wb.reshape(shape), shape, None
+
+
+class GLoraRows(lyco_helpers.RowDelta):
+    """GLoRA's ΔW = c·((W0·p)·q + u·d) a block of rows at a time: W0's rows through the rank-r chain p, q (its
+    rows × r product is the only temporary), plus the low-rank u·d."""
+
+    reads_original = True
+
+    def __init__(self, p: torch.Tensor, q: torch.Tensor, u: torch.Tensor, d: torch.Tensor, c: float):
+        self.p, self.q, self.u, self.d, self.c = p, q, u, d, c
+
+    def rows(self, out: torch.Tensor, r0: int, r1: int, scratch, accumulate: bool,
+             original: torch.Tensor | None = None) -> None:
+        t = torch.mm(original, self.p, out=scratch.get("glora", torch.float32, (r1 - r0) * self.p.shape[1])
+                     .view(r1 - r0, -1))  # before anything is added: `original` may be `out`
+        torch.addmm(out, t, self.q, beta=1 if accumulate else 0, alpha=self.c, out=out)
+        out.addmm_(self.u[r0:r1], self.d, alpha=self.c)

@@ -88,15 +88,16 @@ class NetworkModuleHada(network.NetworkModule):
 
     def row_delta(self, weight_shape, device, multiplier: float, dyn_dim: int | None = None):
         """ΔW = (c·W1) ⊙ W2 (c = m·s) a block of rows at a time, never forming W1 or W2 whole; None where the
-        generic compute() is needed (DoRA, a weight-shaped `bias` part, halves or a weight that do not line up)."""
-        if self.bias is not None or self.dora_scale is not None or \
+        generic compute() is needed (a weight-shaped `bias` part, halves or a weight that do not line up). With DoRA:
+        lyco_helpers.DoraRows over it."""
+        if self.bias is not None or \
                 not lyco_helpers.own_math(self, NetworkModuleHada, "calc_delta", "delta_shape"):
             return None
         weight_shape = torch.Size(weight_shape)
         shape = torch.Size(self.output_shape)
         if len(weight_shape) < 2 or shape[0] != weight_shape[0] or shape.numel() != weight_shape.numel():
             return None
-        c = float(self.calc_scale(dyn_dim)) * float(multiplier)
+        c = float(self.calc_scale(dyn_dim)) * (1.0 if self.dora_scale is not None else float(multiplier))
         halves = []
         for a, b, t in ((self.w1a, self.w1b, self.t1), (self.w2a, self.w2b, self.t2)):
             a, b = a.to(device, torch.float32), lyco_helpers.flat2d(b.to(device, torch.float32))
@@ -104,7 +105,7 @@ class NetworkModuleHada(network.NetworkModule):
             if halves[-1].rows != weight_shape[0]:
                 return None
         halves[0] = halves[0].scaled(c)
-        return HadaRows(*halves)
+        return lyco_helpers.dora_rows(self, HadaRows(*halves), weight_shape, multiplier)
 
 
 class _Half:

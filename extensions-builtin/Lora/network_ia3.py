@@ -10,6 +10,7 @@ Bypass forward: per output channel Δy = f·w ⊙ (y0 − b) (no extra product a
 from __future__ import annotations
 
 import lora_bypass
+import lyco_helpers
 import network
 import torch
 
@@ -72,6 +73,18 @@ class NetworkModuleIa3(network.NetworkModule):
             return None
         return Ia3Bypass(op, self.w.float(), axis, factor)
 
+    def row_delta(self, weight_shape, device, multiplier: float, dyn_dim: int | None = None):
+        """ΔW[rows] = c · W0[rows] ⊙ w (c = m·s), w along the rows or the columns of the weight's 2-D view; None
+        where the generic compute() is needed (a subclass's own math)."""
+        if not lyco_helpers.own_math(self, NetworkModuleIa3, "calc_delta", "delta_shape"):
+            return None
+        weight_shape = tuple(weight_shape)
+        axis = self.axis_for(weight_shape)
+        vector = self.w.reshape(-1).to(device, torch.float32)
+        if axis == 1 and len(weight_shape) > 2:  # an input channel covers its kernel's columns
+            vector = vector.repeat_interleave(torch.Size(weight_shape[2:]).numel())
+        return Ia3Rows(vector, axis, float(self.calc_scale(dyn_dim)) * float(multiplier))
+
     def calc_delta(self, orig_weight: torch.Tensor, dyn_dim: int | None = None, multiplier: float = 1.0,
                    orig_bias: torch.Tensor | None = None):
         axis = self.axis_for(tuple(orig_weight.shape))
@@ -79,3 +92,31 @@ class NetworkModuleIa3(network.NetworkModule):
         shape[axis] = -1
         vector = self.w.to(orig_weight.device, torch.float32).reshape(shape)
         return orig_weight.to(torch.float32) * vector, list(orig_weight.shape), None
+
+
+class Ia3Rows(lyco_helpers.RowDelta):
+    """ΔW = c · W0 ⊙ w, a block of rows at a time from the original's rows (w per row, or per column): one op per
+    block, W0·(1 + c·w) in place when the rows still hold their original, else rows + W0 ⊙ (c·w)."""
+
+    reads_original = True
+
+    def __init__(self, vector: torch.Tensor, axis: int, c: float):
+        self.axis = axis
+        self.scaled = vector * c
+        self.factor = 1 + self.scaled
+        self.nbytes = 8 * vector.numel()
+
+    def _along(self, t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        return t[r0:r1, None] if self.axis == 0 else t
+
+    def rows(self, out: torch.Tensor, r0: int, r1: int, scratch, accumulate: bool,
+             original: torch.Tensor | None = None) -> None:
+        if not accumulate:
+            torch.mul(original, self._along(self.scaled, r0, r1), out=out)
+        elif original.data_ptr() == out.data_ptr():
+            out.mul_(self._along(self.factor, r0, r1))
+        else:
+            out.addcmul_(original, self._along(self.scaled, r0, r1))
+
+    def add_to(self, weight: torch.Tensor, scratch, block_elements: int) -> None:
+        weight.mul_(self._along(self.factor, 0, weight.shape[0]))  # one pass over the layer

@@ -138,8 +138,9 @@ class NetworkModuleLokr(network.NetworkModule):
 
     def row_delta(self, weight_shape, device, multiplier: float, dyn_dim: int | None = None):
         """ΔW = kron(c·W1, W2) (c = m·s) written straight into rows of the weight's 2-D view, never formed
-        whole; None where the generic compute() is needed (DoRA, a weight-shaped `bias` part, a padded delta)."""
-        if self.bias is not None or self.dora_scale is not None or \
+        whole; None where the generic compute() is needed (a weight-shaped `bias` part, a padded delta). With DoRA:
+        lyco_helpers.DoraRows over it."""
+        if self.bias is not None or \
                 not lyco_helpers.own_math(self, NetworkModuleLokr, "calc_delta", "delta_shape"):
             return None
         weight_shape = torch.Size(weight_shape)
@@ -149,8 +150,9 @@ class NetworkModuleLokr(network.NetworkModule):
         w1, w2 = self.halves(device)
         if w1.dim() != 2:
             return None
-        c = float(self.calc_scale(dyn_dim)) * float(multiplier)
-        return KronRows(w1 * c, lyco_helpers.flat2d(w2))
+        m = 1.0 if self.dora_scale is not None else float(multiplier)  # DoRA takes m after its norms
+        c = float(self.calc_scale(dyn_dim)) * m
+        return lyco_helpers.dora_rows(self, KronRows(w1 * c, lyco_helpers.flat2d(w2)), weight_shape, multiplier)
 
 
 def kron_rows(out: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, r0: int, r1: int, accumulate: bool) -> None:

@@ -175,8 +175,9 @@ class NetworkModuleLora(network.NetworkModule):
 
     def row_delta(self, weight_shape, device, multiplier: float, dyn_dim: int | None = None):
         """ΔW as fp32 factors (m·s·up) @ down of the weight's 2-D view, Tucker's `mid` folded into down, or None
-        where the generic compute() is needed (DoRA, a weight-shaped `bias` part, a delta that must be padded)."""
-        if self.bias is not None or self.dora_scale is not None or \
+        where the generic compute() is needed (a weight-shaped `bias` part, a delta that must be padded). With DoRA:
+        lyco_helpers.DoraRows over it."""
+        if self.bias is not None or \
                 not lyco_helpers.own_math(self, NetworkModuleLora, "calc_delta", "delta_shape"):
             return None
         rank = self.truncated_rank(dyn_dim)
@@ -190,7 +191,9 @@ class NetworkModuleLora(network.NetworkModule):
         if len(weight_shape) < 2 or up.shape[1] != down.shape[0] or up.shape[0] != weight_shape[0] or \
                 up.shape[0] * down.shape[1] != weight_shape.numel():
             return None
-        return LowRankRows(up, down, float(self.calc_scale(dyn_dim)) * float(multiplier))
+        m = 1.0 if self.dora_scale is not None else float(multiplier)  # DoRA takes m after its norms
+        rows = LowRankRows(up, down, float(self.calc_scale(dyn_dim)) * m)
+        return lyco_helpers.dora_rows(self, rows, weight_shape, multiplier)
 
 
 class LowRankRows(lyco_helpers.RowDelta):

@@ -137,7 +137,9 @@ class NetworkModuleRows(network.NetworkModule):
                 tuple(weight_shape) != self.delta_shape():
             return None
         rows = inner_rows(torch.Size(self.fused_shape), device, multiplier, dyn_dim)
-        return None if rows is None else RowsOf(rows, self.ranges)
+        if rows is None or getattr(rows, "reads_original", False):  # it would read the file layer's weight
+            return None
+        return RowsOf(rows, self.ranges)
 
 
 class RowsOf(lyco_helpers.RowDelta):
