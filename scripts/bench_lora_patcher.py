@@ -23,6 +23,7 @@ subprocess, SDXL fp32 last. After the runs every weight is checked bit for bit a
 
 usage: python scripts/bench_lora_patcher.py [--models sd15,sdxl] [--dtypes fp32,bf16] [--device cpu|cuda]
        [--dtype fp16] [--repeats N] [--rank 32] [--strength 0.03] [--threads N] [--no-diffusers] [--json FILE]
+       [--other-types]   (then full, IA3, OFT, GLoRA, DoRA against their floors: scripts/bench_lora_types.py)
 GPU:   python scripts/bench_lora_patcher.py --device cuda --models sdxl --dtype fp16 --repeats 5
 """
 from __future__ import annotations
@@ -546,6 +547,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no-diffusers", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--other-types", action="store_true",
+                        help="then full, IA3, OFT, GLoRA and DoRA against their own floors (scripts/bench_lora_types.py"
+                             ", first model, same dtypes, repeats and threads)")
     parser.add_argument("--child-model", help=argparse.SUPPRESS)
     parser.add_argument("--child-dtype", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -589,6 +593,11 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+    if args.other_types:
+        from scripts import bench_lora_types
+        bench_lora_types.main(["--model", args.models.split(",")[0], "--dtypes", ",".join(dtypes),
+                               "--repeats", str(args.repeats), "--threads", str(args.threads), "--rank", str(args.rank),
+                               "--strength", str(args.strength)])
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ ready in fp32 (not timed) and nothing read from a file or planned:
 
   full   W[rows] += s·diff[rows]
   IA3    W[rows] *= 1 + s·w (output channels: one factor per row; input channels: one per column)
-  OFT    W[rows] = R_kᵀ-rotated rows: per block of whole OFT blocks, one batched b×b GEMM (torch.bmm) into a buffer,
-         times the rescale when the file has one, copied back; R = Cayley(blocks) made before the clock starts
+  OFT    R = (I − Q)⁻¹(I + Q) for all blocks in one batched solve, then per block of whole OFT blocks one batched
+         b×b GEMM of R_kᵀ and the rows (torch.bmm) into a buffer, times the rescale when the file has one, copied back
   GLoRA  W[rows] += s·((W[rows] @ a1) @ a2 + b1[rows] @ b2)  (rank-r chains: never the in×in a1·a2)
   DoRA   V = W + s·up@down; per-input-channel norm ‖V[:, j]‖ summed block by block, then W = M/‖V‖ ⊙ V with V
          made again block by block (a 16-bit weight cannot hold V in between; fp32 keeps it in place)
@@ -46,13 +46,17 @@ class TypeFloors(Floors):
         return res
 
     def oft_factors(self, key: str) -> dict:
-        """(R as (k, b, b) transposed for bmm from the left, rescale or None)."""
+        """(Q, rescale or None): the skew blocks whose Cayley transform is R (taken back from the type's R, so the
+        constraint is in them); R itself is part of OFT's ΔW, so the floor makes it in the timed loop (as LoKr's
+        floor makes w2), the cheapest way: one batched solve (I − Q)⁻¹(I + Q)."""
         res = {}
         for name, mod in self.nets[key].modules.items():
             w = self.weights[name]
-            r = mod.rotation(w.shape[0], 1.0, w.device)
+            r = mod.rotation(w.shape[0], 1.0, w.device).double()
+            eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+            q = torch.linalg.solve(r + eye, r - eye).float()  # R = (I + Q)(I − Q)⁻¹ ⇔ Q = (R + I)⁻¹(R − I)
             rescale = None if mod.rescale is None else _vector(mod.rescale, w.device)
-            res[name] = (r.transpose(1, 2).contiguous(), rescale)
+            res[name] = (q, rescale)
         return res
 
     def glora_factors(self, key: str) -> dict:
@@ -105,10 +109,12 @@ class TypeFloors(Floors):
 
     def apply_oft(self, factors: dict) -> None:
         with torch.no_grad():
-            for name, (rt, rescale) in factors.items():
+            for name, (q, rescale) in factors.items():
                 w = self.weights[name]
                 w2d = w.view(w.shape[0], -1)
-                b, cols = rt.shape[-1], w2d.shape[1]
+                b, cols = q.shape[-1], w2d.shape[1]
+                eye = torch.eye(b, dtype=q.dtype, device=q.device)
+                rt = torch.linalg.solve(eye - q, eye + q).transpose(1, 2)  # R, transposed for bmm from the left
 
                 def turn(s, r0, r1):
                     t = self._buffer(1, (r1 - r0) * cols).view(-1, b, cols)

@@ -169,9 +169,8 @@ class LayerDelta:
         terms = self.terms
         full = self.full.reshape(rows, cols) if self.full is not None else None
         block, run, whole = block_for(terms, out.device), row_run(terms), keeps_runs_whole(terms)
-        if out.dtype == torch.float32:  # (summed_rows prepares the 16-bit way)
-            self.prepare(orig2, scratch, block, fill)
         if out.dtype == torch.float32 and fill is not None:
+            self.prepare(orig2, scratch, block, fill)
             for r0, r1 in row_blocks(rows, cols, block, run, whole):
                 fill(r0, r1, out2[r0:r1])
                 self.add_terms(out2[r0:r1], r0, r1, scratch)
@@ -181,12 +180,13 @@ class LayerDelta:
         if out.dtype == torch.float32 and len(terms) < 2:
             if out2.data_ptr() != orig2.data_ptr():
                 out2.copy_(orig2)
-            for term in terms:
+            for term in terms:  # (a term that needs the whole original prepares itself there)
                 term.add_to(out2, scratch, chunk_elements(out.device))
             if full is not None:
                 out2.add_(full)
             return
         if out.dtype == torch.float32:  # several terms: each block of rows takes them all while it is in cache
+            self.prepare(orig2, scratch, block)
             copy = out2.data_ptr() != orig2.data_ptr()
             for r0, r1 in row_blocks(rows, cols, block, run, whole):
                 if copy:
