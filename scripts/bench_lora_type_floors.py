@@ -95,75 +95,82 @@ class TypeFloors(Floors):
     def apply_full(self, factors: dict) -> None:
         with torch.no_grad():
             for name, diff in factors.items():
-                w = self.weights[name]
-                self._each_block(w.view(w.shape[0], -1), lambda s, r0, r1: s.add_(diff[r0:r1]))
+                self._full_layer(self.weights[name], diff)
+
+    def _full_layer(self, w: torch.Tensor, diff: torch.Tensor) -> None:
+        self._each_block(w.view(w.shape[0], -1), lambda s, r0, r1: s.add_(diff[r0:r1]))
 
     def apply_ia3(self, factors: dict) -> None:
         with torch.no_grad():
             for name, (axis, factor) in factors.items():
-                w = self.weights[name]
-                if axis == 0:
-                    self._each_block(w.view(w.shape[0], -1), lambda s, r0, r1: s.mul_(factor[r0:r1, None]))
-                else:
-                    self._each_block(w.view(w.shape[0], -1), lambda s, r0, r1: s.mul_(factor))
+                self._ia3_layer(self.weights[name], axis, factor)
+
+    def _ia3_layer(self, w: torch.Tensor, axis: int, factor: torch.Tensor) -> None:
+        if axis == 0:
+            self._each_block(w.view(w.shape[0], -1), lambda s, r0, r1: s.mul_(factor[r0:r1, None]))
+        else:
+            self._each_block(w.view(w.shape[0], -1), lambda s, r0, r1: s.mul_(factor))
 
     def apply_oft(self, factors: dict) -> None:
         with torch.no_grad():
             for name, (q, rescale) in factors.items():
-                w = self.weights[name]
-                w2d = w.view(w.shape[0], -1)
-                b, cols = q.shape[-1], w2d.shape[1]
-                eye = torch.eye(b, dtype=q.dtype, device=q.device)
-                rt = torch.linalg.solve(eye - q, eye + q).transpose(1, 2)  # R, transposed for bmm from the left
+                self._oft_layer(self.weights[name], q, rescale)
 
-                def turn(s, r0, r1):
-                    t = self._buffer(1, (r1 - r0) * cols).view(-1, b, cols)
-                    torch.bmm(rt[r0 // b:r1 // b], s.view(-1, b, cols), out=t)
-                    t = t.view(r1 - r0, cols)
-                    if rescale is not None:
-                        t.mul_(rescale[r0:r1, None])
-                    s.copy_(t)
-                self._each_block(w2d, turn, run=b)
+    def _oft_layer(self, w: torch.Tensor, q: torch.Tensor, rescale: torch.Tensor | None) -> None:
+        w2d = w.view(w.shape[0], -1)
+        b, cols = q.shape[-1], w2d.shape[1]
+        eye = torch.eye(b, dtype=q.dtype, device=q.device)
+        rt = torch.linalg.solve(eye - q, eye + q).transpose(1, 2)  # R, transposed for bmm from the left
+
+        def turn(s, r0, r1):
+            t = self._buffer(1, (r1 - r0) * cols).view(-1, b, cols)
+            torch.bmm(rt[r0 // b:r1 // b], s.view(-1, b, cols), out=t)
+            t = t.view(r1 - r0, cols)
+            if rescale is not None:
+                t.mul_(rescale[r0:r1, None])
+            s.copy_(t)
+        self._each_block(w2d, turn, run=b)
 
     def apply_glora(self, factors: dict) -> None:
         with torch.no_grad():
-            for name, (a1, a2, b1, b2) in factors.items():
-                w = self.weights[name]
-                w2d = w.view(w.shape[0], -1)
-                if a1.shape[0] != w2d.shape[1]:
+            for name, parts in factors.items():
+                if parts[0].shape[0] != self.weights[name][0].numel():
                     raise ValueError(f"{name}: the GLoRA floor handles Linear and 1x1 layers only")
+                self._glora_layer(self.weights[name], *parts)
 
-                def merge(s, r0, r1):
-                    t = torch.mm(s, a1)  # rows x rank, from the original rows before they change
-                    s.addmm_(t, a2)
-                    s.addmm_(b1[r0:r1], b2)
-                self._each_block(w2d, merge)
+    def _glora_layer(self, w: torch.Tensor, a1, a2, b1, b2) -> None:
+        def merge(s, r0, r1):
+            t = torch.mm(s, a1)  # rows x rank, from the original rows before they change
+            s.addmm_(t, a2)
+            s.addmm_(b1[r0:r1], b2)
+        self._each_block(w.view(w.shape[0], -1), merge)
 
     def apply_dora(self, factors: dict) -> None:
         with torch.no_grad():
             for name, (up, down, magnitude) in factors.items():
-                w = self.weights[name]
-                w2d = w.view(w.shape[0], -1)
-                cols = w2d.shape[1]
-                squares = torch.zeros(cols, dtype=torch.float32, device=w.device)
-                fp32 = w.dtype == torch.float32
+                self._dora_layer(self.weights[name], up, down, magnitude)
 
-                def add_and_sum(s, r0, r1):
-                    s.addmm_(up[r0:r1], down)
-                    squares.add_(s.square().sum(0))
-                if fp32:
-                    self._each_block(w2d, add_and_sum)  # V in place
-                else:  # sum only: V is made again below
-                    rows = w2d.shape[0]
-                    step = rows if self.chunk is None else max(1, self.chunk // cols)
-                    for r0 in range(0, rows, step):
-                        r1 = min(rows, r0 + step)
-                        s = self._buffer(0, (r1 - r0) * cols).view(r1 - r0, cols).copy_(w2d[r0:r1])
-                        add_and_sum(s, r0, r1)
-                kernel = w[0, 0].numel() if w.dim() > 2 else 1
-                norm = squares.view(-1, kernel).sum(1).sqrt_().add_(torch.finfo(torch.float32).eps)
-                scale = (magnitude / norm).repeat_interleave(kernel)
-                if fp32:
-                    self._each_block(w2d, lambda s, r0, r1: s.mul_(scale))
-                else:
-                    self._each_block(w2d, lambda s, r0, r1: s.addmm_(up[r0:r1], down).mul_(scale))
+    def _dora_layer(self, w: torch.Tensor, up, down, magnitude) -> None:
+        w2d = w.view(w.shape[0], -1)
+        cols = w2d.shape[1]
+        squares = torch.zeros(cols, dtype=torch.float32, device=w.device)
+        fp32 = w.dtype == torch.float32
+
+        def add_and_sum(s, r0, r1):
+            s.addmm_(up[r0:r1], down)
+            squares.add_(s.square().sum(0))
+        if fp32:
+            self._each_block(w2d, add_and_sum)  # V in place
+        else:  # sum only: V is made again below
+            rows = w2d.shape[0]
+            step = rows if self.chunk is None else max(1, self.chunk // cols)
+            for r0 in range(0, rows, step):
+                r1 = min(rows, r0 + step)
+                add_and_sum(self._buffer(0, (r1 - r0) * cols).view(r1 - r0, cols).copy_(w2d[r0:r1]), r0, r1)
+        kernel = w[0, 0].numel() if w.dim() > 2 else 1
+        norm = squares.view(-1, kernel).sum(1).sqrt_().add_(torch.finfo(torch.float32).eps)
+        scale = (magnitude / norm).repeat_interleave(kernel)
+        if fp32:
+            self._each_block(w2d, lambda s, r0, r1: s.mul_(scale))
+        else:
+            self._each_block(w2d, lambda s, r0, r1: s.addmm_(up[r0:r1], down).mul_(scale))
