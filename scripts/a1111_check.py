@@ -6,7 +6,8 @@
 
 For each side (A1111's built-in Lora, then ours, each installed into `extensions-builtin/Lora`) it starts A1111 (CPU,
 --no-half, API on 127.0.0.1) with a tiny probe extension (scripts/a1111_check_probe.py) and runs the same jobs
-through the API: one LoRA, a multiplier change, three stacked, LoHa, LoKr, removal, lora_functional on,
+through the API: one LoRA, a multiplier change, three stacked, LoHa, LoKr, full, IA3, DoRA
+(scripts/a1111_check_types.py), removal, lora_functional on,
 lora_in_memory_limit 2, an A1111 checkpoint merge and a checkpoint switch with a Lora active. It compares
 the weights after each set with the built-in's, checks every parameter bit for bit after each removal, compares
 `Lora hashes` in the infotexts, and times each operation (min / median of --repeats; a job's time minus that of the
@@ -31,6 +32,7 @@ import time
 import a1111_check_browser
 import a1111_check_thirdparty
 import a1111_check_timing
+import a1111_check_types
 from a1111_check_bed import PROBE_NAME, Bed
 from a1111_check_compare import changed, image_diff, max_diff, selection
 
@@ -42,6 +44,10 @@ SETS = {  # name → prompt tags, for the weight and restore checks
     "loha": "<lora:loha:1>",
     "lokr": "<lora:lokr:1>",
     "mixed": "<lora:b:0.6> <lora:loha:0.5> <lora:lokr:-0.4>",
+    "full": "<lora:full:0.8>",  # these three: scripts/a1111_check_types.py
+    "ia3": "<lora:ia3:1>",
+    "dora": "<lora:dora:0.7>",
+    "mixed readers": "<lora:ia3:0.5> <lora:dora:1> <lora:a:0.5>",
 }
 TIMED = ["apply 1 LoRA", "change its multipliers", "apply 3 stacked", "remove all", "LoHa", "LoKr"]
 MERGED_NAME = "lora-check-merged"
@@ -321,6 +327,9 @@ def main() -> None:
     sides = {name: Side(bed, name, args.out, args.repeats) for name in ("builtin", "project")}
     third_results: list = []
     bed.add_probe()
+    written = a1111_check_types.write_type_files(bed.lora_dir)
+    if written:
+        print(f"wrote {', '.join(written)} into {bed.lora_dir}", flush=True)
     started = time.time()
     try:
         for name in ([] if args.skip_main else ["builtin", "project"] if not args.only else [args.only]):
