@@ -6,6 +6,8 @@ ready in fp32 (not timed) and nothing read from a file or planned:
   IA3    W[rows] *= 1 + s·w (output channels: one factor per row; input channels: one per column)
   OFT    R = (I − Q)⁻¹(I + Q) for all blocks in one batched solve, then per block of whole OFT blocks one batched
          b×b GEMM of R_kᵀ and the rows (torch.bmm) into a buffer, times the rescale when the file has one, copied back
+  BOFT   per block of whole butterfly spans, each stage: rows regrouped into its blocks (a copy), one batched
+         b×b GEMM, rows put back (a copy); R made in the loop as for OFT
   GLoRA  W[rows] += s·((W[rows] @ a1) @ a2 + b1[rows] @ b2)  (rank-r chains: never the in×in a1·a2)
   DoRA   V = W + s·up@down; per-input-channel norm ‖V[:, j]‖ summed block by block, then W = M/‖V‖ ⊙ V with V
          made again block by block (a 16-bit weight cannot hold V in between; fp32 keeps it in place)
@@ -58,6 +60,10 @@ class TypeFloors(Floors):
             rescale = None if mod.rescale is None else _vector(mod.rescale, w.device)
             res[name] = (q, rescale)
         return res
+
+    def boft_factors(self, key: str) -> dict:
+        """(Q (stages, blocks, b, b), rescale or None), as oft_factors: R·W per stage, R made in the timed loop."""
+        return self.oft_factors(key)
 
     def glora_factors(self, key: str) -> dict:
         """(a1·s, a2, b1·s, b2) for Linear layers (new LyCORIS layout)."""
@@ -130,6 +136,29 @@ class TypeFloors(Floors):
                 t.mul_(rescale[r0:r1, None])
             s.copy_(t)
         self._each_block(w2d, turn, run=b)
+
+    def apply_boft(self, factors: dict) -> None:
+        with torch.no_grad():
+            for name, (q, rescale) in factors.items():
+                eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+                self._boft_layer(self.weights[name], torch.linalg.solve(eye - q, eye + q), rescale)
+
+    def _boft_layer(self, w: torch.Tensor, r: torch.Tensor, rescale: torch.Tensor | None) -> None:
+        w2d = w.view(w.shape[0], -1)
+        stages, b, cols = r.shape[0], r.shape[-1], w2d.shape[1]
+
+        def turn(s, r0, r1):  # each stage: rows regrouped into its blocks, one bmm, put back in place
+            n = r1 - r0
+            grouped = self._buffer(1, n * cols)
+            turned = self._buffer(2, n * cols)
+            for i in range(stages):
+                k = 2 ** i * b // 2
+                grouped.view(-1, k, 2, cols).copy_(s.view(-1, 2, k, cols).transpose(1, 2))
+                torch.bmm(r[i, r0 // b:r1 // b], grouped.view(-1, b, cols), out=turned.view(-1, b, cols))
+                s.view(-1, 2, k, cols).copy_(turned.view(-1, k, 2, cols).transpose(1, 2))
+            if rescale is not None:
+                s.mul_(rescale[r0:r1, None])
+        self._each_block(w2d, turn, run=b * 2 ** (stages - 1))
 
     def apply_glora(self, factors: dict) -> None:
         with torch.no_grad():

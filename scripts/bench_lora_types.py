@@ -1,8 +1,9 @@
-"""Benchmark: applying each adapter type beyond LoRA / LoHa / LoKr (full, IA3, OFT, GLoRA, DoRA) against that
+"""Benchmark: applying each adapter type beyond LoRA / LoHa / LoKr (full, IA3, OFT, BOFT, GLoRA, DoRA) against that
 type's fused floor (scripts/bench_lora_type_floors.py), on the layer shapes of scripts/bench_lora_patcher.py.
 
 Builds the SD1.5-shaped model of bench_lora_patcher (random weights, std 1/sqrt(fan_in)), writes one file per type
-for all kohya LoRA targets (fp16, ΔW rms ≈ --strength × W rms; OFT: LyCORIS diag-OFT blocks of --block; GLoRA:
+for all kohya LoRA targets (fp16, ΔW rms ≈ --strength × W rms; OFT: LyCORIS diag-OFT blocks of --block; BOFT: 4
+stages of --block/4-row blocks; GLoRA:
 rank --rank; DoRA: a rank --rank kohya LoRA with kohya's per-input-channel `dora_scale`), and times applying each
 from the original weights with the host's original-weights source, paired with the floor as bench_lora_patcher
 does (each repeat both sides back to back, who goes first alternating; the ratio is the median of per-repeat
@@ -10,7 +11,7 @@ ratios). Neither side reads files or plans. After each type's first pair the two
 error), so a floor that computes something else is caught; after the runs every weight is checked bit for bit
 against the original. The goal (issue 9 item 2): each type's apply within 1.2× of its floor.
 
-usage: python scripts/bench_lora_types.py [--model sd15] [--dtypes fp32,bf16] [--types full,ia3,oft,glora,dora]
+usage: python scripts/bench_lora_types.py [--model sd15] [--dtypes fp32,bf16] [--types full,ia3,oft,boft,glora,dora]
        [--repeats 5] [--threads 1] [--rank 32] [--block 32] [--json FILE]
 (also run by `scripts/bench_lora_patcher.py --other-types`)
 """
@@ -32,8 +33,8 @@ if ROOT not in sys.path:
 
 from scripts import bench_lora_patcher as bench  # noqa: E402  (sets up the paths and the offline environment)
 
-TYPES = ("full", "ia3", "oft", "glora", "dora")
-FILES = {"full": "F", "ia3": "I", "oft": "O", "glora": "G", "dora": "D"}
+TYPES = ("full", "ia3", "oft", "boft", "glora", "dora")
+FILES = {"full": "F", "ia3": "I", "oft": "O", "boft": "T", "glora": "G", "dora": "D"}
 GOAL = 1.2
 
 
@@ -60,6 +61,11 @@ def type_tensors(kind: str, targets: dict, family: str, structure, rank: int, bl
             # R ≈ I + 2Q for a small skew Q = (B − Bᵀ)/2: ΔW rms ≈ 2·σ_B·sqrt(b/2)·W rms
             res[f"{key}.oft_blocks"] = (torch.randn((out_dim // b, b, b), generator=gen)
                                         * strength / (2 * (b / 2) ** 0.5)).to(f16)
+        elif kind == "boft":  # 4 stages of blocks of block/4 rows: butterfly spans of 2³·block/4 = 2·block rows
+            stages = 4
+            b = next(n for n in (max(2, block // 4), 4, 2) if out_dim % (n * 2 ** (stages - 1)) == 0)
+            res[f"{key}.oft_blocks"] = (torch.randn((stages, out_dim // b, b, b), generator=gen)
+                                        * strength / (2 * (b / 2) ** 0.5 * stages ** 0.5)).to(f16)
         elif kind == "glora":
             r = min(rank, out_dim, fan_in)
             sigma_a = (strength / (fan_in * r) ** 0.5) ** 0.5  # W·(a1·a2): σ_W·sqrt(in)·σ_a²·sqrt(r)

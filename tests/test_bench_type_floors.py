@@ -30,6 +30,7 @@ CASES = {  # (files' parts for a 64 × 48 Linear, floor name)
     "full": lambda: {"diff": rnd(64, 48)},
     "ia3": lambda: {"weight": rnd(64)},
     "oft": lambda: {"oft_blocks": rnd(8, 8, 8), "rescale": 1 + rnd(64, 1)},
+    "boft": lambda: {"oft_blocks": rnd(3, 16, 4, 4), "rescale": 1 + rnd(64, 1)},
     "glora": lambda: {"a1.weight": rnd(48, 4), "a2.weight": rnd(4, 48), "b1.weight": rnd(64, 4),
                       "b2.weight": rnd(4, 48), "alpha": torch.tensor(2.0)},
     "dora": lambda: {"lora_up.weight": rnd(64, 4), "lora_down.weight": rnd(4, 48), "alpha": torch.tensor(2.0),

@@ -6,6 +6,7 @@ import lora_delta
 import lora_loader
 import lyco_helpers
 import network
+import network_glora
 import network_hada
 import network_ia3
 import network_lokr
@@ -342,16 +343,19 @@ def test_terms_that_read_the_original_are_fused_and_each_reads_the_original(monk
 
 
 @pytest.mark.parametrize("axis,magnitude_shape", [("output", (6, 1)), ("input", (1, 5))])
-@pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr", "full", "glora"])
 def test_dora_is_fused_over_each_type_with_its_norms_from_the_whole_original(monkeypatch, axis, magnitude_shape,
                                                                             kind):
-    """DoRA over a LoRA, LoHa or LoKr, merged in blocks of one row (the norms still come from every row):
+    """DoRA over a LoRA, LoHa, LoKr, full or GLoRA, merged in blocks of one row (the norms still come from every row):
     W' = W + m·(M ⊙ V/‖V‖ − W), V = W + U, the norm written out here per channel of the axis."""
     monkeypatch.setattr(lora_delta, "CPU_CHUNK", 5)
     parts = {"lora": {"lora_up.weight": rnd(6, 3), "lora_down.weight": rnd(3, 5)},
              "loha": {"hada_w1_a": rnd(6, 2), "hada_w1_b": rnd(2, 5), "hada_w2_a": rnd(6, 2),
                       "hada_w2_b": rnd(2, 5)},
-             "lokr": {"lokr_w1": rnd(2, 1), "lokr_w2": rnd(3, 5)}}[kind]
+             "lokr": {"lokr_w1": rnd(2, 1), "lokr_w2": rnd(3, 5)},
+             "full": {"diff": rnd(6, 5)},
+             "glora": {"a1.weight": rnd(5, 2), "a2.weight": rnd(2, 5), "b1.weight": rnd(6, 2),
+                       "b2.weight": rnd(2, 5)}}[kind]
     magnitude = 1 + rnd(*magnitude_shape)
     dora, w = build({**parts, "dora_scale": magnitude, "alpha": torch.tensor(1.0)}, (6, 5))
     plain, _ = build({**parts, "alpha": torch.tensor(1.0)}, (6, 5))
@@ -375,3 +379,60 @@ def test_dora_is_fused_over_each_type_with_its_norms_from_the_whole_original(mon
             delta.merge(out, out, Scratch())
             tol = 1e-5 if dtype == torch.float32 else 0.02
             torch.testing.assert_close(out.float(), expected.to(dtype).float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_boft_is_fused_in_whole_butterfly_spans(monkeypatch, dtype):
+    """BOFT with 3 stages of 2-row blocks on 16 output rows mixes rows within spans of 2²·2 = 8: blocks of one row
+    (the device block holds 6 elements) become whole spans, and the merge equals W0 + the type's compute(), which
+    test_lora_lycoris_reference checks against lycoris-lora's BOFT."""
+    monkeypatch.setattr(lora_delta, "CPU_CHUNK", 6)
+    module, w = build({"oft_blocks": rnd(3, 8, 2, 2), "rescale": 1 + rnd(16, 1)}, (16, 6))
+
+    class C:
+        def __init__(self, m):
+            self.module, self.multiplier, self.dyn_dim = module, m, None
+            self.network = network.Network("n", None)
+
+    for m in (1.0, 0.5):
+        w0 = w.to(dtype)
+        delta = lora_delta.compute_delta("unet.x", None, w0, [C(m)])
+        assert [type(t) for t in delta.parts] == [network_oft.OftRows] and delta.parts[0].row_run == 8
+        assert list(lora_delta.row_blocks(16, 6, lora_delta.block_for(delta.parts, w0.device), 8, True)) == \
+            [(0, 8), (8, 16)]
+        out = w0.clone()
+        delta.merge(out, out, Scratch())
+        expected = (w0.float() + module.compute(w0.float(), m)[0]).to(dtype)
+        tol = 1e-6 if dtype == torch.float32 else 0.02
+        torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("tucker", [False, True])
+def test_glora_on_a_3x3_conv_is_fused_with_and_without_bm(monkeypatch, tucker):
+    """GLoRA (LyCORIS layout) on a 3×3 conv: W·A mixes the input channels at each kernel position, B = b1·b2 or the
+    Tucker rebuild with bm; written out here with einsum, merged in blocks of one output channel."""
+    monkeypatch.setattr(lora_delta, "CPU_CHUNK", 36)
+    a1, a2, b1 = rnd(4, 2, 1, 1), rnd(2, 4, 1, 1), rnd(6, 2, 1, 1)
+    parts = {"a1.weight": a1, "a2.weight": a2, "b1.weight": b1, "alpha": torch.tensor(2.0)}
+    if tucker:
+        bm, b2 = rnd(2, 2, 3, 3), rnd(2, 4, 1, 1)
+        parts.update({"bm.weight": bm, "b2.weight": b2})
+        wb = torch.einsum("mnkl,im,nj->ijkl", bm, b1[:, :, 0, 0], b2[:, :, 0, 0])
+    else:
+        b2 = rnd(2, 4, 3, 3)
+        parts["b2.weight"] = b2
+        wb = torch.einsum("or,rikl->oikl", b1[:, :, 0, 0], b2)
+    module, w = build(parts, (6, 4, 3))
+
+    class C:
+        def __init__(self):
+            self.module, self.multiplier, self.dyn_dim = module, 0.5, None
+            self.network = network.Network("n", None)
+
+    wa = torch.einsum("oikl,ij->ojkl", w, a1[:, :, 0, 0] @ a2[:, :, 0, 0])
+    expected = w + 0.5 * (2.0 / 2) * (wa + wb)  # strength 0.5, alpha / rank = 1
+    delta = lora_delta.compute_delta("unet.x", None, w, [C()])
+    assert [type(t) for t in delta.parts] == [network_glora.GLoraRows]
+    for out, original in ((w.clone(), None), (torch.empty_like(w), w)):
+        delta.merge(out, out if original is None else original, Scratch())
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)

@@ -250,7 +250,7 @@ class DoraRows(RowDelta):
                               device=original.device)
         for r0, r1 in blocks:
             v = scratch.get("dora_v", torch.float32, (r1 - r0) * cols).view(r1 - r0, cols).copy_(original[r0:r1])
-            self.inner.rows(v, r0, r1, scratch, accumulate=True)
+            self._add_inner(v, r0, r1, scratch)
             self._add_squares(squares, v.square_(), r0, r1)
         self.scale = self._channel_scale(squares)
 
@@ -270,12 +270,19 @@ class DoraRows(RowDelta):
                               device=weight.device)
         for r0, r1 in blocks:
             v = weight[r0:r1]
-            self.inner.rows(v, r0, r1, scratch, accumulate=True)
+            self._add_inner(v, r0, r1, scratch)
             self._add_squares(squares, torch.mul(v, v, out=scratch.get("dora_v", torch.float32, v.numel())
                                                  .view(v.shape)), r0, r1)
         self.scale = self._channel_scale(squares)
         for r0, r1 in blocks:
             weight[r0:r1].mul_(self._scale(r0, r1))
+
+    def _add_inner(self, v: torch.Tensor, r0: int, r1: int, scratch) -> None:
+        """v (rows r0:r1 holding W0) += U; an inner type that reads the original reads it from v itself."""
+        if self.inner.reads_original:
+            self.inner.rows(v, r0, r1, scratch, accumulate=True, original=v)
+        else:
+            self.inner.rows(v, r0, r1, scratch, accumulate=True)
 
     def _add_squares(self, squares: torch.Tensor, block_squares: torch.Tensor, r0: int, r1: int) -> None:
         if self.axis == DORA_INPUT_AXIS:
@@ -300,11 +307,11 @@ class DoraRows(RowDelta):
     def rows(self, out: torch.Tensor, r0: int, r1: int, scratch, accumulate: bool,
              original: torch.Tensor | None = None) -> None:
         if accumulate and self.m == 1 and original.data_ptr() == out.data_ptr():  # the rows hold W0: W = V·M/‖V‖
-            self.inner.rows(out, r0, r1, scratch, accumulate=True)
+            self._add_inner(out, r0, r1, scratch)
             out.mul_(self._scale(r0, r1))
             return
         v = scratch.get("dora_v", torch.float32, out.numel()).view(out.shape).copy_(original)
-        self.inner.rows(v, r0, r1, scratch, accumulate=True)
+        self._add_inner(v, r0, r1, scratch)
         v.mul_(self._scale(r0, r1)).sub_(original)
         if self.m != 1:
             v.mul_(self.m)

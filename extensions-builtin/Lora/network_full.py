@@ -48,15 +48,17 @@ class NetworkModuleFull(network.NetworkModule):
 
     def row_delta(self, weight_shape, device, multiplier: float, dyn_dim: int | None = None):
         """ΔW = c·diff (c = m·s) a block of rows at a time, cast from the file's dtype in cache; None where the
-        generic compute() is needed (DoRA, a delta that must be padded, a subclass's own math)."""
+        generic compute() is needed (a delta that must be padded, a subclass's own math). With DoRA:
+        lyco_helpers.DoraRows over it."""
         weight_shape = torch.Size(weight_shape)
-        if self.dora_scale is not None or self.weight.shape[0] != weight_shape[0] or \
+        if self.weight.shape[0] != weight_shape[0] or \
                 self.weight.numel() != weight_shape.numel() or \
                 not lyco_helpers.own_math(self, NetworkModuleFull, "calc_delta", "delta_shape"):
             return None
-        c = float(self.calc_scale(dyn_dim)) * float(multiplier)
-        bias = None if self.ex_bias is None else self.ex_bias.to(device, torch.float32).reshape(-1) * multiplier
-        return DiffRows(lyco_helpers.flat2d(self.weight.to(device)), c, bias)
+        m = 1.0 if self.dora_scale is not None else float(multiplier)  # DoRA takes m after its norms
+        bias = None if self.ex_bias is None else self.ex_bias.to(device, torch.float32).reshape(-1) * m
+        rows = DiffRows(lyco_helpers.flat2d(self.weight.to(device)), float(self.calc_scale(dyn_dim)) * m, bias)
+        return lyco_helpers.dora_rows(self, rows, weight_shape, multiplier)
 
     def calc_delta(self, orig_weight: torch.Tensor, dyn_dim: int | None = None, multiplier: float = 1.0,
                    orig_bias: torch.Tensor | None = None):

@@ -116,21 +116,24 @@ class NetworkModuleGLora(network.NetworkModule):
             lyco_helpers.dora_axis(self.dora_scale.shape, weight_shape, self.dora_square_default)
 
     def row_delta(self, weight_shape, device, multiplier: float, dyn_dim: int | None = None):
-        """ΔW[rows] = c·((W0[rows]·p)·q + u[rows]·d) with low-rank chains only (c = m·s; new layout p, q = a1, a2
-        and u, d = b1, b2; old layout p, q = a2, a1 and u, d = b2, b1), never the in×in product; None where the
-        generic compute() is needed (a kernel wider than 1×1 in the new layout, the Tucker `bm`, DoRA, a subclass)."""
+        """ΔW[rows] = c·(W0[rows] ×₁ (p·q) + B[rows]) through low-rank chains only (c = m·s; new layout p, q = a1, a2
+        along the input channels at each kernel position, B = b1·b2 or its Tucker rebuild with `bm`; old layout
+        p, q = a2, a1 on the flattened weight, B = b2·b1), never the in×in product; None where the generic compute()
+        is needed (a subclass's own math). With DoRA: lyco_helpers.DoraRows over it."""
         weight_shape = tuple(weight_shape)
-        if self.dora_scale is not None or self.bm is not None or \
-                not lyco_helpers.own_math(self, NetworkModuleGLora, "calc_delta", "delta_shape"):
+        if not lyco_helpers.own_math(self, NetworkModuleGLora, "calc_delta", "delta_shape"):
             return None
         self.validate(weight_shape)
         old = self.layout_for(weight_shape)
-        if not old and torch.Size(weight_shape[2:]).numel() != 1:
-            return None
         a1, a2, b1, b2 = (lyco_helpers.flat2d(t.to(device, torch.float32)) for t in
                           (self.a1, self.a2, self.b1, self.b2))
+        kernel = 1 if old else torch.Size(weight_shape[2:]).numel()
+        bm = None if old or self.bm is None else \
+            self.bm.to(device, torch.float32).reshape(self.bm.shape[0], self.bm.shape[1], -1)
         p, q, u, d = (a2, a1, b2, b1) if old else (a1, a2, b1, b2)
-        return GLoraRows(p, q, u, d, float(self.calc_scale(dyn_dim)) * float(multiplier))
+        m = 1.0 if self.dora_scale is not None else float(multiplier)  # DoRA takes m after its norms
+        rows = GLoraRows(p, q, u, d, float(self.calc_scale(dyn_dim)) * m, kernel, bm)
+        return lyco_helpers.dora_rows(self, rows, weight_shape, multiplier)
 
     def bypass_weight(self, op: lora_bypass.LayerOp, factor: float, dyn_dim: int | None = None):
         if not op.chainable or op.weight_shape != tuple(op.layer.weight.shape):
@@ -156,17 +159,30 @@ class NetworkModuleGLora(network.NetworkModule):
 
 
 class GLoraRows(lyco_helpers.RowDelta):
-    """GLoRA's ΔW = c·((W0·p)·q + u·d) a block of rows at a time: W0's rows through the rank-r chain p, q (its
-    rows × r product is the only temporary), plus the low-rank u·d."""
+    """GLoRA's ΔW = c·(W0 ×₁ (p·q) + B) a block of rows at a time: W0's rows through the rank-r chain p, q (at each
+    kernel position when `kernel` > 1; its rows × r product is the main temporary), plus B's rows from its factors."""
 
     reads_original = True
 
-    def __init__(self, p: torch.Tensor, q: torch.Tensor, u: torch.Tensor, d: torch.Tensor, c: float):
-        self.p, self.q, self.u, self.d, self.c = p, q, u, d, c
+    def __init__(self, p: torch.Tensor, q: torch.Tensor, u: torch.Tensor, d: torch.Tensor, c: float,
+                 kernel: int = 1, bm: torch.Tensor | None = None):
+        self.p, self.q, self.u, self.d, self.c, self.kernel, self.bm = p, q, u, d, c, kernel, bm
 
     def rows(self, out: torch.Tensor, r0: int, r1: int, scratch, accumulate: bool,
              original: torch.Tensor | None = None) -> None:
-        t = torch.mm(original, self.p, out=scratch.get("glora", torch.float32, (r1 - r0) * self.p.shape[1])
-                     .view(r1 - r0, -1))  # before anything is added: `original` may be `out`
-        torch.addmm(out, t, self.q, beta=1 if accumulate else 0, alpha=self.c, out=out)
-        out.addmm_(self.u[r0:r1], self.d, alpha=self.c)
+        n = r1 - r0
+        if self.kernel == 1:  # before anything is added: `original` may be `out`
+            t = torch.mm(original, self.p, out=scratch.get("glora", torch.float32, n * self.p.shape[1]).view(n, -1))
+            torch.addmm(out, t, self.q, beta=1 if accumulate else 0, alpha=self.c, out=out)
+        else:  # W ×₁ A mixes input channels at each kernel position: (rows, in, k) → (rows, k, in) @ p @ q
+            x = original.view(n, -1, self.kernel).transpose(1, 2)
+            wa = torch.matmul(torch.matmul(x, self.p), self.q).transpose(1, 2).reshape(n, -1)
+            if accumulate:
+                out.add_(wa, alpha=self.c)
+            else:
+                torch.mul(wa, self.c, out=out)
+        if self.bm is None:
+            out.addmm_(self.u[r0:r1], self.d, alpha=self.c)
+        else:  # B[i, j, ·] = Σ bm[m, n, ·]·b1[i, m]·b2[n, j]
+            wb = torch.einsum("m n k, i m, n j -> i j k", self.bm, self.u[r0:r1], self.d)
+            out.add_(wb.reshape(n, -1), alpha=self.c)

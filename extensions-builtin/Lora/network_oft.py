@@ -133,14 +133,15 @@ class NetworkModuleOFT(network.NetworkModule):
 
     def row_delta(self, weight_shape, device, multiplier: float, dyn_dim: int | None = None):
         """ΔW[rows] = rescale·Rᵀ·W0[rows] − W0[rows] per block of whole OFT blocks (one batched b×b GEMM), R at
-        strength m; None for BOFT (its butterfly mixes rows across blocks) or a subclass's own math."""
-        if self.is_boft or not lyco_helpers.own_math(self, NetworkModuleOFT, "calc_delta", "delta_shape"):
+        strength m. BOFT's butterfly mixes rows only within spans of 2^(stages − 1)·b rows, so its blocks are whole
+        spans, each turned by the stages' blocks for those rows. None for a subclass's own math."""
+        if not lyco_helpers.own_math(self, NetworkModuleOFT, "calc_delta", "delta_shape"):
             return None
         self.validate(tuple(weight_shape))
         r = self.rotation(weight_shape[0], multiplier, device)
         rescale = None if self.rescale is None else \
             1 + multiplier * (self.rescale.to(device, torch.float32).reshape(-1, 1) - 1)
-        return OftRows(r, rescale, self.is_kohya)
+        return OftRows(r, rescale, self.is_kohya, self.is_boft)
 
     def bypass_weight(self, op: lora_bypass.LayerOp, factor: float, dyn_dim: int | None = None):
         """The whole output change at strength `factor` (a rotation's strength is not a plain factor)."""
@@ -150,25 +151,31 @@ class NetworkModuleOFT(network.NetworkModule):
 
 
 class OftRows(lyco_helpers.RowDelta):
-    """OFT's ΔW from the original's rows, a block of whole OFT blocks at a time: Rᵀ·W0 − W0 (times the rescale)."""
+    """OFT's ΔW from the original's rows, a block of whole OFT blocks (BOFT: whole butterfly spans) at a time:
+    Rᵀ·W0 − W0 (BOFT: the stages' R·W0 − W0), times the rescale."""
 
     block_temporaries = 1
     reads_original = True
     whole_runs = True
 
-    def __init__(self, r: torch.Tensor, rescale: torch.Tensor | None, turns_bias: bool):
-        self.r = r
-        self.rt = r.transpose(1, 2).contiguous()  # W'_k = R_kᵀ·W_k as one bmm from the left
+    def __init__(self, r: torch.Tensor, rescale: torch.Tensor | None, turns_bias: bool, boft: bool = False):
+        self.r, self.boft = r, boft
+        self.b = r.shape[-1]
+        # W'_k = R_kᵀ·W_k as one bmm from the left
+        self.rt = None if boft else r.transpose(1, 2).contiguous()
         self.rescale, self.turns_bias = rescale, turns_bias
-        self.row_run = r.shape[-1]
+        self.row_run = self.b * 2 ** (r.shape[0] - 1) if boft else self.b  # a butterfly span of rows
         self.nbytes = 4 * (2 * r.numel() + (0 if rescale is None else rescale.numel()))
 
     def rows(self, out: torch.Tensor, r0: int, r1: int, scratch, accumulate: bool,
              original: torch.Tensor | None = None) -> None:
-        b, cols = self.row_run, out.shape[1]
-        turned = scratch.get("oft", torch.float32, out.numel()).view(-1, b, cols)
-        torch.bmm(self.rt[r0 // b:r1 // b], original.view(-1, b, cols), out=turned)
-        turned = turned.view(out.shape)
+        b, cols = self.b, out.shape[1]
+        if self.boft:  # the spans r0:r1 hold the stages' blocks r0/b .. r1/b, in order, at every stage
+            turned = lyco_helpers.butterfly(original, self.r[:, r0 // b:r1 // b])
+        else:
+            turned = scratch.get("oft", torch.float32, out.numel()).view(-1, b, cols)
+            torch.bmm(self.rt[r0 // b:r1 // b], original.view(-1, b, cols), out=turned)
+        turned = turned.reshape(out.shape)
         if self.rescale is not None:
             turned.mul_(self.rescale[r0:r1])
         if accumulate and original.data_ptr() == out.data_ptr():  # the rows hold their original: turn them
