@@ -80,10 +80,10 @@ class NetworkModuleIa3(network.NetworkModule):
             return None
         weight_shape = tuple(weight_shape)
         axis = self.axis_for(weight_shape)
-        vector = self.w.reshape(-1).to(device, torch.float32)
+        vector = self.w.reshape(-1)
         if axis == 1 and len(weight_shape) > 2:  # an input channel covers its kernel's columns
             vector = vector.repeat_interleave(torch.Size(weight_shape[2:]).numel())
-        return Ia3Rows(vector, axis, float(self.calc_scale(dyn_dim)) * float(multiplier))
+        return Ia3Rows(vector.to(device), axis, float(self.calc_scale(dyn_dim)) * float(multiplier))
 
     def calc_delta(self, orig_weight: torch.Tensor, dyn_dim: int | None = None, multiplier: float = 1.0,
                    orig_bias: torch.Tensor | None = None):
@@ -101,10 +101,23 @@ class Ia3Rows(lyco_helpers.RowDelta):
     reads_original = True
 
     def __init__(self, vector: torch.Tensor, axis: int, c: float):
-        self.axis = axis
-        self.scaled = vector * c
-        self.factor = 1 + self.scaled
+        """`vector`: the file's w (any float dtype; c·w and 1 + c·w are made in fp32, each once, when first used)."""
+        self.vector, self.axis, self.c = vector, axis, c
+        self._scaled: torch.Tensor | None = None
+        self._factor: torch.Tensor | None = None
         self.nbytes = 8 * vector.numel()
+
+    @property
+    def scaled(self) -> torch.Tensor:
+        if self._scaled is None:
+            self._scaled = self.vector.to(torch.float32) * self.c
+        return self._scaled
+
+    @property
+    def factor(self) -> torch.Tensor:
+        if self._factor is None:
+            self._factor = self.vector.to(torch.float32, copy=True).mul_(self.c).add_(1)  # the same two roundings
+        return self._factor
 
     def _along(self, t: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
         return t[r0:r1, None] if self.axis == 0 else t
