@@ -192,7 +192,7 @@ class RowDelta:
         raise NotImplementedError
 
     def bias_for(self, orig_bias: torch.Tensor | None) -> torch.Tensor | None:
-        """Δbias (fp32) for a layer whose original bias is `orig_bias`: `bias`, unless the type's reads the bias."""
+        """Δbias (fp32) for a layer whose original bias is `orig_bias`: `bias`, unless the type reads the bias."""
         return self.bias
 
     # bytes of the tensors this term made for itself (a rebuilt factor, a scaled copy), not the network's factors it
