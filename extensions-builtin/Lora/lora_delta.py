@@ -4,9 +4,10 @@ Each contribution (network × layer) gives its delta one of two ways:
 - fused: the type's `row_delta(weight_shape, device, multiplier, dyn)` (network_lora, network_hada, network_lokr,
   network_full, and network_ia3 / network_oft / network_glora and DoRA over any of them, whose ΔW reads the
   original weight) returns a lyco_helpers.RowDelta that writes any block of rows of ΔW into a cache-sized buffer.
-  Several on one layer are summed block by block while the block is in cache (not concatenated: a per-job copy of every factor cost more
-  than the GEMMs it merged, ~14 % of applying 3 LoRAs on SD1.5); the terms that read the original go first and
-  read the block's original rows (a copy when there are two of them), so they are only merged over an original;
+  Several on one layer are summed block by block while the block is in cache (not concatenated: a per-job copy
+  of every factor cost more than the GEMMs it merged, ~14 % of applying 3 LoRAs on SD1.5); the terms that read
+  the original go first and read the block's original rows (a copy when there are two of them), so they are only
+  merged over an original;
 - generic: the module's own compute() gives the whole fp32 ΔW (A1111's weight-shaped `bias` part, Norm, DoRA on a
   layer split from fused rows, any subclass that changes the math).
 No adapter math lives here: both ways are the types' own (network_*.py).
