@@ -16,6 +16,7 @@ must; the block size is calibrated as in bench_lora_floors (the fastest of CHUNK
 """
 from __future__ import annotations
 
+import lyco_helpers  # on the path through bench_lora_patcher (the extension's folder)
 import torch
 
 from scripts.bench_lora_floors import Floors
@@ -147,15 +148,9 @@ class TypeFloors(Floors):
         w2d = w.view(w.shape[0], -1)
         stages, b, cols = r.shape[0], r.shape[-1], w2d.shape[1]
 
-        def turn(s, r0, r1):  # each stage: rows regrouped into its blocks, one bmm, put back in place
+        def turn(s, r0, r1):  # the stages in place (lyco_helpers.butterfly_: a regrouping copy, one bmm, a copy back)
             n = r1 - r0
-            grouped = self._buffer(1, n * cols)
-            turned = self._buffer(2, n * cols)
-            for i in range(stages):
-                k = 2 ** i * b // 2
-                grouped.view(-1, k, 2, cols).copy_(s.view(-1, 2, k, cols).transpose(1, 2))
-                torch.bmm(r[i, r0 // b:r1 // b], grouped.view(-1, b, cols), out=turned.view(-1, b, cols))
-                s.view(-1, 2, k, cols).copy_(turned.view(-1, k, 2, cols).transpose(1, 2))
+            lyco_helpers.butterfly_(s, r[:, r0 // b:r1 // b], self._buffer(1, n * cols), self._buffer(2, n * cols))
             if rescale is not None:
                 s.mul_(rescale[r0:r1, None])
         self._each_block(w2d, turn, run=b * 2 ** (stages - 1))

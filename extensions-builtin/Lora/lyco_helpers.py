@@ -152,18 +152,26 @@ def rotate_blocks(weight: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 
 def butterfly(weight: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """BOFT: the m butterfly stages of r (m, blocks, b, b) applied to the rows of `weight`, as LyCORIS does:
-    stage i groups the rows (c, 2, 2^i·b/2) → (c, 2^i·b/2, 2), multiplies each b-row block by R (R·W, not Rᵀ),
-    and ungroups."""
+    """BOFT: the m butterfly stages of r (m, blocks, b, b) applied to the rows of `weight` (a new tensor)."""
+    x = weight.reshape(weight.shape[0], -1).clone(memory_format=torch.contiguous_format)
+    butterfly_(x, r, torch.empty(x.numel(), dtype=x.dtype, device=x.device),
+               torch.empty(x.numel(), dtype=x.dtype, device=x.device))
+    return x.reshape(weight.shape)
+
+
+def butterfly_(rows: torch.Tensor, r: torch.Tensor, grouped: torch.Tensor, turned: torch.Tensor) -> None:
+    """BOFT's stages applied in place to `rows` (2-D, contiguous; a whole number of butterfly spans of
+    2^(m−1)·b rows), r (m, rows/b, b, b) the stages' blocks for those rows, as LyCORIS does: stage i groups the rows
+    (c, 2, 2^i·b/2) → (c, 2^i·b/2, 2) (a copy into `grouped`), multiplies each b-row block by R (R·W, not Rᵀ; one
+    batched GEMM into `turned`) and ungroups (a copy back). `grouped`, `turned`: flat buffers of rows.numel()."""
     stages, _, b, _ = r.shape
-    half = b // 2
-    x = weight
+    cols = rows.shape[1]
+    grouped, turned = grouped[:rows.numel()], turned[:rows.numel()]
     for i in range(stages):
-        k = 2 ** i * half
-        x = x.unflatten(0, (-1, 2, k)).transpose(1, 2).flatten(0, 2).unflatten(0, (-1, b))
-        x = torch.einsum("b i j, b j ... -> b i ...", r[i], x)
-        x = x.flatten(0, 1).unflatten(0, (-1, k, 2)).transpose(1, 2).flatten(0, 2)
-    return x
+        k = 2 ** i * b // 2
+        grouped.view(-1, k, 2, cols).copy_(rows.view(-1, 2, k, cols).transpose(1, 2))
+        torch.bmm(r[i], grouped.view(-1, b, cols), out=turned.view(-1, b, cols))
+        rows.view(-1, 2, k, cols).copy_(turned.view(-1, k, 2, cols).transpose(1, 2))
 
 
 class RowDelta:

@@ -175,7 +175,8 @@ class OftRows(lyco_helpers.RowDelta):
             in_place = accumulate and original.data_ptr() == out.data_ptr()  # the rows hold W0: turn them
             turned = out if in_place else \
                 scratch.get("oft", torch.float32, out.numel()).view(out.shape).copy_(original)
-            self._butterfly(turned, r0, r1, scratch)
+            lyco_helpers.butterfly_(turned, self.r[:, r0 // b:r1 // b], scratch.get("boft_grouped", torch.float32,
+                                    out.numel()), scratch.get("boft_turned", torch.float32, out.numel()))
             if in_place:
                 if self.rescale is not None:
                     out.mul_(self.rescale[r0:r1])
@@ -192,19 +193,6 @@ class OftRows(lyco_helpers.RowDelta):
             out.add_(turned.sub_(original))
         else:
             torch.sub(turned, original, out=out)
-
-    def _butterfly(self, rows: torch.Tensor, r0: int, r1: int, scratch) -> None:
-        """BOFT's stages applied to `rows` (whole spans r0:r1) in place, as lyco_helpers.butterfly orders them: each
-        stage regroups the rows into its b-row blocks (a copy into a buffer), one batched GEMM with the stage's
-        blocks r0/b .. r1/b, and the rows put back."""
-        b, cols = self.b, rows.shape[1]
-        grouped = scratch.get("boft_grouped", torch.float32, rows.numel())
-        turned = scratch.get("boft_turned", torch.float32, rows.numel())
-        for i in range(self.r.shape[0]):
-            k = 2 ** i * b // 2
-            grouped.view(-1, k, 2, cols).copy_(rows.view(-1, 2, k, cols).transpose(1, 2))
-            torch.bmm(self.r[i, r0 // b:r1 // b], grouped.view(-1, b, cols), out=turned.view(-1, b, cols))
-            rows.view(-1, 2, k, cols).copy_(turned.view(-1, k, 2, cols).transpose(1, 2))
 
     def bias_for(self, orig_bias: torch.Tensor | None) -> torch.Tensor | None:
         """kohya OFT turns the bias with the output: Δbias = (Rᵀ − I)·b."""
