@@ -251,16 +251,26 @@ class DoraRows(RowDelta):
         self.nbytes = inner.nbytes + 8 * self.magnitude.numel()
         self.scale: torch.Tensor | None = None
 
-    def prepare(self, original: torch.Tensor, scratch, blocks) -> None:
-        """The channel factors M/‖V‖ from the original (a 2-D fp32-castable view) over `blocks` of rows."""
+    def prepare(self, original: torch.Tensor, scratch, blocks, merge_into: bool = False) -> None:
+        """The channel factors M/‖V‖ from the original (a 2-D fp32-castable view) over `blocks` of rows. With
+        `merge_into` (an fp32 weight holding W0) V is made in the weight's own rows rather than in a buffer."""
         rows, cols = original.shape
         squares = torch.zeros(cols if self.axis == DORA_INPUT_AXIS else rows, dtype=torch.float32,
                               device=original.device)
         for r0, r1 in blocks:
-            v = scratch.get("dora_v", torch.float32, (r1 - r0) * cols).view(r1 - r0, cols).copy_(original[r0:r1])
+            buffer = scratch.get("dora_v", torch.float32, (r1 - r0) * cols).view(r1 - r0, cols)
+            v = original[r0:r1] if merge_into else buffer.copy_(original[r0:r1])
             self._add_inner(v, r0, r1, scratch)
-            self._add_squares(squares, v.square_(), r0, r1)
-        self.scale = self._channel_scale(squares)
+            if self.axis == DORA_INPUT_AXIS:
+                squares.add_(torch.mul(v, v, out=buffer).sum(0))
+            else:
+                squares[r0:r1] = torch.mul(v, v, out=buffer).sum(1)
+        if self.axis == DORA_INPUT_AXIS and self.kernel > 1:  # an input channel covers its kernel's columns
+            squares = squares.view(-1, self.kernel).sum(1)
+        scale = self.magnitude.to(squares.device) / (squares.sqrt_() + torch.finfo(torch.float32).eps)
+        if self.axis == DORA_INPUT_AXIS and self.kernel > 1:
+            scale = scale.repeat_interleave(self.kernel)
+        self.scale = scale
 
     def add_to(self, weight: torch.Tensor, scratch, block_elements: int) -> None:
         """weight (fp32, holding W0) becomes the merge. At strength 1 in place, as DoRA's own loop would: V = W0 + U
@@ -270,18 +280,10 @@ class DoraRows(RowDelta):
         if self.whole_runs:
             step = max(self.row_run, step - step % self.row_run)
         blocks = [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+        self.prepare(weight, scratch, blocks, merge_into=self.m == 1)
         if self.m != 1:
-            self.prepare(weight, scratch, blocks)
             super().add_to(weight, scratch, block_elements)
             return
-        squares = torch.zeros(cols if self.axis == DORA_INPUT_AXIS else rows, dtype=torch.float32,
-                              device=weight.device)
-        for r0, r1 in blocks:
-            v = weight[r0:r1]
-            self._add_inner(v, r0, r1, scratch)
-            self._add_squares(squares, torch.mul(v, v, out=scratch.get("dora_v", torch.float32, v.numel())
-                                                 .view(v.shape)), r0, r1)
-        self.scale = self._channel_scale(squares)
         for r0, r1 in blocks:
             weight[r0:r1].mul_(self._scale(r0, r1))
 
@@ -291,21 +293,6 @@ class DoraRows(RowDelta):
             self.inner.rows(v, r0, r1, scratch, accumulate=True, original=v)
         else:
             self.inner.rows(v, r0, r1, scratch, accumulate=True)
-
-    def _add_squares(self, squares: torch.Tensor, block_squares: torch.Tensor, r0: int, r1: int) -> None:
-        if self.axis == DORA_INPUT_AXIS:
-            squares.add_(block_squares.sum(0))
-        else:
-            squares[r0:r1] = block_squares.sum(1)
-
-    def _channel_scale(self, squares: torch.Tensor) -> torch.Tensor:
-        """M / (‖V‖ + eps) per column of the weight's 2-D view (input axis) or per row, from the summed squares."""
-        if self.axis == DORA_INPUT_AXIS and self.kernel > 1:  # an input channel covers its kernel's columns
-            squares = squares.view(-1, self.kernel).sum(1)
-        scale = self.magnitude.to(squares.device) / (squares.sqrt_() + torch.finfo(torch.float32).eps)
-        if self.axis == DORA_INPUT_AXIS and self.kernel > 1:
-            scale = scale.repeat_interleave(self.kernel)
-        return scale
 
     def _scale(self, r0: int, r1: int) -> torch.Tensor:
         if self.scale is None:
